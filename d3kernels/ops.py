@@ -1,0 +1,166 @@
+"""Public op API: one function per op, with input checks and `backend=` selection.
+
+All ops are out-variants (the caller allocates). Shapes follow DESIGN.md
+section 3: B rows, d hidden, H / H_kv heads, D head_dim, F MLP width, V vocab,
+L layers, S cache length. See d3kernels/reference/ops.py for exact semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+
+FILL_MODES = ("mask", "project", "copy")
+
+
+def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"expected {name} of dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"expected {name} on {device}, got {t.device}")
+
+
+def _contig(**ts) -> None:
+    for n, t in ts.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{n} must be contiguous")
+
+
+def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                     row_active) -> None:
+    """Validate attn_block arguments (shapes, dtypes, devices); raise with expected vs got."""
+    if h.dim() != 2:
+        raise ValueError(f"expected h of shape (B, d), got {tuple(h.shape)}")
+    B, d = h.shape
+    dt, dev = h.dtype, h.device
+    if k_cache.dim() != 4:
+        raise ValueError(f"expected k_cache of shape (B, H_kv, S, D), got {tuple(k_cache.shape)}")
+    _, H_kv, S, D = k_cache.shape
+    if wqkv.dim() != 2 or wqkv.shape[0] % D or wqkv.shape[0] // D <= 2 * H_kv:
+        raise ValueError(f"expected wqkv of shape ((H + 2*H_kv) * D, d) with H_kv={H_kv}, D={D}, got {tuple(wqkv.shape)}")
+    H = wqkv.shape[0] // D - 2 * H_kv
+    if H % H_kv:
+        raise ValueError(f"query heads H={H} must be a multiple of H_kv={H_kv}")
+    _expect("out", out, (B, d), dt, dev)
+    _expect("attn_norm", attn_norm, (d,), dt, dev)
+    _expect("wqkv", wqkv, ((H + 2 * H_kv) * D, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, ((H + 2 * H_kv) * D,), dt, dev)
+    _expect("wo", wo, (d, H * D), dt, dev)
+    _expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
+    _expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
+    _expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
+    _expect("pos", pos, (B,), torch.int32, dev)
+    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    if rope_cos.shape[0] < S:
+        raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
+    _contig(out=out, h=h, wqkv=wqkv, wo=wo, k_cache=k_cache, v_cache=v_cache, kv_valid=kv_valid)
+
+
+def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
+               bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               kv_valid: torch.Tensor, pos: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+               row_active: torch.Tensor, eps: float, backend: str = "auto") -> None:
+    """out[B, d] = h + attention half of one layer at positions pos[B]; updates
+    k_cache / v_cache [B, H_kv, S, D] and kv_valid [B, S] in place at pos."""
+    check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                     row_active)
+    impl = backends.get(backends.resolve(backend, h.device, h.dtype, k_cache.shape[-1]))
+    impl.attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                    row_active, float(eps))
+
+
+def mlp_block(out: torch.Tensor, h: torch.Tensor, mlp_norm: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, row_active: torch.Tensor, eps: float, backend: str = "auto") -> None:
+    """out[B, d] = h + w_down[d, F] @ (silu(g) * u), [g; u] = w_gate_up[2F, d] @ rmsnorm(h) * mlp_norm."""
+    if h.dim() != 2:
+        raise ValueError(f"expected h of shape (B, d), got {tuple(h.shape)}")
+    B, d = h.shape
+    if w_down.dim() != 2:
+        raise ValueError(f"expected w_down of shape (d, F), got {tuple(w_down.shape)}")
+    F = w_down.shape[1]
+    dt, dev = h.dtype, h.device
+    _expect("out", out, (B, d), dt, dev)
+    _expect("mlp_norm", mlp_norm, (d,), dt, dev)
+    _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
+    _expect("w_down", w_down, (d, F), dt, dev)
+    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    _contig(out=out, h=h, w_gate_up=w_gate_up, w_down=w_down)
+    impl = backends.get(backends.resolve(backend, dev, dt))
+    impl.mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, float(eps))
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tensor, src_h: torch.Tensor,
+             norms: torch.Tensor, wqkv: torch.Tensor, bqkv: Optional[torch.Tensor], pos: torch.Tensor,
+             rope_cos: torch.Tensor, rope_sin: torch.Tensor, flags: torch.Tensor, mode: str, eps: float,
+             backend: str = "auto") -> None:
+    """Depth-masked KV writer. k_cache / v_cache [L, B, H_kv, S, D] and kv_valid
+    [L, B, S] updated in place at pos[B] for every (l, b) with flags[L, B] = 1.
+    mode: "mask" | "project" | "copy" (DESIGN.md section 2)."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    if k_cache.dim() != 5:
+        raise ValueError(f"expected k_cache of shape (L, B, H_kv, S, D), got {tuple(k_cache.shape)}")
+    L, B, H_kv, S, D = k_cache.shape
+    dt, dev = k_cache.dtype, k_cache.device
+    d = src_h.shape[-1]
+    _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
+    _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
+    _expect("src_h", src_h, (B, d), dt, dev)
+    _expect("norms", norms, (L, d), dt, dev)
+    if wqkv.dim() != 3 or wqkv.shape[0] != L or wqkv.shape[1] % D:
+        raise ValueError(f"expected wqkv of shape (L, (H + 2*H_kv) * D, d) with L={L}, D={D}, got {tuple(wqkv.shape)}")
+    _expect("wqkv", wqkv, (L, wqkv.shape[1], d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (L, wqkv.shape[1]), dt, dev)
+    _expect("pos", pos, (B,), torch.int32, dev)
+    _expect("flags", flags, (L, B), torch.uint8, dev)
+    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _contig(k_cache=k_cache, v_cache=v_cache, kv_valid=kv_valid, wqkv=wqkv)
+    impl = backends.get(backends.resolve(backend, dev, dt, D))
+    impl.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
+                  float(eps))
+
+
+def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_lm: torch.Tensor, eps: float,
+            backend: str = "auto") -> None:
+    """logits[B, V] float32 = w_lm[V, d] @ (rmsnorm(h[B, d]) * final_norm[d])."""
+    if h.dim() != 2 or w_lm.dim() != 2:
+        raise ValueError(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
+    B, d = h.shape
+    V = w_lm.shape[0]
+    _expect("logits", logits, (B, V), torch.float32, h.device)
+    _expect("final_norm", final_norm, (d,), h.dtype, h.device)
+    _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
+    impl = backends.get(backends.resolve(backend, h.device, h.dtype))
+    impl.lm_head(logits, h, final_norm, w_lm, float(eps))
+
+
+def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, generator: Optional[torch.Generator] = None, backend: str = "auto") -> None:
+    """tokens[B] int64 = sampled from logits[B, V] float32 (greedy when temperature == 0); no host sync."""
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
+    _expect("tokens", tokens, (logits.shape[0],), torch.int64, logits.device)
+    check_sampling(temperature, top_k, top_p)
+    impl = backends.get(backends.resolve(backend, logits.device, torch.float32))
+    impl.sample(tokens, logits, float(temperature), int(top_k), float(top_p), generator)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError for sampling parameters outside their ranges."""
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")

@@ -1,0 +1,229 @@
+"""Reference implementations of the d3kernels ops (DESIGN.md section 3).
+
+Every op is an out-variant: the caller allocates, the op writes. All math runs
+in float32 (upcast from the model dtype) and results are rounded once, when they
+are stored. Other backends are tested against these functions.
+
+Shapes: B rows, d hidden, H / H_kv heads, D head_dim, F MLP width, V vocab,
+L layers, S cache length (max_seq_len).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FILL_MODES = ("mask", "project", "copy")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x[..., D] with the HF rotate_half convention.
+
+    cos, sin: [..., D/2] float32, broadcastable against x[..., :D/2].
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Masked GQA attention of one row. q [H, D]; k, v [H_kv, P, D]; valid [P] bool -> [H, D] fp32."""
+    H, D = q.shape
+    H_kv = k.shape[0]
+    k = k[:, valid].float()                      # [H_kv, P', D]
+    v = v[:, valid].float()
+    qg = q.float().view(H_kv, H // H_kv, D)      # heads h = g * (H / H_kv) + j share kv head g
+    scores = torch.einsum("gjd,gpd->gjp", qg, k) * (1.0 / D ** 0.5)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("gjp,gpd->gjd", probs, v).reshape(H, D)
+
+
+def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
+               bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, kv_valid: torch.Tensor, pos: torch.Tensor,
+               rope_cos: torch.Tensor, rope_sin: torch.Tensor, row_active: torch.Tensor,
+               eps: float) -> None:
+    """One decode step of a layer's attention half, residual included.
+
+    out [B, d] (written), h [B, d], attn_norm [d], wqkv [(H + 2 H_kv) D, d],
+    bqkv [(H + 2 H_kv) D] or None, wo [d, H D], k_cache / v_cache [B, H_kv, S, D]
+    (updated in place at pos), kv_valid [B, S] uint8 (set to 1 at pos),
+    pos [B] int32, rope_cos / rope_sin [S, D/2] float32, row_active [B] uint8.
+
+    For active rows: out = h + wo @ attn(q, valid cache) where q, k, v come from
+    wqkv @ rmsnorm(h) (+ bias), RoPE at pos. Attention covers positions p <= pos
+    with kv_valid = 1. Inactive rows: out = h, nothing written.
+    """
+    B, d = h.shape
+    H_kv, D = k_cache.shape[1], k_cache.shape[3]
+    H = wqkv.shape[0] // D - 2 * H_kv
+    x = rms_norm(h, attn_norm, eps)
+    qkv = x @ wqkv.float().t()
+    if bqkv is not None:
+        qkv = qkv + bqkv.float()
+    q = qkv[:, : H * D].view(B, H, D)
+    k = qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D)
+    v = qkv[:, (H + H_kv) * D:].view(B, H_kv, D)
+    res = h.float().clone()
+    active = row_active.bool().tolist()
+    positions = pos.tolist()
+    for b in range(B):
+        if not active[b]:
+            continue
+        p = positions[b]
+        cos, sin = rope_cos[p].float(), rope_sin[p].float()
+        qb = apply_rope(q[b], cos, sin)
+        k_cache[b, :, p] = apply_rope(k[b], cos, sin).to(k_cache.dtype)
+        v_cache[b, :, p] = v[b].to(v_cache.dtype)
+        kv_valid[b, p] = 1
+        o = _attend(qb, k_cache[b, :, : p + 1], v_cache[b, :, : p + 1], kv_valid[b, : p + 1].bool())
+        res[b] += o.reshape(H * D) @ wo.float().t()
+    out.copy_(res.to(out.dtype))
+
+
+def mlp_block(out: torch.Tensor, h: torch.Tensor, mlp_norm: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, row_active: torch.Tensor, eps: float) -> None:
+    """A layer's MLP half, residual included.
+
+    out [B, d] (written), h [B, d], mlp_norm [d], w_gate_up [2F, d] ([gate; up]
+    rows), w_down [d, F], row_active [B] uint8.
+    Active rows: out = h + w_down @ (silu(g) * u), [g; u] = w_gate_up @ rmsnorm(h).
+    Inactive rows: out = h.
+    """
+    F = w_down.shape[1]
+    gu = rms_norm(h, mlp_norm, eps) @ w_gate_up.float().t()
+    a = torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]
+    res = h.float() + a @ w_down.float().t()
+    res = torch.where(row_active.bool()[:, None], res, h.float())
+    out.copy_(res.to(out.dtype))
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tensor,
+             src_h: torch.Tensor, norms: torch.Tensor, wqkv: torch.Tensor,
+             bqkv: Optional[torch.Tensor], pos: torch.Tensor, rope_cos: torch.Tensor,
+             rope_sin: torch.Tensor, flags: torch.Tensor, mode: str, eps: float) -> None:
+    """The depth-masked KV writer: fill K/V of skipped layers at each row's pos.
+
+    k_cache / v_cache [L, B, H_kv, S, D] and kv_valid [L, B, S] are updated in
+    place. src_h [B, d] is the hidden state entering the skipped run. norms
+    [L, d] are the attn_norm weights, wqkv [L, (H + 2 H_kv) D, d] the stacked
+    fused QKV weights (only the K/V rows are read), bqkv [L, (H + 2 H_kv) D] or
+    None. pos [B] int32, rope tables [S, D/2] float32, flags [L, B] uint8: 1
+    where row b skipped layer l at pos[b].
+
+    mode "mask": kv_valid[l, b, pos] = 0, K/V untouched.
+    mode "project": K/V of layer l from rmsnorm(src_h) with layer l's norm and
+        K/V rows, RoPE at pos; kv_valid = 1.
+    mode "copy": K/V copied from the nearest lower layer l' with flags[l', b] = 0
+        (a layer this step ran), kv_valid copied from it; with no such layer,
+        behaves as "mask".
+    """
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    L, B, H_kv, S, D = k_cache.shape
+    H = wqkv.shape[1] // D - 2 * H_kv
+    positions = pos.tolist()
+    fl = flags.bool().tolist()
+    for b in range(B):
+        p = positions[b]
+        for l in range(L):
+            if not fl[l][b]:
+                continue
+            if mode == "mask":
+                kv_valid[l, b, p] = 0
+            elif mode == "project":
+                x = rms_norm(src_h[b], norms[l], eps)
+                kv = x @ wqkv[l, H * D:].float().t()
+                if bqkv is not None:
+                    kv = kv + bqkv[l, H * D:].float()
+                k = apply_rope(kv[: H_kv * D].view(H_kv, D), rope_cos[p].float(), rope_sin[p].float())
+                k_cache[l, b, :, p] = k.to(k_cache.dtype)
+                v_cache[l, b, :, p] = kv[H_kv * D:].view(H_kv, D).to(v_cache.dtype)
+                kv_valid[l, b, p] = 1
+            else:  # copy
+                src = next((j for j in range(l - 1, -1, -1) if not fl[j][b]), None)
+                if src is None:
+                    kv_valid[l, b, p] = 0
+                else:
+                    k_cache[l, b, :, p] = k_cache[src, b, :, p]
+                    v_cache[l, b, :, p] = v_cache[src, b, :, p]
+                    kv_valid[l, b, p] = kv_valid[src, b, p]
+
+
+def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_lm: torch.Tensor,
+            eps: float) -> None:
+    """logits [B, V] float32 (written) = w_lm [V, d] @ rmsnorm(h [B, d]) * final_norm [d]."""
+    logits.copy_(rms_norm(h, final_norm, eps) @ w_lm.float().t())
+
+
+def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> None:
+    """Pick the next token per row, with no host sync.
+
+    tokens [B] int64 (written), logits [B, V] float32. temperature 0 is greedy
+    (argmax). Otherwise logits / temperature, restricted to the top_k largest
+    (0 = all) and to the smallest set whose probability reaches top_p, sampled
+    by the exponential-race trick (argmax p / E, E ~ Exp(1)), which needs no
+    sync and is CUDA-graph safe.
+    """
+    if temperature <= 0.0:
+        tokens.copy_(logits.argmax(dim=-1))
+        return
+    x = logits.float() / temperature
+    if top_k and 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, idx = torch.sort(x, dim=-1, descending=True)
+        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.empty_like(x).scatter_(-1, idx, sorted_x)
+    probs = torch.softmax(x, dim=-1)
+    e = torch.empty_like(probs).exponential_(generator=generator)
+    tokens.copy_((probs / e).argmax(dim=-1))
+
+
+def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, kv_valid: torch.Tensor, rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor, eps: float) -> None:
+    """Full-depth prompt pass. Writes K/V and kv_valid of every layer for positions [0, len_b).
+
+    hidden_out [B, d] (written): the last prompt position's final hidden state,
+    before the final norm. input_ids [B, T] int64 (right-padded), lengths: the
+    B prompt lengths. weights: a d3kernels.model.Weights. Cache tensors as in
+    write_kv. Rows run one at a time; float32 math.
+    """
+    L, B, H_kv, S, D = k_cache.shape
+    dt = hidden_out.dtype
+    for b, n in enumerate(lengths):
+        x = weights.embed[input_ids[b, :n]].float()   # [n, d]
+        cos, sin = rope_cos[:n].float(), rope_sin[:n].float()
+        for l, lw in enumerate(weights.layers):
+            H = lw.wqkv.shape[0] // D - 2 * H_kv
+            qkv = rms_norm(x, lw.attn_norm, eps) @ lw.wqkv.float().t()
+            if lw.bqkv is not None:
+                qkv = qkv + lw.bqkv.float()
+            q = apply_rope(qkv[:, : H * D].view(n, H, D), cos[:, None], sin[:, None])
+            k = apply_rope(qkv[:, H * D: (H + H_kv) * D].view(n, H_kv, D), cos[:, None], sin[:, None])
+            v = qkv[:, (H + H_kv) * D:].view(n, H_kv, D)
+            k_cache[l, b, :, :n] = k.transpose(0, 1).to(k_cache.dtype)
+            v_cache[l, b, :, :n] = v.transpose(0, 1).to(v_cache.dtype)
+            kv_valid[l, b, :n] = 1
+            kk = k_cache[l, b, :, :n].float().repeat_interleave(H // H_kv, dim=0)   # [H, n, D]
+            vv = v_cache[l, b, :, :n].float().repeat_interleave(H // H_kv, dim=0)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), kk, vv, is_causal=True)      # [H, n, D]
+            # round the residual stream to the model dtype after each half, as the decode ops do
+            x = (x + o.transpose(0, 1).reshape(n, H * D) @ lw.wo.float().t()).to(dt).float()
+            F = lw.w_down.shape[1]
+            gu = rms_norm(x, lw.mlp_norm, eps) @ lw.w_gate_up.float().t()
+            x = (x + (torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]) @ lw.w_down.float().t()).to(dt).float()
+        hidden_out[b] = x[-1].to(hidden_out.dtype)
