@@ -16,10 +16,15 @@ import torch
 FILL_MODES = ("mask", "project", "copy")
 
 
+def _f(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to float32; float64 stays float64, so the same code is the float64 oracle in tests."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """float32 RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    x = _f(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * _f(weight)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -36,9 +41,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
     """Masked GQA attention of one row. q [H, D]; k, v [H_kv, P, D]; valid [P] bool -> [H, D] fp32."""
     H, D = q.shape
     H_kv = k.shape[0]
-    k = k[:, valid].float()                      # [H_kv, P', D]
-    v = v[:, valid].float()
-    qg = q.float().view(H_kv, H // H_kv, D)      # heads h = g * (H / H_kv) + j share kv head g
+    k = _f(k[:, valid])                      # [H_kv, P', D]
+    v = _f(v[:, valid])
+    qg = _f(q).view(H_kv, H // H_kv, D)      # heads h = g * (H / H_kv) + j share kv head g
     scores = torch.einsum("gjd,gpd->gjp", qg, k) * (1.0 / D ** 0.5)
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("gjp,gpd->gjd", probs, v).reshape(H, D)
@@ -64,26 +69,26 @@ def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv
     H_kv, D = k_cache.shape[1], k_cache.shape[3]
     H = wqkv.shape[0] // D - 2 * H_kv
     x = rms_norm(h, attn_norm, eps)
-    qkv = x @ wqkv.float().t()
+    qkv = x @ _f(wqkv).t()
     if bqkv is not None:
-        qkv = qkv + bqkv.float()
+        qkv = qkv + _f(bqkv)
     q = qkv[:, : H * D].view(B, H, D)
     k = qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D)
     v = qkv[:, (H + H_kv) * D:].view(B, H_kv, D)
-    res = h.float().clone()
+    res = _f(h).clone()
     active = row_active.bool().tolist()
     positions = pos.tolist()
     for b in range(B):
         if not active[b]:
             continue
         p = positions[b]
-        cos, sin = rope_cos[p].float(), rope_sin[p].float()
+        cos, sin = _f(rope_cos[p]), _f(rope_sin[p])
         qb = apply_rope(q[b], cos, sin)
         k_cache[b, :, p] = apply_rope(k[b], cos, sin).to(k_cache.dtype)
         v_cache[b, :, p] = v[b].to(v_cache.dtype)
         kv_valid[b, p] = 1
         o = _attend(qb, k_cache[b, :, : p + 1], v_cache[b, :, : p + 1], kv_valid[b, : p + 1].bool())
-        res[b] += o.reshape(H * D) @ wo.float().t()
+        res[b] += o.reshape(H * D) @ _f(wo).t()
     out.copy_(res.to(out.dtype))
 
 
@@ -97,10 +102,10 @@ def mlp_block(out: torch.Tensor, h: torch.Tensor, mlp_norm: torch.Tensor, w_gate
     Inactive rows: out = h.
     """
     F = w_down.shape[1]
-    gu = rms_norm(h, mlp_norm, eps) @ w_gate_up.float().t()
+    gu = rms_norm(h, mlp_norm, eps) @ _f(w_gate_up).t()
     a = torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]
-    res = h.float() + a @ w_down.float().t()
-    res = torch.where(row_active.bool()[:, None], res, h.float())
+    res = _f(h) + a @ _f(w_down).t()
+    res = torch.where(row_active.bool()[:, None], res, _f(h))
     out.copy_(res.to(out.dtype))
 
 
@@ -139,10 +144,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
                 kv_valid[l, b, p] = 0
             elif mode == "project":
                 x = rms_norm(src_h[b], norms[l], eps)
-                kv = x @ wqkv[l, H * D:].float().t()
+                kv = x @ _f(wqkv[l, H * D:]).t()
                 if bqkv is not None:
-                    kv = kv + bqkv[l, H * D:].float()
-                k = apply_rope(kv[: H_kv * D].view(H_kv, D), rope_cos[p].float(), rope_sin[p].float())
+                    kv = kv + _f(bqkv[l, H * D:])
+                k = apply_rope(kv[: H_kv * D].view(H_kv, D), _f(rope_cos[p]), _f(rope_sin[p]))
                 k_cache[l, b, :, p] = k.to(k_cache.dtype)
                 v_cache[l, b, :, p] = kv[H_kv * D:].view(H_kv, D).to(v_cache.dtype)
                 kv_valid[l, b, p] = 1
@@ -159,7 +164,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
 def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_lm: torch.Tensor,
             eps: float) -> None:
     """logits [B, V] float32 (written) = w_lm [V, d] @ rmsnorm(h [B, d]) * final_norm [d]."""
-    logits.copy_(rms_norm(h, final_norm, eps) @ w_lm.float().t())
+    logits.copy_(rms_norm(h, final_norm, eps) @ _f(w_lm).t())
 
 
 def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
@@ -175,7 +180,7 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
     if temperature <= 0.0:
         tokens.copy_(logits.argmax(dim=-1))
         return
-    x = logits.float() / temperature
+    x = _f(logits) / temperature
     if top_k and 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -204,26 +209,26 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
     L, B, H_kv, S, D = k_cache.shape
     dt = hidden_out.dtype
     for b, n in enumerate(lengths):
-        x = weights.embed[input_ids[b, :n]].float()   # [n, d]
-        cos, sin = rope_cos[:n].float(), rope_sin[:n].float()
+        x = _f(weights.embed[input_ids[b, :n]])   # [n, d]
+        cos, sin = _f(rope_cos[:n]), _f(rope_sin[:n])
         for l, lw in enumerate(weights.layers):
             H = lw.wqkv.shape[0] // D - 2 * H_kv
-            qkv = rms_norm(x, lw.attn_norm, eps) @ lw.wqkv.float().t()
+            qkv = rms_norm(x, lw.attn_norm, eps) @ _f(lw.wqkv).t()
             if lw.bqkv is not None:
-                qkv = qkv + lw.bqkv.float()
+                qkv = qkv + _f(lw.bqkv)
             q = apply_rope(qkv[:, : H * D].view(n, H, D), cos[:, None], sin[:, None])
             k = apply_rope(qkv[:, H * D: (H + H_kv) * D].view(n, H_kv, D), cos[:, None], sin[:, None])
             v = qkv[:, (H + H_kv) * D:].view(n, H_kv, D)
             k_cache[l, b, :, :n] = k.transpose(0, 1).to(k_cache.dtype)
             v_cache[l, b, :, :n] = v.transpose(0, 1).to(v_cache.dtype)
             kv_valid[l, b, :n] = 1
-            kk = k_cache[l, b, :, :n].float().repeat_interleave(H // H_kv, dim=0)   # [H, n, D]
-            vv = v_cache[l, b, :, :n].float().repeat_interleave(H // H_kv, dim=0)
+            kk = _f(k_cache[l, b, :, :n]).repeat_interleave(H // H_kv, dim=0)   # [H, n, D]
+            vv = _f(v_cache[l, b, :, :n]).repeat_interleave(H // H_kv, dim=0)
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(0, 1), kk, vv, is_causal=True)      # [H, n, D]
             # round the residual stream to the model dtype after each half, as the decode ops do
-            x = (x + o.transpose(0, 1).reshape(n, H * D) @ lw.wo.float().t()).to(dt).float()
+            x = _f((x + o.transpose(0, 1).reshape(n, H * D) @ _f(lw.wo).t()).to(dt))
             F = lw.w_down.shape[1]
-            gu = rms_norm(x, lw.mlp_norm, eps) @ lw.w_gate_up.float().t()
-            x = (x + (torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]) @ lw.w_down.float().t()).to(dt).float()
+            gu = rms_norm(x, lw.mlp_norm, eps) @ _f(lw.w_gate_up).t()
+            x = _f((x + (torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]) @ _f(lw.w_down).t()).to(dt))
         hidden_out[b] = x[-1].to(hidden_out.dtype)
