@@ -115,8 +115,11 @@ class Decoder:
         self._pos = torch.zeros(B, device=dev, dtype=torch.int32)
         self._active = torch.ones(B, device=dev, dtype=torch.uint8)
         self._flags = {}            # kept set -> list of (src layer run start, flags [L, B]) per skipped run
-        self.graphs_enabled = (self.device.type == "cuda" and os.environ.get("D3K_CUDA_GRAPHS", "1") != "0"
-                               if cuda_graphs is None else bool(cuda_graphs) and self.device.type == "cuda")
+        # the reference backend reads positions on the host, so it cannot be captured
+        capturable = self.device.type == "cuda" and self.backend != "reference"
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("D3K_CUDA_GRAPHS", "1") != "0"
+        self.graphs_enabled = bool(cuda_graphs) and capturable
         self._graphs = {}           # kept set -> torch.cuda.CUDAGraph
         self._graph_stats = {"captured": 0, "capture_s": 0.0, "pool_bytes": 0}
         self._pool = None
@@ -304,6 +307,26 @@ class Decoder:
         if self.log is not None:
             self.log(f"captured CUDA graph for {len(kept)} layers ({time.perf_counter() - t0:.2f} s)")
         return graph
+
+    def decode(self, n: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Run n decode steps after prefill() with no host sync; returns the device tensor [B, n]
+        of tokens T_1..T_n (T_0 is sampled from the prefill logits first). No EOS handling:
+        for throughput measurement and callers that check stops themselves."""
+        if self.batch == 0:
+            raise RuntimeError("decode() before prefill(): start a request with prefill(input_ids)")
+        if max(self._seq_len[: self.batch]) + n > self.cache.max_seq_len:
+            raise ValueError(f"cache overflow: {n} more steps do not fit in max_seq_len={self.cache.max_seq_len}")
+        check_sampling(temperature, top_k, top_p)
+        B = self.batch
+        out = torch.empty(B, n, dtype=torch.int64, device=self.device)
+        if self.i == 1:
+            self.ops.sample(self._tokens[:B], self._logits[:B], temperature, top_k, top_p, generator)
+        for k in range(n):
+            self._decode_step()
+            self.ops.sample(self._tokens[:B], self._logits[:B], temperature, top_k, top_p, generator)
+            out[:, k].copy_(self._tokens[:B])
+        return out
 
     # ------------------------------------------------------------------ generation
     def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

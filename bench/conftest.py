@@ -1,0 +1,21 @@
+"""Benchmark setup. On a GPU the suite measures; without one (or with
+D3K_BENCH_SMOKE=1) every case runs once on tiny shapes to check it executes."""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_GPU = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_GPU = False
+
+if not _HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def read_bw():
+    """Streaming-read bandwidth (GB/s) measured once per run by the suite's own kernel."""
+    from bench_common import measure_read_bandwidth
+    return measure_read_bandwidth()
