@@ -389,8 +389,35 @@ def _load_gguf(path: str, device, dtype) -> Model:
         return t
 
     weights = _stack_weights(cfg, get_hf, device, dtype)
+    return Model(cfg, weights, _gguf_tokenizer(path), source=path)
+
+
+def user_cache_dir() -> str:
+    """The user cache directory: $D3K_CACHE_DIR, else $XDG_CACHE_HOME/d3kernels, else ~/.cache/d3kernels."""
+    if os.environ.get("D3K_CACHE_DIR"):
+        return os.environ["D3K_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "d3kernels")
+
+
+def _gguf_tokenizer(path: str):
+    """transformers' tokenizer for a GGUF file. Converting it from GGUF takes ~12 s, so the result is
+    saved once in the user cache, keyed by the file's path, size and mtime."""
+    import hashlib
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = os.path.join(user_cache_dir(), f"tokenizer-{key}")
+    if os.path.exists(os.path.join(cached, "tokenizer_config.json")):
+        tok = _hf_tokenizer(cached)
+        if tok is not None:
+            return tok
     tok = _hf_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    return Model(cfg, weights, tok, source=path)
+    if tok is not None:
+        try:
+            tok.save_pretrained(cached)
+        except OSError:      # a read-only home is fine: convert again next time
+            pass
+    return tok
 
 
 # --------------------------------------------------------------------------- entry point
