@@ -166,6 +166,7 @@ class Decoder:
         self._pos.copy_(torch.tensor(self._seq_len, dtype=torch.int32))
         self._active.zero_()
         self._active[:B] = 1
+        self._refresh_flags()
         w = self.model.weights
         self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
         self.i = 1
@@ -215,9 +216,9 @@ class Decoder:
 
     def _decode_step(self) -> torch.Tensor:
         """One step from the token buffer: embed, kept layers, lm_head. Advances pos and i."""
-        if max(self._seq_len[: self.batch]) + 1 > self.cache.max_seq_len:
-            raise ValueError(f"cache overflow: position {max(self._seq_len)} is past max_seq_len="
-                             f"{self.cache.max_seq_len}")
+        last = max(self._seq_len[: self.batch])
+        if last + 1 > self.cache.max_seq_len:
+            raise ValueError(f"cache overflow: position {last} is past max_seq_len={self.cache.max_seq_len}")
         kept = self.schedule.kept_layers(self.i)
         if self.graphs_enabled:
             graph = self._graphs.get(kept)
@@ -231,8 +232,9 @@ class Decoder:
         return self._logits[: self.batch]
 
     def _skip_runs(self, kept: tuple) -> list:
-        """For a kept set: [(first skipped layer, flags [L, B] uint8 of the run)], one per maximal skipped run
-        (fill "project"), or one entry with all skipped layers (fill "copy"). Cached per kept set."""
+        """For a kept set: [(first skipped layer, flags [L, B] uint8, layer mask [L, 1])], one per maximal
+        skipped run (fill "project"), or one entry with all skipped layers (fill "copy"). Cached per kept
+        set; flags are set only for active rows."""
         runs = self._flags.get(kept)
         if runs is None:
             L, B = self.cfg.num_layers, self.cache.max_batch
@@ -247,18 +249,28 @@ class Decoder:
                     groups.append([l])
             runs = []
             for g in groups:
-                f = torch.zeros(L, B, dtype=torch.uint8)
-                f[g] = 1
-                runs.append((g[0], f.to(self.device)))
+                layer_mask = torch.zeros(L, 1, dtype=torch.uint8)
+                layer_mask[g] = 1
+                layer_mask = layer_mask.to(self.device)
+                f = torch.empty(L, B, dtype=torch.uint8, device=self.device)
+                torch.mul(layer_mask, self._active[None, :], out=f)
+                runs.append((g[0], f, layer_mask))
             self._flags[kept] = runs
         return runs
+
+    def _refresh_flags(self) -> None:
+        """Rows that are not active write no K/V: recompute every cached flag tensor in place
+        (same storage, so captured graphs stay valid) when the set of active rows changes."""
+        for runs in self._flags.values():
+            for _, f, layer_mask in runs:
+                torch.mul(layer_mask, self._active[None, :], out=f)
 
     def _step_body(self, kept: tuple) -> None:
         """The device work of one step; allocation-free, so it can be captured in a CUDA graph."""
         w, c, cfg, ops = self.model.weights, self.cache, self.cfg, self.ops
         torch.index_select(w.embed, 0, self._tokens, out=self._h)
         runs = self._skip_runs(kept) if self.fill != "mask" and len(kept) < cfg.num_layers else []
-        project = {first: f for first, f in runs} if self.fill == "project" else {}
+        project = {first: f for first, f, _ in runs} if self.fill == "project" else {}
         kept_set = set(kept)
         h, tmp = self._h, self._h2
         for l in range(cfg.num_layers):

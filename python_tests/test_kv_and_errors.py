@@ -233,3 +233,13 @@ def test_op_shape_errors():
     a["pos"] = a["pos"].long()
     with pytest.raises(TypeError, match="expected pos of dtype torch.int32"):
         ops.attn_block(torch.empty(2, 32), **a)
+
+
+@pytest.mark.parametrize("fill", ["project", "copy"])
+def test_fill_writes_nothing_for_unused_rows(model, fill):
+    dec = Decoder(model, D3Schedule(6, **SCHED), max_batch=2, max_seq_len=32, fill=fill)
+    dec.generate([[3, 4, 5]], max_new_tokens=6, ignore_eos=True)       # row 1 is unused
+    assert not dec.cache.kv_valid[:, 1].any()
+    dec.generate([[3, 4, 5], [6, 7]], max_new_tokens=6, ignore_eos=True)
+    dec.generate([[3, 4, 5]], max_new_tokens=6, ignore_eos=True)       # flags cached above must follow
+    assert not dec.cache.kv_valid[:, 1].any()

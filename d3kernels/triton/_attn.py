@@ -25,17 +25,18 @@ MAX_SPLITS = 4 if INTERPRET else 64
 TARGET_PROGRAMS = 8 if INTERPRET else 264   # split programs to aim for (2 per H100 SM)
 
 
-def block_p(D: int) -> int:
-    """Cache positions per attention inner step."""
+def block_p(D: int, dtype: torch.dtype) -> int:
+    """Cache positions per attention inner step (fp32 tiles take twice the shared memory)."""
     if INTERPRET:
         return 16
-    return 32 if D >= 256 else 64
+    bp = 32 if D >= 256 else 64
+    return bp // 2 if dtype == torch.float32 and D >= 128 else bp
 
 
-def num_splits(S: int, D: int, rows_heads: int) -> int:
+def num_splits(S: int, bp: int, rows_heads: int) -> int:
     """Splits per (row, kv head): enough programs to fill the GPU, at most one per position block."""
     want = max(1, triton.cdiv(TARGET_PROGRAMS, rows_heads))
-    return max(1, min(triton.cdiv(S, block_p(D)), MAX_SPLITS, want))
+    return max(1, min(triton.cdiv(S, bp), MAX_SPLITS, want))
 
 
 @triton.jit
@@ -162,21 +163,22 @@ def attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, po
         raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
     G = H // H_kv
     dev = h.device
-    split = split_dot(wqkv.dtype)
     bb = block_b(B)
     q = scratch("attn.q", (B, H * D), dev)
     _qkv_rope_kernel[(H + 2 * H_kv, triton.cdiv(D // 2, BLOCK_HALF), triton.cdiv(B, bb))](
         h, attn_norm, wqkv, bqkv if bqkv is not None else wqkv, q, k_cache, v_cache, kv_valid, pos, row_active,
         rope_cos, rope_sin, B, d, S, H, H_kv, eps,
-        HAS_BIAS=bqkv is not None, D=D, BLOCK_HALF=BLOCK_HALF, BLOCK_B=bb, BLOCK_K=BLOCK_K, SPLIT=split)
-    ns = num_splits(S, D, B * H_kv)
+        HAS_BIAS=bqkv is not None, D=D, BLOCK_HALF=BLOCK_HALF, BLOCK_B=bb, BLOCK_K=BLOCK_K,
+        SPLIT=split_dot(wqkv.dtype))
+    bp = block_p(D, k_cache.dtype)
+    ns = num_splits(S, bp, B * H_kv)
     m = scratch("attn.m", (B * H, ns), dev)
     lsum = scratch("attn.l", (B * H, ns), dev)
     part = scratch("attn.part", (B * H, ns, D), dev)
     _attn_split_kernel[(B * H_kv, ns)](
         q, k_cache, v_cache, kv_valid, pos, row_active, m, lsum, part, S, H, H_kv, ns,
         math.log2(math.e) / math.sqrt(D),
-        D=D, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p(D), SPLIT=split)
+        D=D, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_P=bp, SPLIT=split_dot(k_cache.dtype))
     o = scratch("attn.o", (B, H * D), dev)
     _attn_combine_kernel[(B * H,)](m, lsum, part, o, ns, D=D, NS_PAD=triton.next_power_of_2(ns))
     launch_gemv_residual(out, h, o, wo, row_active)

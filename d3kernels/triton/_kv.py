@@ -1,0 +1,137 @@
+"""write_kv: the depth-masked KV writer (DESIGN.md section 2), one kernel per mode.
+
+Cache k / v [L, B, H_kv, S, D], kv_valid [L, B, S], flags [L, B]: 1 where row b
+skipped layer l at pos[b].
+- mask: kv_valid[l, b, pos] = 0.
+- project: per (layer, K/V head, RoPE-pair block, batch tile) program, RMSNorm of
+  src_h with layer l's norm, the K/V rows of wqkv[l] (+ bias), RoPE on K; a program
+  whose layer no row flagged reads no weights.
+- copy: per (layer, row), K/V and kv_valid from the nearest lower layer with flags = 0;
+  with none, kv_valid = 0. Sources are unflagged layers, which no program writes.
+Positions outside [0, S) are never written.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._attn import BLOCK_HALF
+from ._common import BLOCK_K, block_b, check_contiguous, check_dtype, check_head_dim, norm_dot, split_dot
+
+FILL_MODES = ("mask", "project", "copy")
+
+
+@triton.jit
+def _kv_mask_kernel(valid_ptr, pos_ptr, flags_ptr, L, B, S, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)     # l * B + b
+    m = idx < L * B
+    b = idx % B
+    f = tl.load(flags_ptr + idx, mask=m, other=0)
+    p = tl.load(pos_ptr + b, mask=m, other=0)
+    ok = m & (f != 0) & (p >= 0) & (p < S)
+    tl.store(valid_ptr + idx.to(tl.int64) * S + p, tl.zeros([BLOCK], dtype=tl.uint8), mask=ok)
+
+
+@triton.jit
+def _kv_copy_kernel(kc_ptr, vc_ptr, valid_ptr, pos_ptr, flags_ptr, L, B, S, H_kv,
+                    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+    l = tl.program_id(0)
+    b = tl.program_id(1)
+    ls = tl.arange(0, BLOCK_L)
+    fl = tl.load(flags_ptr + ls * B + b, mask=ls < L, other=1)
+    src = tl.max(tl.where((ls < l) & (fl == 0), ls, -1), axis=0)   # nearest lower layer this step ran
+    me = tl.load(flags_ptr + l * B + b)
+    p = tl.load(pos_ptr + b)
+    do = (me != 0) & (p >= 0) & (p < S)
+    has = do & (src >= 0)
+    srcc = tl.maximum(src, 0)
+    vsrc = tl.load(valid_ptr + (srcc.to(tl.int64) * B + b) * S + p, mask=has, other=0)
+    tl.store(valid_ptr + (l.to(tl.int64) * B + b) * S + p, vsrc, mask=do)
+    src_row = (srcc.to(tl.int64) * B + b) * H_kv
+    dst_row = (l.to(tl.int64) * B + b) * H_kv
+    E = H_kv * D
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        em = (e < E) & has
+        g = e // D
+        i = e % D
+        so = ((src_row + g) * S + p) * D + i
+        do_ = ((dst_row + g) * S + p) * D + i
+        tl.store(kc_ptr + do_, tl.load(kc_ptr + so, mask=em), mask=em)
+        tl.store(vc_ptr + do_, tl.load(vc_ptr + so, mask=em), mask=em)
+
+
+@triton.jit
+def _kv_project_kernel(h_ptr, norms_ptr, w_ptr, bias_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, flags_ptr,
+                       cos_ptr, sin_ptr, B, d, S, H, H_kv, eps,
+                       HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    pid0 = tl.program_id(0)
+    l = pid0 // (2 * H_kv)
+    jj = pid0 % (2 * H_kv)          # [k heads | v heads]
+    ib = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = rb < B
+    p = tl.load(pos_ptr + rb, mask=bmask, other=0)
+    f = tl.load(flags_ptr + l * B + rb, mask=bmask, other=0)
+    ok = bmask & (f != 0) & (p >= 0) & (p < S)
+    k_end = tl.where(tl.max(ok.to(tl.int32), axis=0) > 0, d, 0)
+    ii = ib * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
+    imask = ii < HALF
+    R = (H + 2 * H_kv) * D
+    l64 = l.to(tl.int64)
+    r1 = (H * D + jj * D + ii).to(tl.int64)
+    r2 = r1 + HALF
+    acc1, acc2 = norm_dot(h_ptr, norms_ptr + l64 * d, w_ptr + l64 * R * d, rb, bmask, r1, r2, imask, d, k_end,
+                          eps, True, BLOCK_B, BLOCK_HALF, BLOCK_K, SPLIT)
+    if HAS_BIAS:
+        acc1 += tl.load(bias_ptr + l64 * R + r1, mask=imask, other=0.0).to(tl.float32)[None, :]
+        acc2 += tl.load(bias_ptr + l64 * R + r2, mask=imask, other=0.0).to(tl.float32)[None, :]
+    m2 = ok[:, None] & imask[None, :]
+    row = (l64 * B + rb.to(tl.int64)) * H_kv
+    if jj < H_kv:
+        t = p.to(tl.int64)[:, None] * HALF + ii[None, :]
+        c = tl.load(cos_ptr + t, mask=m2, other=0.0)
+        s = tl.load(sin_ptr + t, mask=m2, other=0.0)
+        ko = ((row + jj) * S + p)[:, None] * D + ii[None, :]
+        tl.store(kc_ptr + ko, (acc1 * c - acc2 * s).to(kc_ptr.dtype.element_ty), mask=m2)
+        tl.store(kc_ptr + ko + HALF, (acc2 * c + acc1 * s).to(kc_ptr.dtype.element_ty), mask=m2)
+    else:
+        vo = ((row + (jj - H_kv)) * S + p)[:, None] * D + ii[None, :]
+        tl.store(vc_ptr + vo, acc1.to(vc_ptr.dtype.element_ty), mask=m2)
+        tl.store(vc_ptr + vo + HALF, acc2.to(vc_ptr.dtype.element_ty), mask=m2)
+    if (jj == 0) & (ib == 0):
+        tl.store(valid_ptr + (l64 * B + rb) * S + p, tl.full([BLOCK_B], 1, tl.uint8), mask=ok)
+
+
+def write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
+             eps) -> None:
+    """See d3kernels.reference.write_kv. k_cache / v_cache [L, B, H_kv, S, D] and kv_valid [L, B, S] are
+    updated in place at pos[b] for every (l, b) with flags[l, b] = 1."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    L, B, H_kv, S, D = k_cache.shape
+    check_dtype(k_cache.dtype)
+    check_head_dim(D)
+    check_contiguous(k_cache=k_cache, v_cache=v_cache, kv_valid=kv_valid, pos=pos, flags=flags)
+    if mode == "mask":
+        block = min(1024, triton.next_power_of_2(L * B))
+        _kv_mask_kernel[(triton.cdiv(L * B, block),)](kv_valid, pos, flags, L, B, S, BLOCK=block)
+    elif mode == "copy":
+        _kv_copy_kernel[(L, B)](k_cache, v_cache, kv_valid, pos, flags, L, B, S, H_kv, D=D,
+                                BLOCK_L=triton.next_power_of_2(L),
+                                BLOCK_E=min(1024, triton.next_power_of_2(H_kv * D)))
+    else:
+        check_contiguous(src_h=src_h, norms=norms, wqkv=wqkv, bqkv=bqkv, rope_cos=rope_cos, rope_sin=rope_sin)
+        d = src_h.shape[1]
+        H = wqkv.shape[1] // D - 2 * H_kv
+        if rope_cos.shape[0] < S:
+            raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
+        bb = block_b(B)
+        _kv_project_kernel[(L * 2 * H_kv, triton.cdiv(D // 2, BLOCK_HALF), triton.cdiv(B, bb))](
+            src_h, norms, wqkv, bqkv if bqkv is not None else wqkv, k_cache, v_cache, kv_valid, pos, flags,
+            rope_cos, rope_sin, B, d, S, H, H_kv, eps,
+            HAS_BIAS=bqkv is not None, D=D, BLOCK_HALF=BLOCK_HALF, BLOCK_B=bb, BLOCK_K=BLOCK_K,
+            SPLIT=split_dot(wqkv.dtype))
