@@ -24,12 +24,8 @@ def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -
         raise TypeError(f"expected {name} of dtype {dtype}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"expected {name} on {device}, got {t.device}")
-
-
-def _contig(**ts) -> None:
-    for n, t in ts.items():
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{n} must be contiguous")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
 def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
@@ -48,6 +44,7 @@ def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_val
     if H % H_kv:
         raise ValueError(f"query heads H={H} must be a multiple of H_kv={H_kv}")
     _expect("out", out, (B, d), dt, dev)
+    _expect("h", h, (B, d), dt, dev)
     _expect("attn_norm", attn_norm, (d,), dt, dev)
     _expect("wqkv", wqkv, ((H + 2 * H_kv) * D, d), dt, dev)
     if bqkv is not None:
@@ -62,7 +59,6 @@ def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_val
     _expect("row_active", row_active, (B,), torch.uint8, dev)
     if rope_cos.shape[0] < S:
         raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
-    _contig(out=out, h=h, wqkv=wqkv, wo=wo, k_cache=k_cache, v_cache=v_cache, kv_valid=kv_valid)
 
 
 def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
@@ -89,11 +85,11 @@ def mlp_block(out: torch.Tensor, h: torch.Tensor, mlp_norm: torch.Tensor, w_gate
     F = w_down.shape[1]
     dt, dev = h.dtype, h.device
     _expect("out", out, (B, d), dt, dev)
+    _expect("h", h, (B, d), dt, dev)
     _expect("mlp_norm", mlp_norm, (d,), dt, dev)
     _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
     _expect("w_down", w_down, (d, F), dt, dev)
     _expect("row_active", row_active, (B,), torch.uint8, dev)
-    _contig(out=out, h=h, w_gate_up=w_gate_up, w_down=w_down)
     impl = backends.get(backends.resolve(backend, dev, dt))
     impl.mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, float(eps))
 
@@ -125,7 +121,6 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
     _expect("flags", flags, (L, B), torch.uint8, dev)
     _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
     _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _contig(k_cache=k_cache, v_cache=v_cache, kv_valid=kv_valid, wqkv=wqkv)
     impl = backends.get(backends.resolve(backend, dev, dt, D))
     impl.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
                   float(eps))
@@ -139,6 +134,7 @@ def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_l
     B, d = h.shape
     V = w_lm.shape[0]
     _expect("logits", logits, (B, V), torch.float32, h.device)
+    _expect("h", h, (B, d), h.dtype, h.device)
     _expect("final_norm", final_norm, (d,), h.dtype, h.device)
     _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
     impl = backends.get(backends.resolve(backend, h.device, h.dtype))
