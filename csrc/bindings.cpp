@@ -10,6 +10,7 @@
 #include <string>
 
 #include "d3k/build_info.h"
+#include "d3k/ops.h"
 
 namespace py = pybind11;
 
@@ -107,6 +108,10 @@ py::dict runtime_info() {
   return d;
 }
 
+void check(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -127,5 +132,105 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dev") = 0, "Compute capability of device dev as \"major.minor\", e.g. \"9.0\".");
 
-  // Launchers go here, one m.def per op (csrc/README.md, step 3).
+  // ------------------------------------------------------------ launchers
+  // One m.def per op (csrc/README.md, step 3). Arguments are raw device
+  // pointers (ints), sizes, dtype code (0 float16, 1 bfloat16), device index
+  // and a cudaStream_t as an int; a launcher error becomes RuntimeError.
+  // d3kernels/_ops.py is the only caller.
+  m.def(
+      "device_facts",
+      [](int device) {
+        int sm = 0, cc = 0;
+        bool pdl = false;
+        check(d3k::device_facts(device, &sm, &cc, &pdl));
+        py::dict r;
+        r["sm_count"] = sm;
+        r["cc"] = cc;
+        r["pdl"] = pdl;
+        return r;
+      },
+      py::arg("device"), "{sm_count, cc (e.g. 90), pdl (Programmatic Dependent Launch in use)} of a device.");
+  m.def(
+      "attn_workspace",
+      [](int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, int device) {
+        d3k::AttnWorkspace w;
+        check(d3k::attn_workspace(B, H, Hkv, D, S, device, &w));
+        py::dict r;
+        r["num_splits"] = w.num_splits;
+        r["split_len"] = w.split_len;
+        r["head_groups"] = w.head_groups;
+        r["q_elems"] = w.q_elems;
+        r["o_elems"] = w.o_elems;
+        r["ml_elems"] = w.ml_elems;
+        r["acc_elems"] = w.acc_elems;
+        r["counters"] = w.counters;
+        return r;
+      },
+      py::arg("B"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("S"), py::arg("device"),
+      "Scratch sizes of attn_block: {num_splits, split_len, head_groups, q_elems, o_elems, ml_elems "
+      "(fp32), acc_elems (fp32), counters (int32)}.");
+  m.def(
+      "attn_block",
+      [](uintptr_t out, uintptr_t h, uintptr_t attn_norm, uintptr_t wqkv, uintptr_t bqkv, uintptr_t wo,
+         uintptr_t k_cache, uintptr_t v_cache, uintptr_t kv_valid, uintptr_t pos, uintptr_t rope_cos,
+         uintptr_t rope_sin, uintptr_t row_active, uintptr_t q_ws, uintptr_t o_ws, uintptr_t part_ml,
+         uintptr_t part_acc, uintptr_t counters, int64_t B, int64_t d, int64_t H, int64_t Hkv, int64_t D,
+         int64_t S, int64_t rope_len, int64_t rope_ld, int64_t num_splits, double eps, int dtype, int device,
+         uintptr_t stream) {
+        d3k::AttnBlockArgs a;
+        a.out = out; a.h = h; a.attn_norm = attn_norm; a.wqkv = wqkv; a.bqkv = bqkv; a.wo = wo;
+        a.k_cache = k_cache; a.v_cache = v_cache; a.kv_valid = kv_valid; a.pos = pos;
+        a.rope_cos = rope_cos; a.rope_sin = rope_sin; a.row_active = row_active;
+        a.q_ws = q_ws; a.o_ws = o_ws; a.part_ml = part_ml; a.part_acc = part_acc; a.counters = counters;
+        a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = S; a.rope_len = rope_len; a.rope_ld = rope_ld;
+        a.num_splits = num_splits; a.eps = eps; a.dtype = dtype; a.device = device; a.stream = stream;
+        check(d3k::attn_block(a));
+      },
+      "attn_block(out, h, attn_norm, wqkv, bqkv|0, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin, "
+      "row_active, q_ws, o_ws, part_ml, part_acc, counters, B, d, H, H_kv, D, S, rope_len, rope_ld, "
+      "num_splits, eps, dtype, device, stream)");
+  m.def(
+      "mlp_block",
+      [](uintptr_t out, uintptr_t h, uintptr_t mlp_norm, uintptr_t w_gate_up, uintptr_t w_down,
+         uintptr_t row_active, uintptr_t act_ws, int64_t B, int64_t d, int64_t F, double eps, int dtype,
+         int device, uintptr_t stream) {
+        d3k::MlpBlockArgs a;
+        a.out = out; a.h = h; a.mlp_norm = mlp_norm; a.w_gate_up = w_gate_up; a.w_down = w_down;
+        a.row_active = row_active; a.act_ws = act_ws; a.B = B; a.d = d; a.F = F; a.eps = eps;
+        a.dtype = dtype; a.device = device; a.stream = stream;
+        check(d3k::mlp_block(a));
+      },
+      "mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, act_ws, B, d, F, eps, dtype, device, stream)");
+  m.def(
+      "lm_head",
+      [](uintptr_t logits, uintptr_t h, uintptr_t final_norm, uintptr_t w_lm, int64_t B, int64_t d, int64_t V,
+         double eps, int dtype, int device, uintptr_t stream) {
+        d3k::LmHeadArgs a;
+        a.logits = logits; a.h = h; a.final_norm = final_norm; a.w_lm = w_lm; a.B = B; a.d = d; a.V = V;
+        a.eps = eps; a.dtype = dtype; a.device = device; a.stream = stream;
+        check(d3k::lm_head(a));
+      },
+      "lm_head(logits, h, final_norm, w_lm, B, d, V, eps, dtype, device, stream)");
+  m.def(
+      "write_kv",
+      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t kv_valid, uintptr_t src_h, uintptr_t norms,
+         uintptr_t wqkv, uintptr_t bqkv, uintptr_t pos, uintptr_t rope_cos, uintptr_t rope_sin, uintptr_t flags,
+         int mode, int64_t L, int64_t B, int64_t d, int64_t H, int64_t Hkv, int64_t D, int64_t S,
+         int64_t rope_len, int64_t rope_ld, double eps, int dtype, int device, uintptr_t stream) {
+        d3k::WriteKvArgs a;
+        a.k_cache = k_cache; a.v_cache = v_cache; a.kv_valid = kv_valid; a.src_h = src_h; a.norms = norms;
+        a.wqkv = wqkv; a.bqkv = bqkv; a.pos = pos; a.rope_cos = rope_cos; a.rope_sin = rope_sin;
+        a.flags = flags; a.mode = mode; a.L = L; a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = S;
+        a.rope_len = rope_len; a.rope_ld = rope_ld; a.eps = eps; a.dtype = dtype; a.device = device;
+        a.stream = stream;
+        check(d3k::write_kv(a));
+      },
+      "write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv|0, pos, rope_cos, rope_sin, flags, "
+      "mode (0 mask, 1 project, 2 copy), L, B, d, H, H_kv, D, S, rope_len, rope_ld, eps, dtype, device, stream)");
+  m.def(
+      "argmax",
+      [](uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int64_t ld, int device, uintptr_t stream) {
+        check(d3k::argmax(tokens, logits, B, V, ld, device, stream));
+      },
+      "argmax(tokens int64 [B], logits fp32 [B, V] row stride ld, B, V, ld, device, stream): greedy sampling.");
 }

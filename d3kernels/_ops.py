@@ -2,10 +2,34 @@
 
 ``C`` is the extension module, or None when it is unavailable; ``C_ERROR`` then
 says why. Importing this module never needs _C or a GPU.
+
+It also provides:
+- ``CUDA_OPS_AVAILABLE``: True when _C exports the fused decode kernels.
+- ``arch_problem(device)``: None when _C holds code for the device's compute
+  capability, else a message naming D3K_CUDA_ARCHS.
+- ``cuda_ops``: the CUDA backend (attn_block, mlp_block, write_kv, lm_head,
+  sample with the reference signatures). Each call checks its arguments,
+  passes raw pointers and the current stream to _C, and raises RuntimeError
+  with the launcher's message on failure. Scratch (q, split-K partials, the
+  attention output, the MLP activation) is allocated on the first call per
+  (device, shape) and reused, so later calls and CUDA graph capture allocate
+  nothing. Calls on one device share that scratch: do not run d3k ops on two
+  streams of one device at the same time.
+- ``torch.ops.d3k.{attn_block, mlp_block, write_kv, lm_head}``: torch.library
+  ops (mutating, returning nothing) with the reference as the CPU kernel, the
+  CUDA kernels as the CUDA kernel, and fake (meta) kernels, so they work under
+  torch.compile(fullgraph=True) and CUDA graph capture.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import types
+from typing import Optional
+
+import torch
+
+from . import reference as _ref
 
 C_ERROR: str | None = None
 try:
@@ -37,3 +61,340 @@ def runtime_info() -> dict | str:
         return C.runtime_info()
     except RuntimeError as e:
         return str(e)
+
+
+# --------------------------------------------------------------------------- availability
+_KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "lm_head", "argmax", "device_facts")
+CUDA_OPS_AVAILABLE: bool = C is not None and all(hasattr(C, n) for n in _KERNELS)
+
+CUDA_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+CUDA_HEAD_DIMS = (64, 128)
+FILL_MODES = {"mask": 0, "project": 1, "copy": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_problem_for(index: int) -> Optional[str]:
+    archs = list(build_info()["cuda_archs"])
+    major, minor = torch.cuda.get_device_capability(index)
+    cc = 10 * major + minor
+    if cc in archs:
+        return None
+    name = torch.cuda.get_device_name(index)
+    built = ",".join(str(a) for a in archs) or "none"
+    return (f"d3kernels._C was built for compute capabilities {built} (D3K_CUDA_ARCHS={built}), but "
+            f"cuda:{index} ({name}) is {major}.{minor}; rebuild with D3K_CUDA_ARCHS={cc} "
+            "pip install --no-build-isolation -e .")
+
+
+def arch_problem(device) -> Optional[str]:
+    """None if _C holds kernels for this device's compute capability, else why not (names D3K_CUDA_ARCHS)."""
+    if C is None:
+        return C_ERROR
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"tensors are on {device.type}; the CUDA backend needs CUDA tensors"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _arch_problem_for(index)
+
+
+# --------------------------------------------------------------------------- argument checks
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _chk(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """Shape, dtype, device and contiguity of one tensor argument of a CUDA op."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"expected {name} of dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        _fail(f"expected {name} on {device}, got {t.device}")
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _chk_rope(rope_cos, rope_sin, half: int, device: torch.device) -> tuple:
+    """rope tables [T, D/2] float32 with unit inner stride and equal strides; returns (T, row stride)."""
+    for n, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != half or t.shape[0] < 1:
+            _fail(f"expected {n} of shape (T, {half}), got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"expected {n} of dtype torch.float32, got {t.dtype}")
+        if t.device != device:
+            _fail(f"expected {n} on {device}, got {t.device}")
+        if t.stride(1) != 1 and half > 1:
+            _fail(f"{n} must have unit stride along D/2")
+    if rope_cos.shape != rope_sin.shape or rope_cos.stride() != rope_sin.stride():
+        _fail(f"rope_cos and rope_sin must have the same shape and strides, got {tuple(rope_cos.shape)} "
+              f"{rope_cos.stride()} and {tuple(rope_sin.shape)} {rope_sin.stride()}")
+    return rope_cos.shape[0], rope_cos.stride(0)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    code = CUDA_DTYPES.get(dtype)
+    if code is None:
+        raise RuntimeError(f"the CUDA kernels support float16 and bfloat16, got {dtype}")
+    return code
+
+
+def _head_dim(D: int) -> None:
+    if D not in CUDA_HEAD_DIMS:
+        raise RuntimeError(f"head_dim {D} is not supported by the CUDA kernels {CUDA_HEAD_DIMS}")
+
+
+def _cuda_device(t: torch.Tensor) -> torch.device:
+    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        raise RuntimeError(f"the CUDA backend needs CUDA tensors, got {getattr(t, 'device', type(t).__name__)}")
+    if not CUDA_OPS_AVAILABLE:
+        raise RuntimeError(C_ERROR or "d3kernels._C was built without the CUDA kernels; rebuild it")
+    return t.device
+
+
+def _stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+# --------------------------------------------------------------------------- scratch
+_SCRATCH: dict = {}
+
+
+def _scratch(key: tuple, make):
+    """Scratch tensors cached per key (device index first): allocated once, then reused."""
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = make()
+        _SCRATCH[key] = t
+    return t
+
+
+def clear_scratch() -> None:
+    """Drop every cached scratch buffer (they are re-allocated on the next call)."""
+    _SCRATCH.clear()
+
+
+def _attn_scratch(index: int, B: int, H: int, H_kv: int, D: int, S: int) -> dict:
+    def make():
+        w = C.attn_workspace(B, H, H_kv, D, S, index)
+        dev = torch.device("cuda", index)
+        f32 = dict(device=dev, dtype=torch.float32)
+        return {
+            "plan": w,
+            "q": torch.empty(w["q_elems"], **f32),
+            "o": torch.empty(w["o_elems"], **f32),
+            "ml": torch.empty(max(1, w["ml_elems"]), **f32),
+            "acc": torch.empty(max(1, w["acc_elems"]), **f32),
+            "counters": torch.zeros(max(1, w["counters"]), device=dev, dtype=torch.int32),
+        }
+    return _scratch(("attn", index, B, H, H_kv, D, S), make)
+
+
+def _mlp_scratch(index: int, B: int, F: int) -> torch.Tensor:
+    return _scratch(("mlp", index, B, F),
+                    lambda: torch.empty(B * F, device=torch.device("cuda", index), dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------- the CUDA backend
+def _cuda_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                     row_active, eps) -> None:
+    """CUDA attn_block (reference signature). An active row whose pos is outside [0, S) (or past the
+    RoPE tables) gets NaN in out and writes nothing: the kernels cannot raise without a host sync."""
+    dev = _cuda_device(h)
+    code = _dtype_code(h.dtype)
+    if h.dim() != 2 or k_cache.dim() != 4:
+        _fail(f"expected h (B, d) and k_cache (B, H_kv, S, D), got {tuple(h.shape)} and {tuple(k_cache.shape)}")
+    B, d = h.shape
+    _, H_kv, S, D = k_cache.shape
+    _head_dim(D)
+    if wqkv.dim() != 2 or wqkv.shape[0] % D or wqkv.shape[0] // D <= 2 * H_kv:
+        _fail(f"expected wqkv of shape ((H + 2*H_kv) * D, d) with H_kv={H_kv}, D={D}, got {tuple(wqkv.shape)}")
+    H = wqkv.shape[0] // D - 2 * H_kv
+    if H % H_kv:
+        _fail(f"query heads H={H} must be a multiple of H_kv={H_kv}")
+    dt = h.dtype
+    R = (H + 2 * H_kv) * D
+    _chk("h", h, (B, d), dt, dev)
+    _chk("out", out, (B, d), dt, dev)
+    _chk("attn_norm", attn_norm, (d,), dt, dev)
+    _chk("wqkv", wqkv, (R, d), dt, dev)
+    if bqkv is not None:
+        _chk("bqkv", bqkv, (R,), dt, dev)
+    _chk("wo", wo, (d, H * D), dt, dev)
+    _chk("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
+    _chk("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
+    _chk("kv_valid", kv_valid, (B, S), torch.uint8, dev)
+    _chk("pos", pos, (B,), torch.int32, dev)
+    _chk("row_active", row_active, (B,), torch.uint8, dev)
+    T, rope_ld = _chk_rope(rope_cos, rope_sin, D // 2, dev)
+    idx = dev.index
+    ws = _attn_scratch(idx, B, H, H_kv, D, S)
+    C.attn_block(out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
+                 0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                 kv_valid.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
+                 row_active.data_ptr(), ws["q"].data_ptr(), ws["o"].data_ptr(), ws["ml"].data_ptr(),
+                 ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d, H, H_kv, D, S, T, rope_ld,
+                 ws["plan"]["num_splits"], float(eps), code, idx, _stream(idx))
+
+
+def _cuda_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
+    """CUDA mlp_block (reference signature)."""
+    dev = _cuda_device(h)
+    code = _dtype_code(h.dtype)
+    if h.dim() != 2 or w_down.dim() != 2:
+        _fail(f"expected h (B, d) and w_down (d, F), got {tuple(h.shape)} and {tuple(w_down.shape)}")
+    B, d = h.shape
+    F = w_down.shape[1]
+    dt = h.dtype
+    _chk("h", h, (B, d), dt, dev)
+    _chk("out", out, (B, d), dt, dev)
+    _chk("mlp_norm", mlp_norm, (d,), dt, dev)
+    _chk("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
+    _chk("w_down", w_down, (d, F), dt, dev)
+    _chk("row_active", row_active, (B,), torch.uint8, dev)
+    idx = dev.index
+    act = _mlp_scratch(idx, B, F)
+    C.mlp_block(out.data_ptr(), h.data_ptr(), mlp_norm.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(),
+                row_active.data_ptr(), act.data_ptr(), B, d, F, float(eps), code, idx, _stream(idx))
+
+
+def _cuda_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
+                   eps) -> None:
+    """CUDA write_kv (reference signature). Flagged rows whose pos is outside [0, S) are left untouched."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {tuple(FILL_MODES)}, got {mode!r}")
+    dev = _cuda_device(k_cache)
+    code = _dtype_code(k_cache.dtype)
+    if k_cache.dim() != 5:
+        _fail(f"expected k_cache of shape (L, B, H_kv, S, D), got {tuple(k_cache.shape)}")
+    L, B, H_kv, S, D = k_cache.shape
+    _head_dim(D)
+    dt = k_cache.dtype
+    if src_h.dim() != 2 or wqkv.dim() != 3 or wqkv.shape[0] != L or wqkv.shape[1] % D \
+            or wqkv.shape[1] // D < 2 * H_kv:
+        _fail(f"expected src_h (B, d) and wqkv (L, (H + 2*H_kv) * D, d) with L={L}, H_kv={H_kv}, D={D}, got "
+              f"{tuple(src_h.shape)} and {tuple(wqkv.shape)}")
+    d = src_h.shape[1]
+    R = wqkv.shape[1]
+    H = R // D - 2 * H_kv
+    _chk("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
+    _chk("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
+    _chk("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
+    _chk("src_h", src_h, (B, d), dt, dev)
+    _chk("norms", norms, (L, d), dt, dev)
+    _chk("wqkv", wqkv, (L, R, d), dt, dev)
+    if bqkv is not None:
+        _chk("bqkv", bqkv, (L, R), dt, dev)
+    _chk("pos", pos, (B,), torch.int32, dev)
+    _chk("flags", flags, (L, B), torch.uint8, dev)
+    T, rope_ld = _chk_rope(rope_cos, rope_sin, D // 2, dev)
+    idx = dev.index
+    C.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(), norms.data_ptr(),
+               wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(),
+               rope_sin.data_ptr(), flags.data_ptr(), FILL_MODES[mode], L, B, d, H, H_kv, D, S, T, rope_ld,
+               float(eps), code, idx, _stream(idx))
+
+
+def _cuda_lm_head(logits, h, final_norm, w_lm, eps) -> None:
+    """CUDA lm_head (reference signature)."""
+    dev = _cuda_device(h)
+    code = _dtype_code(h.dtype)
+    if h.dim() != 2 or w_lm.dim() != 2:
+        _fail(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
+    B, d = h.shape
+    V = w_lm.shape[0]
+    dt = h.dtype
+    _chk("h", h, (B, d), dt, dev)
+    _chk("logits", logits, (B, V), torch.float32, dev)
+    _chk("final_norm", final_norm, (d,), dt, dev)
+    _chk("w_lm", w_lm, (V, d), dt, dev)
+    idx = dev.index
+    C.lm_head(logits.data_ptr(), h.data_ptr(), final_norm.data_ptr(), w_lm.data_ptr(), B, d, V, float(eps), code,
+              idx, _stream(idx))
+
+
+def _cuda_sample(tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 generator=None) -> None:
+    """CUDA sample (reference signature): greedy argmax in a kernel; temperature > 0 uses the reference
+    (pure torch, no host sync)."""
+    if temperature > 0.0:
+        _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
+        return
+    dev = _cuda_device(logits)
+    if logits.dim() != 2:
+        _fail(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
+    B, V = logits.shape
+    if logits.dtype != torch.float32:
+        raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
+    if logits.stride(1) != 1 and V > 1:
+        _fail("logits must have unit stride along V")
+    _chk("tokens", tokens, (B,), torch.int64, dev)
+    idx = dev.index
+    C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)), idx, _stream(idx))
+
+
+cuda_ops = types.SimpleNamespace(attn_block=_cuda_attn_block, mlp_block=_cuda_mlp_block, write_kv=_cuda_write_kv,
+                                 lm_head=_cuda_lm_head, sample=_cuda_sample)
+cuda_ops.__doc__ = "The CUDA backend: the reference ops' signatures, running the kernels of d3kernels._C."
+
+
+# --------------------------------------------------------------------------- torch.library
+SCHEMAS = {
+    "attn_block": "attn_block(Tensor(a!) out, Tensor h, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, "
+                  "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) kv_valid, Tensor pos, Tensor rope_cos, "
+                  "Tensor rope_sin, Tensor row_active, float eps) -> ()",
+    "mlp_block": "mlp_block(Tensor(a!) out, Tensor h, Tensor mlp_norm, Tensor w_gate_up, Tensor w_down, "
+                 "Tensor row_active, float eps) -> ()",
+    "write_kv": "write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) kv_valid, Tensor src_h, "
+                "Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor pos, Tensor rope_cos, Tensor rope_sin, "
+                "Tensor flags, str fill_mode, float eps) -> ()",
+    "lm_head": "lm_head(Tensor(a!) logits, Tensor h, Tensor final_norm, Tensor w_lm, float eps) -> ()",
+}
+
+
+# write_kv's string argument is "fill_mode" in the schema: an op argument named "mode" collides with
+# torch's functionalization internals (aot_dispatch: "got multiple values for argument 'mode'").
+def _ref_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode,
+                  eps) -> None:
+    _ref.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode, eps)
+
+
+def _cuda_write_kv_op(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
+                      fill_mode, eps) -> None:
+    _cuda_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode,
+                   eps)
+
+
+_CPU_IMPLS = {"attn_block": _ref.attn_block, "mlp_block": _ref.mlp_block, "write_kv": _ref_write_kv,
+              "lm_head": _ref.lm_head}
+_CUDA_IMPLS = {"attn_block": _cuda_attn_block, "mlp_block": _cuda_mlp_block, "write_kv": _cuda_write_kv_op,
+               "lm_head": _cuda_lm_head}
+
+
+def _unavailable(name: str):
+    def impl(*args, **kwargs):
+        raise RuntimeError(f"torch.ops.d3k.{name} on CUDA: {C_ERROR or 'd3kernels._C has no CUDA kernels'}")
+    return impl
+
+
+def _fake(*args, **kwargs) -> None:
+    """Fake (meta) kernel: the ops only mutate their annotated arguments and return nothing."""
+    return None
+
+
+def _register() -> Optional[torch.library.Library]:
+    if all(hasattr(torch.ops.d3k, name) for name in SCHEMAS):   # already registered (module reloaded)
+        return None
+    lib = torch.library.Library("d3k", "FRAGMENT")
+    for name, schema in SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, _CPU_IMPLS[name], "CPU")
+        lib.impl(name, _CUDA_IMPLS[name] if CUDA_OPS_AVAILABLE else _unavailable(name), "CUDA")
+        torch.library.register_fake(f"d3k::{name}", _fake, lib=lib)
+    return lib
+
+
+_LIB = _register()

@@ -13,9 +13,6 @@ except Exception:  # pragma: no cover
 if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Interpreted Triton runs on CPU tensors; compiled Triton on the GPU.
-TRITON_DEVICE = "cuda" if _HAS_GPU else "cpu"
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")

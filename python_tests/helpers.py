@@ -29,3 +29,9 @@ def tiny_model(L: int = 4, d: int = 64, H: int = 4, H_kv: int = 2, D: int = 16, 
                 bqkv=r(L, R, scale=0.1) if qkv_bias else None, wo=r(L, d, H * D, scale=(H * D) ** -0.5),
                 mlp_norm=norm(L, d), w_gate_up=r(L, 2 * F, d, scale=d ** -0.5), w_down=r(L, d, F, scale=F ** -0.5))
     return Model(cfg, w, None, source="tiny")
+
+
+# Interpreted Triton runs on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU);
+# compiled Triton on the GPU. Defined here, not in conftest.py: python_tests/ and bench/ both
+# have a conftest module, so `from conftest import ...` is ambiguous in one pytest run.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,8 +14,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from conftest import TRITON_DEVICE  # noqa: E402
-from helpers import tiny_model  # noqa: E402
+from helpers import TRITON_DEVICE, tiny_model  # noqa: E402
 from tolerance import assert_close, poison  # noqa: E402
 
 from d3kernels import D3Schedule, Decoder, ops  # noqa: E402

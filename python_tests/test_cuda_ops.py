@@ -1,0 +1,590 @@
+"""The CUDA backend (d3kernels._C via d3kernels._ops) against the reference.
+
+CPU part (runs everywhere): the torch.library registration of torch.ops.d3k.*
+(schemas, fake kernels, the reference as CPU kernel) via torch.library.opcheck,
+the availability flags, and argument rejection.
+
+GPU part (marker `gpu`; skipped without a GPU or without the kernels in _C):
+each op against the reference by tolerance.assert_close (float64 oracle = the
+reference on float64 copies, same_precision = the reference at the test dtype),
+outputs poisoned with NaN, caches poisoned with NaN wherever kv_valid = 0 (the
+kernels must not read them), untouched cache entries compared bit for bit,
+kv_valid exactly. Real model shapes (Llama-3.2-1B, Llama-3-8B, Llama-2-7B MHA,
+Qwen2-7B with bias, SmolLM2-135M) and odd ones (scalar K path, G > 8, B > 16).
+Tests whose id contains "small" are sized for compute-sanitizer:
+    compute-sanitizer --tool memcheck python -m pytest python_tests/test_cuda_ops.py -m gpu -k small
+"""
+import math
+
+import pytest
+import torch
+
+from tolerance import assert_close, poison
+
+from d3kernels import _ops, backends
+from d3kernels import reference as ref
+
+EPS = 1e-5
+DTYPES = [torch.bfloat16, torch.float16]
+_HAS_GPU = torch.cuda.is_available()
+
+
+def _gpu_skip_reason():
+    if not _HAS_GPU:
+        return "needs a CUDA GPU"
+    if not _ops.CUDA_OPS_AVAILABLE:
+        return f"d3kernels._C has no CUDA kernels: {_ops.C_ERROR}"
+    return _ops.arch_problem("cuda")
+
+
+def _require_gpu():
+    r = _gpu_skip_reason()
+    if r is not None:
+        pytest.skip(r)
+
+
+# =========================================================================== CPU: registration
+def _rope(S, D, theta=10000.0, device="cpu"):
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    f = torch.outer(torch.arange(S, dtype=torch.float64), inv)
+    return f.cos().float().to(device), f.sin().float().to(device)
+
+
+def _cpu_args(name):
+    g = torch.Generator().manual_seed(0)
+    B, d, H, Hkv, D, S, F, V, L = 2, 16, 4, 2, 8, 6, 12, 11, 3
+    R = (H + 2 * Hkv) * D
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cos, sin = _rope(S, D)
+    if name == "attn_block":
+        kv_valid = torch.zeros(B, S, dtype=torch.uint8)
+        kv_valid[:, :3] = 1
+        return (torch.empty(B, d), r(B, d), 1 + 0.1 * r(d), r(R, d) * 0.3, r(R) * 0.1, r(d, H * D) * 0.3,
+                r(B, Hkv, S, D), r(B, Hkv, S, D), kv_valid, torch.tensor([3, 4], dtype=torch.int32), cos, sin,
+                torch.tensor([1, 1], dtype=torch.uint8), EPS)
+    if name == "mlp_block":
+        return (torch.empty(B, d), r(B, d), 1 + 0.1 * r(d), r(2 * F, d) * 0.3, r(d, F) * 0.3,
+                torch.tensor([1, 0], dtype=torch.uint8), EPS)
+    if name == "write_kv":
+        return (r(L, B, Hkv, S, D), r(L, B, Hkv, S, D), torch.ones(L, B, S, dtype=torch.uint8), r(B, d),
+                1 + 0.1 * r(L, d), r(L, R, d) * 0.3, r(L, R) * 0.1, torch.tensor([2, 5], dtype=torch.int32), cos,
+                sin, torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.uint8), "project", EPS)
+    if name == "lm_head":
+        return (torch.empty(B, V), r(B, d), 1 + 0.1 * r(d), r(V, d) * 0.3, EPS)
+    raise KeyError(name)
+
+
+OP_NAMES = ["attn_block", "mlp_block", "write_kv", "lm_head"]
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_schema_marks_mutated_arguments(name):
+    schema = getattr(torch.ops.d3k, name).default._schema
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    expect = {"attn_block": ["out", "k_cache", "v_cache", "kv_valid"], "mlp_block": ["out"],
+              "write_kv": ["k_cache", "v_cache", "kv_valid"], "lm_head": ["logits"]}[name]
+    assert mutated == expect
+    assert len(schema.returns) == 0
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_opcheck_cpu(name):
+    """Schema, fake kernel, aliasing and aot_dispatch of the torch.library op (CPU kernel = reference)."""
+    torch.library.opcheck(getattr(torch.ops.d3k, name).default, _cpu_args(name))
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_cpu_kernel_is_the_reference(name):
+    """Also by keyword (write_kv's mode is named fill_mode in the schema)."""
+    args = _cpu_args(name)
+    a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    getattr(torch.ops.d3k, name)(*a)
+    getattr(ref, name)(*b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+def test_write_kv_by_keyword():
+    """The schema names write_kv's mode "fill_mode" (an argument named "mode" breaks aot_dispatch)."""
+    args = _cpu_args("write_kv")
+    a = [_clone(t) for t in args]
+    b = [_clone(t) for t in args]
+    torch.ops.d3k.write_kv(*a[:11], fill_mode=a[11], eps=a[12])
+    ref.write_kv(*b)
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_cpu():
+    """torch.compile(fullgraph=True) traces the mutating ops through their fake kernels."""
+    args = _cpu_args("mlp_block")
+
+    def f(out, h, norm, wgu, wd, active, eps):
+        torch.ops.d3k.mlp_block(out, h, norm, wgu, wd, active, eps)
+        return out * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    ya = compiled(*a)
+    yb = f(*b)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+def test_availability_flags():
+    assert isinstance(_ops.CUDA_OPS_AVAILABLE, bool)
+    if _ops.C is None:
+        assert not _ops.CUDA_OPS_AVAILABLE
+        assert _ops.arch_problem("cuda") == _ops.C_ERROR
+    else:
+        assert "CUDA tensors" in _ops.arch_problem("cpu")
+    assert backends.why_not("cuda", "cpu", torch.bfloat16) is not None
+    for name in ("attn_block", "mlp_block", "write_kv", "lm_head", "sample"):
+        assert callable(getattr(_ops.cuda_ops, name))
+
+
+def test_arch_problem_names_the_build_knob(monkeypatch):
+    if _ops.C is None:
+        pytest.skip("_C not built")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake T4")
+    _ops._arch_problem_for.cache_clear()
+    try:
+        msg = _ops.arch_problem(torch.device("cuda", 0))
+        assert msg is not None and "D3K_CUDA_ARCHS" in msg and "7.5" in msg
+        built = _ops.build_info()["cuda_archs"][0]
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (built // 10, built % 10))
+        _ops._arch_problem_for.cache_clear()
+        assert _ops.arch_problem(torch.device("cuda", 0)) is None
+    finally:
+        _ops._arch_problem_for.cache_clear()
+
+
+def test_cuda_ops_reject_cpu_tensors():
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        _ops.cuda_ops.mlp_block(*_cpu_args("mlp_block"))
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        _ops.cuda_ops.sample(torch.empty(2, dtype=torch.int64), torch.randn(2, 5))
+
+
+@pytest.mark.skipif(not _ops.CUDA_OPS_AVAILABLE, reason="d3kernels._C has no CUDA kernels")
+def test_launchers_validate_before_touching_the_gpu():
+    """The C++ launchers check their arguments first (no CUDA call), so this runs anywhere."""
+    C, p = _ops.C, 256                       # p: a fake 16-byte aligned device address
+    with pytest.raises(RuntimeError, match="dtype code 7 is not supported"):
+        C.mlp_block(p, p, p, p, p, p, p, 1, 8, 8, EPS, 7, 0, 0)
+    with pytest.raises(RuntimeError, match="null pointer"):
+        C.mlp_block(p, 0, p, p, p, p, p, 1, 8, 8, EPS, 1, 0, 0)
+    # attn_block(18 pointers, B, d, H, H_kv, D, S, rope_len, rope_ld, num_splits, eps, dtype, device, stream)
+    with pytest.raises(RuntimeError, match="head_dim 32 is not supported"):
+        C.attn_block(*[p] * 18, 1, 64, 2, 1, 32, 16, 16, 16, 1, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="multiple of H_kv"):
+        C.attn_block(*[p] * 18, 1, 64, 3, 2, 64, 16, 16, 32, 1, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        C.attn_block(*[p] * 6, p + 8, *[p] * 11, 1, 64, 2, 1, 64, 16, 16, 32, 1, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="null pointer"):
+        C.lm_head(0, p, p, p, 1, 8, 8, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="mode code 5"):
+        C.write_kv(*[p] * 11, 5, 2, 1, 8, 2, 1, 64, 16, 16, 32, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="head_dim 96"):
+        C.write_kv(*[p] * 11, 0, 2, 1, 8, 2, 1, 96, 16, 16, 48, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="row stride"):
+        C.argmax(p, p, 2, 100, 50, 0, 0)
+
+
+# =========================================================================== GPU helpers
+def _rn(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g, device="cuda") * scale
+
+
+def _f64(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else (
+        t.clone() if isinstance(t, torch.Tensor) else t)
+
+
+def _clone(t):
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+def _same(name, a, b):
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def _run3(fn, args):
+    """Run `fn` = the CUDA op, the reference at the test dtype and the float64 reference on copies.
+    Returns (ours, same_precision, oracle64) argument lists (outputs were poisoned by the caller)."""
+    ours = [_clone(a) for a in args]
+    same = [_clone(a) for a in args]
+    o64 = [_f64(a) for a in args]
+    fn(*ours)
+    getattr(ref, fn.__name__.replace("_cuda_", ""))(*same)
+    getattr(ref, fn.__name__.replace("_cuda_", ""))(*o64)
+    torch.cuda.synchronize()
+    return ours, same, o64
+
+
+# =========================================================================== attn_block
+# name: (B, d, H, H_kv, D, S, positions, active, holes [(b, p)], bias)
+ATTN = {
+    "small_gqa_splits": (3, 256, 8, 2, 64, 700, [0, 450, 699], [1, 1, 1], [(1, 3), (1, 300), (2, 0), (2, 698)], True),
+    "small_mha_inactive": (4, 136, 2, 2, 128, 300, [5, 299, 30, 2], [1, 0, 1, 1], [(0, 2), (2, 29)], False),
+    "small_scalar_g12": (2, 203, 12, 1, 64, 520, [519, 260], [1, 1], [(0, 100), (1, 0)], True),
+    "small_g16_b17": (17, 64, 16, 1, 128, 300, [(7 * b) % 300 for b in range(17)], [1] * 15 + [0, 1], [(3, 1)],
+                      False),
+    "llama32_1b_b1": (1, 2048, 32, 8, 64, 8192, [5000], [1], [(0, 17)], False),
+    "llama32_1b_b4": (4, 2048, 32, 8, 64, 8192, [4097, 10, 8000, 0], [1, 1, 0, 1], [(0, 4000), (1, 3)], False),
+    "llama32_1b_32k": (1, 2048, 32, 8, 64, 32768, [32767], [1], [(0, 20000)], False),
+    "llama3_8b": (2, 4096, 32, 8, 128, 6000, [4100, 77], [1, 1], [], False),
+    "llama2_7b_mha": (1, 4096, 32, 32, 128, 2048, [2047], [1], [(0, 1000)], False),
+    "qwen2_7b_bias": (3, 3584, 28, 4, 128, 6000, [5000, 1, 4096], [1, 1, 1], [(2, 4095)], True),
+    "smollm2_b16": (16, 576, 9, 3, 64, 2048, [(b * 127) % 2048 for b in range(16)], [1] * 16, [(5, 3)], False),
+}
+
+
+def _attn_args(case, dtype, seed=0):
+    B, d, H, H_kv, D, S, positions, active, holes, bias = case
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    R = (H + 2 * H_kv) * D
+    kv_valid = torch.zeros(B, S, dtype=torch.uint8, device="cuda")
+    for b, p in enumerate(positions):
+        kv_valid[b, :p] = 1
+    for b, p in holes:
+        kv_valid[b, p] = 0
+    k = _rn(g, B, H_kv, S, D).to(dtype)
+    v = _rn(g, B, H_kv, S, D).to(dtype)
+    invalid = (kv_valid == 0)[:, None, :, None].expand_as(k)
+    k[invalid] = float("nan")                     # never read: the kernel skips kv_valid = 0
+    v[invalid] = float("nan")
+    cos, sin = _rope(S, D, device="cuda")
+    out = poison(torch.empty(B, d, dtype=dtype, device="cuda"))
+    return [out, _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype), _rn(g, R, d, scale=d ** -0.5).to(dtype),
+            _rn(g, R, scale=0.1).to(dtype) if bias else None, _rn(g, d, H * D, scale=(H * D) ** -0.5).to(dtype),
+            k, v, kv_valid, torch.tensor(positions, dtype=torch.int32, device="cuda"), cos, sin,
+            torch.tensor(active, dtype=torch.uint8, device="cuda"), EPS]
+
+
+def _check_attn(case, dtype, ours, same, o64):
+    B, d, H, H_kv, D, S, positions, active, holes, bias = case
+    assert_close("out", ours[0], same[0], o64[0], dtype)
+    for b in range(B):
+        if not active[b]:
+            _same(f"out[{b}] (inactive = h)", ours[0][b], ours[1][b])
+    _same("kv_valid", ours[8], same[8])
+    for i, name in ((6, "k_cache"), (7, "v_cache")):
+        written = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+        for b, p in enumerate(positions):
+            if active[b]:
+                written[b, p] = True
+                assert_close(f"{name}[{b}, :, {p}]", ours[i][b, :, p], same[i][b, :, p], o64[i][b, :, p], dtype)
+        keep = (~written)[:, None, :, None].expand_as(ours[i])
+        _same(f"{name} (untouched)", ours[i][keep], same[i][keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ATTN), ids=str)
+def test_attn_block(case, dtype):
+    _require_gpu()
+    c = ATTN[case]
+    ours, same, o64 = _run3(_ops._cuda_attn_block, _attn_args(c, dtype))
+    _check_attn(c, dtype, ours, same, o64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_attn_block_out_aliases_h(dtype):
+    """out may be h itself (in-place residual): same result as separate buffers, bit for bit."""
+    _require_gpu()
+    c = ATTN["small_gqa_splits"]
+    a = _attn_args(c, dtype)
+    b = [_clone(t) for t in a]
+    _ops.cuda_ops.attn_block(*a)
+    b[0] = b[1]
+    _ops.cuda_ops.attn_block(*b)
+    _same("out (aliased)", b[1], a[0])
+    _same("k_cache (aliased)", b[6], a[6])
+
+
+@pytest.mark.gpu
+def test_small_attn_block_bad_position_gives_nan():
+    """An active row with pos outside [0, S) cannot raise without a host sync: its out row is NaN and
+    it writes nothing; the other rows are unaffected."""
+    _require_gpu()
+    c = ATTN["small_mha_inactive"]
+    a = _attn_args(c, torch.bfloat16)
+    good = [_clone(t) for t in a]
+    _ops.cuda_ops.attn_block(*good)
+    a[9][2] = c[5]                          # row 2: pos = S
+    before_k = a[6].clone()
+    _ops.cuda_ops.attn_block(*a)
+    assert torch.isnan(a[0][2].float()).all()
+    _same("k_cache row 2", a[6][2], before_k[2])
+    for b in (0, 1, 3):
+        _same(f"out[{b}]", a[0][b], good[0][b])
+
+
+# =========================================================================== mlp_block
+# name: (B, d, F, active)
+MLP = {
+    "small_vec": (3, 256, 520, [1, 0, 1]),
+    "small_scalar": (2, 203, 517, [1, 1]),
+    "small_b17": (17, 64, 96, [1] * 16 + [0]),
+    "llama32_1b_b1": (1, 2048, 8192, [1]),
+    "llama32_1b_b4": (4, 2048, 8192, [1, 1, 0, 1]),
+    "llama3_8b": (2, 4096, 14336, [1, 1]),
+    "llama2_7b": (1, 4096, 11008, [1]),
+    "qwen2_7b": (3, 3584, 18944, [1, 1, 1]),
+    "smollm2_b16": (16, 576, 1536, [1] * 16),
+}
+
+
+def _mlp_args(case, dtype, seed=1):
+    B, d, F, active = case
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [poison(torch.empty(B, d, dtype=dtype, device="cuda")), _rn(g, B, d).to(dtype),
+            (1 + 0.1 * _rn(g, d)).to(dtype), _rn(g, 2 * F, d, scale=d ** -0.5).to(dtype),
+            _rn(g, d, F, scale=F ** -0.5).to(dtype), torch.tensor(active, dtype=torch.uint8, device="cuda"), EPS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(MLP), ids=str)
+def test_mlp_block(case, dtype):
+    _require_gpu()
+    c = MLP[case]
+    ours, same, o64 = _run3(_ops._cuda_mlp_block, _mlp_args(c, dtype))
+    assert_close("out", ours[0], same[0], o64[0], dtype)
+    for b, a in enumerate(c[3]):
+        if not a:
+            _same(f"out[{b}] (inactive = h)", ours[0][b], ours[1][b])
+
+
+@pytest.mark.gpu
+def test_small_mlp_block_out_aliases_h():
+    _require_gpu()
+    a = _mlp_args(MLP["small_vec"], torch.bfloat16)
+    b = [_clone(t) for t in a]
+    _ops.cuda_ops.mlp_block(*a)
+    b[0] = b[1]
+    _ops.cuda_ops.mlp_block(*b)
+    _same("out (aliased)", b[1], a[0])
+
+
+# =========================================================================== lm_head
+# name: (B, d, V)
+HEAD = {
+    "small_vec": (2, 256, 1001),
+    "small_scalar": (3, 203, 769),
+    "small_b17": (17, 64, 100),
+    "llama32_1b": (1, 2048, 128256),
+    "llama32_1b_b5": (5, 2048, 128256),
+    "smollm2_b16": (16, 576, 49152),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(HEAD), ids=str)
+def test_lm_head(case, dtype):
+    _require_gpu()
+    B, d, V = HEAD[case]
+    g = torch.Generator(device="cuda").manual_seed(2)
+    args = [poison(torch.empty(B, V, device="cuda")), _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype),
+            _rn(g, V, d, scale=3 * d ** -0.5).to(dtype), EPS]
+    ours, same, o64 = _run3(_ops._cuda_lm_head, args)
+    # the outputs are float32: the bound uses the fp32 reference error plus the bf16/fp16 slack
+    assert_close("logits", ours[0], same[0], o64[0], dtype)
+
+
+# =========================================================================== write_kv
+# name: (L, B, d, H, H_kv, D, S, bias)
+KV = {
+    "small_vec": (4, 3, 256, 4, 2, 64, 40, True),
+    "small_scalar": (3, 2, 203, 2, 1, 128, 20, False),
+    "small_b17": (3, 17, 64, 2, 2, 64, 12, True),
+    "llama32_1b": (3, 2, 2048, 32, 8, 64, 5000, False),
+    "qwen2_7b": (2, 2, 3584, 28, 4, 128, 300, True),
+}
+
+
+def _kv_args(case, dtype, mode, seed=3):
+    L, B, d, H, H_kv, D, S, bias = case
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    R = (H + 2 * H_kv) * D
+    pos = torch.randint(0, S, (B,), generator=g, device="cuda", dtype=torch.int32)
+    flags = (torch.rand(L, B, generator=g, device="cuda") < 0.5).to(torch.uint8)
+    flags[0, 0] = 0
+    flags[1, 0] = 1                          # row 0: layer 1 has a source below it
+    if B > 1:
+        flags[:, 1] = 1                      # row 1: every layer flagged (copy has no source: mask)
+    kv_valid = (torch.rand(L, B, S, generator=g, device="cuda") < 0.7).to(torch.uint8)
+    cos, sin = _rope(S, D, device="cuda")
+    return [_rn(g, L, B, H_kv, S, D).to(dtype), _rn(g, L, B, H_kv, S, D).to(dtype), kv_valid,
+            _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, L, d)).to(dtype), _rn(g, L, R, d, scale=d ** -0.5).to(dtype),
+            _rn(g, L, R, scale=0.1).to(dtype) if bias else None, pos, cos, sin, flags, mode, EPS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mask", "project", "copy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(KV), ids=str)
+def test_write_kv(case, dtype, mode):
+    _require_gpu()
+    L, B, d, H, H_kv, D, S, bias = KV[case]
+    args = _kv_args(KV[case], dtype, mode)
+    ours, same, o64 = _run3(_ops._cuda_write_kv, args)
+    _same("kv_valid", ours[2], same[2])
+    if mode != "project":
+        _same("k_cache", ours[0], same[0])
+        _same("v_cache", ours[1], same[1])
+        return
+    pos, flags = args[7].tolist(), args[10].bool()
+    for i, name in ((0, "k_cache"), (1, "v_cache")):
+        written = torch.zeros(L, B, S, dtype=torch.bool, device="cuda")
+        for b, p in enumerate(pos):
+            written[flags[:, b], b, p] = True
+        for l in range(L):
+            for b, p in enumerate(pos):
+                if flags[l, b]:
+                    assert_close(f"{name}[{l}, {b}, :, {p}]", ours[i][l, b, :, p], same[i][l, b, :, p],
+                                 o64[i][l, b, :, p], dtype)
+        keep = (~written)[:, :, None, :, None].expand_as(ours[i])
+        _same(f"{name} (untouched)", ours[i][keep], same[i][keep])
+
+
+# =========================================================================== sample (greedy)
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,V,ld", [(3, 1001, 1001), (2, 1001, 1010), (17, 128256, 128256), (1, 49152, 49152)],
+                         ids=["small_odd", "small_strided", "b17_llama3", "smollm2"])
+def test_sample_greedy(B, V, ld):
+    _require_gpu()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    big = torch.randn(B, ld, generator=g, device="cuda")
+    logits = big[:, :V]
+    logits[0, 7] = logits[0, V - 3] = logits[0].max() + 1          # tie: the first index wins
+    if B > 1:
+        logits[1, :] = float("-inf")                                 # all -inf: index 0
+    if B > 2:
+        logits[2, 5] = float("nan")                                  # NaN counts as the maximum
+    tokens = poison(torch.empty(B, dtype=torch.int64, device="cuda"))
+    _ops.cuda_ops.sample(tokens, logits)
+    _same("tokens", tokens, logits.argmax(dim=-1))
+
+
+# =========================================================================== errors
+@pytest.mark.gpu
+def test_small_unsupported_dtype_and_head_dim_raise():
+    _require_gpu()
+    args = _mlp_args(MLP["small_vec"], torch.bfloat16)
+    f32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        _ops.cuda_ops.mlp_block(*f32)
+    c = (1, 64, 2, 1, 32, 16, [3], [1], [], False)               # head_dim 32
+    with pytest.raises(RuntimeError, match="head_dim 32"):
+        _ops.cuda_ops.attn_block(*_attn_args(c, torch.bfloat16))
+    bad = _mlp_args(MLP["small_vec"], torch.bfloat16)
+    bad[3] = bad[3][:, :-1]                                        # wrong shape
+    with pytest.raises(ValueError, match="w_gate_up"):
+        _ops.cuda_ops.mlp_block(*bad)
+
+
+@pytest.mark.gpu
+def test_small_pdl_in_use_on_hopper():
+    _require_gpu()
+    facts = _ops.C.device_facts(torch.cuda.current_device())
+    assert facts["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
+    if facts["cc"] >= 90 and __import__("os").environ.get("D3K_PDL", "1") != "0":
+        assert facts["pdl"]
+
+
+# =========================================================================== graphs and compile
+def _layer(dtype, d=576, H=9, H_kv=3, D=64, F=1536, V=4096, S=256, B=2, seed=5):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    R = (H + 2 * H_kv) * D
+    cos, sin = _rope(S, D, device="cuda")
+    w = dict(attn_norm=(1 + 0.1 * _rn(g, d)).to(dtype), wqkv=_rn(g, R, d, scale=d ** -0.5).to(dtype),
+             wo=_rn(g, d, H * D, scale=(H * D) ** -0.5).to(dtype), mlp_norm=(1 + 0.1 * _rn(g, d)).to(dtype),
+             w_gate_up=_rn(g, 2 * F, d, scale=d ** -0.5).to(dtype), w_down=_rn(g, d, F, scale=F ** -0.5).to(dtype),
+             final_norm=(1 + 0.1 * _rn(g, d)).to(dtype), w_lm=_rn(g, V, d, scale=3 * d ** -0.5).to(dtype))
+    st = dict(h=_rn(g, B, d).to(dtype), tmp=torch.empty(B, d, dtype=dtype, device="cuda"),
+              k=torch.zeros(B, H_kv, S, D, dtype=dtype, device="cuda"),
+              v=torch.zeros(B, H_kv, S, D, dtype=dtype, device="cuda"),
+              valid=torch.zeros(B, S, dtype=torch.uint8, device="cuda"),
+              pos=torch.tensor([3, 40], dtype=torch.int32, device="cuda")[:B],
+              active=torch.ones(B, dtype=torch.uint8, device="cuda"),
+              logits=torch.empty(B, V, device="cuda"), tokens=torch.zeros(B, dtype=torch.int64, device="cuda"),
+              cos=cos, sin=sin)
+    return w, st
+
+
+def _step(w, s, op=None):
+    """One decode-like step of one layer: attn, mlp, lm_head, greedy sample, pos += 1."""
+    o = op or _ops.cuda_ops
+    o.attn_block(s["tmp"], s["h"], w["attn_norm"], w["wqkv"], None, w["wo"], s["k"], s["v"], s["valid"], s["pos"],
+                 s["cos"], s["sin"], s["active"], EPS)
+    o.mlp_block(s["h"], s["tmp"], w["mlp_norm"], w["w_gate_up"], w["w_down"], s["active"], EPS)
+    o.lm_head(s["logits"], s["h"], w["final_norm"], w["w_lm"], EPS)
+    _ops.cuda_ops.sample(s["tokens"], s["logits"])
+    s["pos"].add_(1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager():
+    _require_gpu()
+    w, eager = _layer(torch.bfloat16)
+    _, graph = _layer(torch.bfloat16)
+    for _ in range(6):
+        _step(w, eager)
+    _step(w, graph)                                   # warm-up: scratch allocated outside capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _step(w, graph)
+    torch.cuda.current_stream().wait_stream(side)
+    mem = torch.cuda.memory_allocated()
+    cg = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cg):
+        _step(w, graph)
+    assert torch.cuda.memory_allocated() == mem, "capture allocated"
+    for _ in range(4):                                # capture runs nothing: 2 eager steps + 4 replays = 6
+        cg.replay()
+    torch.cuda.synchronize()
+    for name in ("h", "k", "v", "valid", "pos", "logits", "tokens"):
+        _same(f"graph {name}", graph[name], eager[name])
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_cuda():
+    _require_gpu()
+    w, a = _layer(torch.bfloat16)
+    _, b = _layer(torch.bfloat16)
+
+    def step(s_tmp, s_h, k, v, valid, pos, cos, sin, active, logits):
+        torch.ops.d3k.attn_block(s_tmp, s_h, w["attn_norm"], w["wqkv"], None, w["wo"], k, v, valid, pos, cos, sin,
+                                 active, EPS)
+        torch.ops.d3k.mlp_block(s_h, s_tmp, w["mlp_norm"], w["w_gate_up"], w["w_down"], active, EPS)
+        torch.ops.d3k.lm_head(logits, s_h, w["final_norm"], w["w_lm"], EPS)
+        return logits.argmax(-1)
+
+    compiled = torch.compile(step, fullgraph=True)
+    keys = ("tmp", "h", "k", "v", "valid", "pos", "cos", "sin", "active", "logits")
+    ta = compiled(*[a[k] for k in keys])
+    tb = step(*[b[k] for k in keys])
+    torch.cuda.synchronize()
+    _same("tokens", ta, tb)
+    for name in ("h", "k", "v", "valid", "logits"):
+        _same(f"compiled {name}", a[name], b[name])
+
+
+def test_attn_case_table_is_consistent():
+    """Every attn case is well formed (runs without a GPU)."""
+    for name, (B, d, H, H_kv, D, S, positions, active, holes, bias) in ATTN.items():
+        assert len(positions) == len(active) == B, name
+        assert all(0 <= p < S for p in positions), name
+        assert H % H_kv == 0 and D in (64, 128), name
+        assert all(p2 < positions[b] for b, p2 in holes), name
+    assert math.isfinite(EPS)
