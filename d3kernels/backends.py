@@ -15,6 +15,9 @@ import torch
 
 BACKENDS = ("cuda", "triton", "reference")
 GPU_DTYPES = (torch.float16, torch.bfloat16)
+# "auto" only picks a GPU backend once its test suite has passed on a real GPU (bench/gpu_check.sh test).
+# Until then it can still be named explicitly (backend="cuda" / D3K_BACKEND=cuda).
+VERIFIED_ON_GPU = {"cuda": False, "triton": False}
 
 
 def _triton_interpreting() -> bool:
@@ -67,7 +70,7 @@ def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
         if torch.device(device).type == "cpu":
             return "reference"
         for b in BACKENDS:
-            if why_not(b, device, dtype, head_dim) is None:
+            if VERIFIED_ON_GPU.get(b, True) and why_not(b, device, dtype, head_dim) is None:
                 return b
         return "reference"
     reason = why_not(backend, device, dtype, head_dim)
@@ -91,4 +94,12 @@ def report(device=None, dtype: torch.dtype = torch.bfloat16) -> list:
     """[(backend, available, reason)] for `d3kernels info`."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [(b, why_not(b, device, dtype) is None, why_not(b, device, dtype) or "ok") for b in BACKENDS]
+    rows = []
+    for b in BACKENDS:
+        reason = why_not(b, device, dtype)
+        if reason is None and not VERIFIED_ON_GPU.get(b, True) and torch.device(device).type == "cuda":
+            reason = "not yet verified on a GPU, so auto skips it; name it to use it (backend=, D3K_BACKEND)"
+            rows.append((b, True, reason))
+        else:
+            rows.append((b, reason is None, reason or "ok"))
+    return rows

@@ -90,7 +90,7 @@ def cmd_info(args) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"backends for {device} / {str(dtype).replace('torch.', '')}:")
     for name, ok, why in backends.report(device, dtype):
-        print(f"  {name:10s} {'available' if ok else 'unavailable'}{'' if ok else ': ' + why}")
+        print(f"  {name:10s} {'available' if ok else 'unavailable'}{'' if why == 'ok' else ': ' + why}")
     print(f"  auto -> {backends.resolve('auto', device, dtype)}")
     return 0
 

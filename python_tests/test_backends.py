@@ -1,0 +1,50 @@
+"""Backend selection (DESIGN.md section 3): auto order, CPU rules, named backends that cannot run."""
+import pytest
+import torch
+
+from d3kernels import backends
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("D3K_BACKEND", raising=False)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert backends.resolve("auto", "cpu", dt, 64) == "reference"
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("D3K_BACKEND", "reference")
+    assert backends.resolve("auto", "cpu", torch.float32) == "reference"
+    monkeypatch.setenv("D3K_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+        backends.resolve("auto", "cpu", torch.float32)
+
+
+def test_named_backends_that_cannot_run_say_why():
+    with pytest.raises(RuntimeError, match="needs CUDA tensors|not built|driver"):
+        backends.resolve("cuda", "cpu", torch.bfloat16, 64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("metal", "cpu", torch.float32)
+
+
+def test_triton_rules():
+    pytest.importorskip("triton")
+    if backends._triton_interpreting():
+        assert "bfloat16" in backends.why_not("triton", "cpu", torch.bfloat16, 64)
+        assert backends.why_not("triton", "cpu", torch.float16, 64) is None
+    else:
+        assert "TRITON_INTERPRET" in backends.why_not("triton", "cpu", torch.float16, 64)
+    assert "head_dim 80" in backends.why_not("triton", "cuda", torch.float16, 80)
+
+
+def test_cuda_limits_are_named():
+    from d3kernels import _ops
+    if _ops.C is None or not _ops.CUDA_OPS_AVAILABLE:
+        pytest.skip(f"_C without CUDA ops: {_ops.C_ERROR}")
+    assert "float32" in backends.why_not("cuda", "cuda", torch.float32, 64)
+    assert "head_dim 96" in backends.why_not("cuda", "cuda", torch.bfloat16, 96)
+
+
+def test_report_lists_every_backend():
+    rows = backends.report("cpu", torch.float32)
+    assert [r[0] for r in rows] == list(backends.BACKENDS)
+    assert rows[-1] == ("reference", True, "ok")
