@@ -1,17 +1,7 @@
 """Benchmark setup. On a GPU the suite measures; without one (or with
-D3K_BENCH_SMOKE=1) every case runs once on tiny shapes to check it executes."""
-import os
-
+D3K_BENCH_SMOKE=1) every case runs once on tiny shapes to check it executes.
+TRITON_INTERPRET is set by the top-level conftest.py."""
 import pytest
-
-try:
-    import torch
-    _HAS_GPU = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_GPU = False
-
-if not _HAS_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Test setup. Without a GPU, Triton kernels run on CPU tensors under the
+"""Test setup for python_tests/ and bench/. Without a GPU, Triton kernels run on CPU tensors under the
 interpreter, which must be switched on before any kernel module is imported."""
 import os
 
