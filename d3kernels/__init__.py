@@ -15,6 +15,8 @@ from .schedule import D3Schedule
 from .model import Model, ModelConfig, Weights, load_model, embedded_model_path
 from .decoder import Decoder, Generation
 from .generate import generate, encode_prompt
+from .calibrate import calibrate_skip_order
+from .eval import evaluate
 
 __all__ = ["D3Schedule", "Model", "ModelConfig", "Weights", "load_model", "embedded_model_path", "Decoder",
-           "Generation", "generate", "encode_prompt", "__version__"]
+           "Generation", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]

@@ -22,7 +22,8 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.998, help="depth decay per token, in (0, 1]; 1 = full depth")
     p.add_argument("--start", type=float, default=0.5, help="fraction of layers in the head core")
     p.add_argument("--tail", type=int, default=1, help="layers in the tail core")
-    p.add_argument("--order", default="bottom", help="skip order: bottom, top, or comma-separated layer list")
+    p.add_argument("--order", default="bottom",
+                   help="skip order: bottom, top, calibrated (measured on the model, cached), or a layer list i,j,...")
 
 
 def _order(s: str):
@@ -45,8 +46,13 @@ def cmd_generate(args) -> int:
     from .speed import ideal_speedup
 
     model = load(args)
+    order = _order(args.order)
+    if order == "calibrated":
+        from .calibrate import calibrate_skip_order
+        order = calibrate_skip_order(model, start=args.start, tail=args.tail)
+        _log(f"calibrated skip order: {order}")
     sched = D3Schedule(model.config.num_layers, alpha=args.alpha, start=args.start, tail=args.tail,
-                       skip_order=_order(args.order))
+                       skip_order=order)
     ids = encode_prompt(model, args.prompt, raw=args.raw)
     dec = Decoder(model, sched, max_batch=1, max_seq_len=len(ids) + args.max_new_tokens, backend=args.backend,
                   log=_log)
