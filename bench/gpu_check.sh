@@ -2,9 +2,10 @@
 # GPU check script for the device machine (one mode per 10-minute command).
 #
 #   bench/gpu_check.sh build     build _C (D3K_REQUIRE_CUDA=1), print device facts
-#   bench/gpu_check.sh test      build + pytest -m gpu python_tests -x
+#   bench/gpu_check.sh test      build + pytest python_tests -x (GPU tests, Triton natively, and the rest)
 #   bench/gpu_check.sh sanitize  build + compute-sanitizer memcheck and racecheck on the small kernel tests
-#   bench/gpu_check.sh bench     build + python -m pytest bench -q --benchmark-json=$OUT/bench.json
+#   bench/gpu_check.sh bench     build + pytest bench --benchmark-json=$OUT/bench.json + bench/report.py
+#                                (D3K_BENCH_QUICK=1: the Llama-3.2-1B shape only, for iterating)
 #
 # Extra arguments go to pytest (e.g. `bench/gpu_check.sh test -k attn`). Logs are
 # tee'd into $OUT (default ./gpu_out). Environment: D3K_CUDA_ARCHS (default 90),
@@ -76,9 +77,10 @@ sanitize() {
 
 case "$MODE" in
   build) build ;;
-  test) build && run_pytest test -m gpu python_tests -x -q -rs "$@" ;;
+  test) build && run_pytest test python_tests -x -q -rs "$@" ;;
   sanitize) build && sanitize "$@" ;;
-  bench) build && run_pytest bench bench -q --benchmark-json="$OUT/bench.json" "$@" ;;
+  bench) build && run_pytest bench bench -q --benchmark-json="$OUT/bench.json" "$@" &&
+         "$PY" bench/report.py "$OUT/bench.json" --out "$OUT" | tee -a "$OUT/summary.txt" ;;
   *) echo "usage: $0 build|test|sanitize|bench [pytest args]" >&2; exit 2 ;;
 esac
 rc=$?
