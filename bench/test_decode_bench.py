@@ -69,9 +69,11 @@ def _bytes_per_step(cfg, layers_per_step):
     return sum(step_bytes(cfg, n, PROMPT + i, dsize) for i, n in steps) / len(steps)
 
 
-@pytest.mark.parametrize("shape", bc.shapes())
-@pytest.mark.parametrize("backend", D3_BACKENDS)
+# pytest varies the top decorator fastest: alphas run in order (alpha=1 first) within one backend and
+# shape, and the shape changes last, so each random model is built once.
 @pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("backend", D3_BACKENDS)
+@pytest.mark.parametrize("shape", bc.shapes())
 def test_d3_decode(benchmark, read_bw, shape, backend, alpha):
     model = _model(shape)
     cfg = model.config
@@ -98,8 +100,8 @@ def test_d3_decode(benchmark, read_bw, shape, backend, alpha):
     assert ms > 0 and row["graphs"] <= sched.n_flex + 1
 
 
-@pytest.mark.parametrize("shape", bc.shapes())
 @pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("shape", bc.shapes())
 def test_torch_decode(benchmark, read_bw, shape, graphs):
     """Plain PyTorch decode at full depth, eager and in a CUDA graph (same driver, plain torch math)."""
     if graphs and not bc.GPU:
@@ -133,8 +135,8 @@ def _hf_model(cfg):
         torch.set_default_dtype(old)
 
 
-@pytest.mark.parametrize("shape", bc.shapes())
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("shape", bc.shapes())
 def test_hf_generate(benchmark, read_bw, shape, cache):
     """transformers generate: (time for NEW tokens - time for 1 token) / (NEW - 1)."""
     cfg = bc.config(shape)
@@ -165,8 +167,8 @@ def test_hf_generate(benchmark, read_bw, shape, cache):
     del hf
 
 
-@pytest.mark.parametrize("shape", bc.shapes())
 @pytest.mark.parametrize("backend", D3_BACKENDS)
+@pytest.mark.parametrize("shape", bc.shapes())
 def test_depth_sweep(benchmark, read_bw, shape, backend):
     """Time of one decode step at fixed depths, beside the ideal bytes(n) / read bandwidth."""
     model = _model(shape)
