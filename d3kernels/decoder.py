@@ -137,6 +137,31 @@ class Decoder:
         self.batch = 0
         self.i = 0
 
+    def snapshot(self) -> dict:
+        """Copies of the request state (cache, depth mask, positions, step index, last logits), for
+        restore(): e.g. to score many schedules after one prompt pass."""
+        c = self.cache
+        return {"k": c.k.clone(), "v": c.v.clone(), "kv_valid": c.kv_valid.clone(), "pos": self._pos.clone(),
+                "seq_len": list(self._seq_len), "active": self._active.clone(), "logits": self._logits.clone(),
+                "batch": self.batch, "i": self.i}
+
+    def restore(self, state: dict) -> None:
+        """Go back to a snapshot() taken from this decoder."""
+        c = self.cache
+        for dst, key in ((c.k, "k"), (c.v, "v"), (c.kv_valid, "kv_valid"), (self._pos, "pos"),
+                         (self._active, "active"), (self._logits, "logits")):
+            dst.copy_(state[key])
+        self._seq_len = list(state["seq_len"])
+        self.batch, self.i = state["batch"], state["i"]
+        self._refresh_flags()
+
+    def set_schedule(self, schedule: D3Schedule) -> None:
+        """Use another schedule over the same layers from the next step on (graphs and flags are
+        cached per kept set, so they stay valid)."""
+        if schedule.num_layers != self.cfg.num_layers:
+            raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has {self.cfg.num_layers}")
+        self.schedule = schedule
+
     def stats(self) -> dict:
         """Backend, cache bytes, CUDA graphs captured, their memory pool and capture time."""
         return {"backend": self.backend, "cache_bytes": self.cache.nbytes, "graphs": len(self._graphs),

@@ -89,22 +89,12 @@ class _Runner:
         """dec.prefill of the 2B rows. The prompt pass runs at full depth whatever the schedule, so
         the first call's cache and positions are saved and later calls restore them (the reference
         backend's prefill is slow on a CPU). Returns the logits [2B, V]."""
-        dec, c = self.dec, self.dec.cache
+        dec = self.dec
         if self._saved is None:
             logits = dec.prefill(self.rows + self.rows)
-            self._saved = (c.k.clone(), c.v.clone(), c.kv_valid.clone(), dec._pos.clone(), list(dec._seq_len),
-                           dec._active.clone(), logits.clone())
+            self._saved = dec.snapshot()
             return logits
-        k, v, valid, pos, seq_len, active, logits = self._saved
-        dec.reset()
-        c.k.copy_(k)
-        c.v.copy_(v)
-        c.kv_valid.copy_(valid)
-        dec._pos.copy_(pos)
-        dec._seq_len = list(seq_len)
-        dec._active.copy_(active)
-        dec.batch, dec.i = 2 * self.B, 1
-        dec._logits[: 2 * self.B].copy_(logits)
+        dec.restore(self._saved)
         return dec._logits[: 2 * self.B]
 
     def run(self, schedule: D3Schedule, ref: Optional[torch.Tensor] = None) -> tuple:
@@ -117,7 +107,7 @@ class _Runner:
         is ref, or the row's own greedy token when ref is None).
         """
         dec, B, N = self.dec, self.B, self.N
-        dec.schedule = schedule        # the kept-set caches (flags, CUDA graphs) do not depend on the schedule
+        dec.set_schedule(schedule)
         pred = torch.empty(2 * B, N, dtype=torch.int64)
         logp = torch.empty(B, N, dtype=torch.float64)
         logits = self._prefill()

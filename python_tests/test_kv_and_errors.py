@@ -243,3 +243,18 @@ def test_fill_writes_nothing_for_unused_rows(model, fill):
     dec.generate([[3, 4, 5], [6, 7]], max_new_tokens=6, ignore_eos=True)
     dec.generate([[3, 4, 5]], max_new_tokens=6, ignore_eos=True)       # flags cached above must follow
     assert not dec.cache.kv_valid[:, 1].any()
+
+
+def test_snapshot_restore_replays_exactly(model):
+    dec = Decoder(model, D3Schedule(6, **SCHED), max_batch=2, max_seq_len=32)
+    dec.prefill([[3, 4, 5, 6], [7, 8]])
+    state = dec.snapshot()
+    first = [dec.step([9, 10]).clone() for _ in range(4)]
+    dec.set_schedule(D3Schedule(6, alpha=1.0))
+    dec.step([1, 2])
+    dec.restore(state)
+    dec.set_schedule(D3Schedule(6, **SCHED))
+    again = [dec.step([9, 10]).clone() for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(ValueError, match="schedule is for 30 layers"):
+        dec.set_schedule(D3Schedule(30))
