@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from . import ops as _checks
 from . import reference as _ref
 
 C_ERROR: str | None = None
@@ -100,41 +101,6 @@ def arch_problem(device) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- argument checks
-def _fail(msg: str):
-    raise ValueError(msg)
-
-
-def _chk(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """Shape, dtype, device and contiguity of one tensor argument of a CUDA op."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        _fail(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"expected {name} of dtype {dtype}, got {t.dtype}")
-    if t.device != device:
-        _fail(f"expected {name} on {device}, got {t.device}")
-    if not t.is_contiguous():
-        _fail(f"{name} must be contiguous (call .contiguous() first)")
-
-
-def _chk_rope(rope_cos, rope_sin, half: int, device: torch.device) -> tuple:
-    """rope tables [T, D/2] float32 with unit inner stride and equal strides; returns (T, row stride)."""
-    for n, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != half or t.shape[0] < 1:
-            _fail(f"expected {n} of shape (T, {half}), got {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"expected {n} of dtype torch.float32, got {t.dtype}")
-        if t.device != device:
-            _fail(f"expected {n} on {device}, got {t.device}")
-        if t.stride(1) != 1 and half > 1:
-            _fail(f"{n} must have unit stride along D/2")
-    if rope_cos.shape != rope_sin.shape or rope_cos.stride() != rope_sin.stride():
-        _fail(f"rope_cos and rope_sin must have the same shape and strides, got {tuple(rope_cos.shape)} "
-              f"{rope_cos.stride()} and {tuple(rope_sin.shape)} {rope_sin.stride()}")
-    return rope_cos.shape[0], rope_cos.stride(0)
-
-
 def _dtype_code(dtype: torch.dtype) -> int:
     code = CUDA_DTYPES.get(dtype)
     if code is None:
@@ -201,35 +167,15 @@ def _mlp_scratch(index: int, B: int, F: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the CUDA backend
 def _cuda_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
                      row_active, eps) -> None:
-    """CUDA attn_block (reference signature). An active row whose pos is outside [0, S) (or past the
-    RoPE tables) gets NaN in out and writes nothing: the kernels cannot raise without a host sync."""
+    """CUDA attn_block (reference signature). An active row whose pos is outside [0, S) gets NaN in
+    out and writes nothing: the kernels cannot raise without a host sync."""
     dev = _cuda_device(h)
     code = _dtype_code(h.dtype)
-    if h.dim() != 2 or k_cache.dim() != 4:
-        _fail(f"expected h (B, d) and k_cache (B, H_kv, S, D), got {tuple(h.shape)} and {tuple(k_cache.shape)}")
-    B, d = h.shape
-    _, H_kv, S, D = k_cache.shape
-    _head_dim(D)
-    if wqkv.dim() != 2 or wqkv.shape[0] % D or wqkv.shape[0] // D <= 2 * H_kv:
-        _fail(f"expected wqkv of shape ((H + 2*H_kv) * D, d) with H_kv={H_kv}, D={D}, got {tuple(wqkv.shape)}")
-    H = wqkv.shape[0] // D - 2 * H_kv
-    if H % H_kv:
-        _fail(f"query heads H={H} must be a multiple of H_kv={H_kv}")
-    dt = h.dtype
-    R = (H + 2 * H_kv) * D
-    _chk("h", h, (B, d), dt, dev)
-    _chk("out", out, (B, d), dt, dev)
-    _chk("attn_norm", attn_norm, (d,), dt, dev)
-    _chk("wqkv", wqkv, (R, d), dt, dev)
-    if bqkv is not None:
-        _chk("bqkv", bqkv, (R,), dt, dev)
-    _chk("wo", wo, (d, H * D), dt, dev)
-    _chk("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
-    _chk("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
-    _chk("kv_valid", kv_valid, (B, S), torch.uint8, dev)
-    _chk("pos", pos, (B,), torch.int32, dev)
-    _chk("row_active", row_active, (B,), torch.uint8, dev)
-    T, rope_ld = _chk_rope(rope_cos, rope_sin, D // 2, dev)
+    if k_cache.dim() == 4:
+        _head_dim(k_cache.shape[3])
+    B, d, H, H_kv, D, S = _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid,
+                                                   pos, rope_cos, rope_sin, row_active)
+    T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
     idx = dev.index
     ws = _attn_scratch(idx, B, H, H_kv, D, S)
     C.attn_block(out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
@@ -242,19 +188,10 @@ def _cuda_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_val
 
 def _cuda_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
     """CUDA mlp_block (reference signature)."""
-    dev = _cuda_device(h)
+    _cuda_device(h)
     code = _dtype_code(h.dtype)
-    if h.dim() != 2 or w_down.dim() != 2:
-        _fail(f"expected h (B, d) and w_down (d, F), got {tuple(h.shape)} and {tuple(w_down.shape)}")
-    B, d = h.shape
-    F = w_down.shape[1]
-    dt = h.dtype
-    _chk("h", h, (B, d), dt, dev)
-    _chk("out", out, (B, d), dt, dev)
-    _chk("mlp_norm", mlp_norm, (d,), dt, dev)
-    _chk("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
-    _chk("w_down", w_down, (d, F), dt, dev)
-    _chk("row_active", row_active, (B,), torch.uint8, dev)
+    B, d, F = _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
+    dev = h.device
     idx = dev.index
     act = _mlp_scratch(idx, B, F)
     C.mlp_block(out.data_ptr(), h.data_ptr(), mlp_norm.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(),
@@ -264,33 +201,13 @@ def _cuda_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> Non
 def _cuda_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
                    eps) -> None:
     """CUDA write_kv (reference signature). Flagged rows whose pos is outside [0, S) are left untouched."""
-    if mode not in FILL_MODES:
-        raise ValueError(f"mode must be one of {tuple(FILL_MODES)}, got {mode!r}")
     dev = _cuda_device(k_cache)
     code = _dtype_code(k_cache.dtype)
-    if k_cache.dim() != 5:
-        _fail(f"expected k_cache of shape (L, B, H_kv, S, D), got {tuple(k_cache.shape)}")
-    L, B, H_kv, S, D = k_cache.shape
-    _head_dim(D)
-    dt = k_cache.dtype
-    if src_h.dim() != 2 or wqkv.dim() != 3 or wqkv.shape[0] != L or wqkv.shape[1] % D \
-            or wqkv.shape[1] // D < 2 * H_kv:
-        _fail(f"expected src_h (B, d) and wqkv (L, (H + 2*H_kv) * D, d) with L={L}, H_kv={H_kv}, D={D}, got "
-              f"{tuple(src_h.shape)} and {tuple(wqkv.shape)}")
-    d = src_h.shape[1]
-    R = wqkv.shape[1]
-    H = R // D - 2 * H_kv
-    _chk("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
-    _chk("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
-    _chk("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
-    _chk("src_h", src_h, (B, d), dt, dev)
-    _chk("norms", norms, (L, d), dt, dev)
-    _chk("wqkv", wqkv, (L, R, d), dt, dev)
-    if bqkv is not None:
-        _chk("bqkv", bqkv, (L, R), dt, dev)
-    _chk("pos", pos, (B,), torch.int32, dev)
-    _chk("flags", flags, (L, B), torch.uint8, dev)
-    T, rope_ld = _chk_rope(rope_cos, rope_sin, D // 2, dev)
+    if k_cache.dim() == 5:
+        _head_dim(k_cache.shape[4])
+    L, B, d, H, H_kv, D, S = _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos,
+                                                    rope_cos, rope_sin, flags, mode)
+    T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
     idx = dev.index
     C.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(), norms.data_ptr(),
                wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(),
@@ -302,15 +219,7 @@ def _cuda_lm_head(logits, h, final_norm, w_lm, eps) -> None:
     """CUDA lm_head (reference signature)."""
     dev = _cuda_device(h)
     code = _dtype_code(h.dtype)
-    if h.dim() != 2 or w_lm.dim() != 2:
-        _fail(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
-    B, d = h.shape
-    V = w_lm.shape[0]
-    dt = h.dtype
-    _chk("h", h, (B, d), dt, dev)
-    _chk("logits", logits, (B, V), torch.float32, dev)
-    _chk("final_norm", final_norm, (d,), dt, dev)
-    _chk("w_lm", w_lm, (V, d), dt, dev)
+    B, d, V = _checks.check_lm_head(logits, h, final_norm, w_lm)
     idx = dev.index
     C.lm_head(logits.data_ptr(), h.data_ptr(), final_norm.data_ptr(), w_lm.data_ptr(), B, d, V, float(eps), code,
               idx, _stream(idx))
@@ -325,13 +234,13 @@ def _cuda_sample(tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p
         return
     dev = _cuda_device(logits)
     if logits.dim() != 2:
-        _fail(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
+        raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
     B, V = logits.shape
     if logits.dtype != torch.float32:
         raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
     if logits.stride(1) != 1 and V > 1:
-        _fail("logits must have unit stride along V")
-    _chk("tokens", tokens, (B,), torch.int64, dev)
+        raise ValueError("logits must have unit stride along V")
+    _checks._expect("tokens", tokens, (B,), torch.int64, dev)
     idx = dev.index
     C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)), idx, _stream(idx))
 

@@ -28,37 +28,104 @@ def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
-def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
-                     row_active) -> None:
-    """Validate attn_block arguments (shapes, dtypes, devices); raise with expected vs got."""
-    if h.dim() != 2:
-        raise ValueError(f"expected h of shape (B, d), got {tuple(h.shape)}")
-    B, d = h.shape
-    dt, dev = h.dtype, h.device
-    if k_cache.dim() != 4:
-        raise ValueError(f"expected k_cache of shape (B, H_kv, S, D), got {tuple(k_cache.shape)}")
-    _, H_kv, S, D = k_cache.shape
-    if wqkv.dim() != 2 or wqkv.shape[0] % D or wqkv.shape[0] // D <= 2 * H_kv:
-        raise ValueError(f"expected wqkv of shape ((H + 2*H_kv) * D, d) with H_kv={H_kv}, D={D}, got {tuple(wqkv.shape)}")
-    H = wqkv.shape[0] // D - 2 * H_kv
+def _rope_rows(rope_cos, rope_sin, D: int, S: int, dev) -> None:
+    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    if rope_cos.shape[0] < S:
+        raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
+
+
+def _heads(rows: int, H_kv: int, D: int, what: str) -> int:
+    """Query heads H from the fused QKV row count (H + 2 H_kv) D."""
+    if rows % D or rows // D <= 2 * H_kv:
+        raise ValueError(f"expected {what} with (H + 2*H_kv) * D rows, H_kv={H_kv}, D={D}, got {rows} rows")
+    H = rows // D - 2 * H_kv
     if H % H_kv:
         raise ValueError(f"query heads H={H} must be a multiple of H_kv={H_kv}")
+    return H
+
+
+def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                     row_active) -> tuple:
+    """Validate attn_block arguments (shapes, dtypes, devices, contiguity); return (B, d, H, H_kv, D, S)."""
+    if h.dim() != 2 or k_cache.dim() != 4 or wqkv.dim() != 2:
+        raise ValueError(f"expected h (B, d), k_cache (B, H_kv, S, D) and wqkv ((H + 2*H_kv) * D, d), got "
+                         f"{tuple(h.shape)}, {tuple(k_cache.shape)} and {tuple(wqkv.shape)}")
+    B, d = h.shape
+    dt, dev = h.dtype, h.device
+    _, H_kv, S, D = k_cache.shape
+    H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
+    R = (H + 2 * H_kv) * D
     _expect("out", out, (B, d), dt, dev)
     _expect("h", h, (B, d), dt, dev)
     _expect("attn_norm", attn_norm, (d,), dt, dev)
-    _expect("wqkv", wqkv, ((H + 2 * H_kv) * D, d), dt, dev)
+    _expect("wqkv", wqkv, (R, d), dt, dev)
     if bqkv is not None:
-        _expect("bqkv", bqkv, ((H + 2 * H_kv) * D,), dt, dev)
+        _expect("bqkv", bqkv, (R,), dt, dev)
     _expect("wo", wo, (d, H * D), dt, dev)
     _expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
     _expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
     _expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
     _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
     _expect("row_active", row_active, (B,), torch.uint8, dev)
-    if rope_cos.shape[0] < S:
-        raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
+    _rope_rows(rope_cos, rope_sin, D, S, dev)
+    return B, d, H, H_kv, D, S
+
+
+def check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active) -> tuple:
+    """Validate mlp_block arguments; return (B, d, F)."""
+    if h.dim() != 2 or w_down.dim() != 2:
+        raise ValueError(f"expected h (B, d) and w_down (d, F), got {tuple(h.shape)} and {tuple(w_down.shape)}")
+    B, d = h.shape
+    F = w_down.shape[1]
+    dt, dev = h.dtype, h.device
+    _expect("out", out, (B, d), dt, dev)
+    _expect("h", h, (B, d), dt, dev)
+    _expect("mlp_norm", mlp_norm, (d,), dt, dev)
+    _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
+    _expect("w_down", w_down, (d, F), dt, dev)
+    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    return B, d, F
+
+
+def check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
+                   mode) -> tuple:
+    """Validate write_kv arguments; return (L, B, d, H, H_kv, D, S)."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    if k_cache.dim() != 5 or src_h.dim() != 2 or wqkv.dim() != 3:
+        raise ValueError(f"expected k_cache (L, B, H_kv, S, D), src_h (B, d) and wqkv (L, (H + 2*H_kv) * D, d), "
+                         f"got {tuple(k_cache.shape)}, {tuple(src_h.shape)} and {tuple(wqkv.shape)}")
+    L, B, H_kv, S, D = k_cache.shape
+    d = src_h.shape[1]
+    dt, dev = k_cache.dtype, k_cache.device
+    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
+    R = (H + 2 * H_kv) * D
+    _expect("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
+    _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
+    _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
+    _expect("src_h", src_h, (B, d), dt, dev)
+    _expect("norms", norms, (L, d), dt, dev)
+    _expect("wqkv", wqkv, (L, R, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (L, R), dt, dev)
+    _expect("pos", pos, (B,), torch.int32, dev)
+    _expect("flags", flags, (L, B), torch.uint8, dev)
+    _rope_rows(rope_cos, rope_sin, D, S, dev)
+    return L, B, d, H, H_kv, D, S
+
+
+def check_lm_head(logits, h, final_norm, w_lm) -> tuple:
+    """Validate lm_head arguments; return (B, d, V)."""
+    if h.dim() != 2 or w_lm.dim() != 2:
+        raise ValueError(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
+    B, d = h.shape
+    V = w_lm.shape[0]
+    _expect("logits", logits, (B, V), torch.float32, h.device)
+    _expect("h", h, (B, d), h.dtype, h.device)
+    _expect("final_norm", final_norm, (d,), h.dtype, h.device)
+    _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
+    return B, d, V
 
 
 def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
@@ -77,20 +144,8 @@ def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv
 def mlp_block(out: torch.Tensor, h: torch.Tensor, mlp_norm: torch.Tensor, w_gate_up: torch.Tensor,
               w_down: torch.Tensor, row_active: torch.Tensor, eps: float, backend: str = "auto") -> None:
     """out[B, d] = h + w_down[d, F] @ (silu(g) * u), [g; u] = w_gate_up[2F, d] @ rmsnorm(h) * mlp_norm."""
-    if h.dim() != 2:
-        raise ValueError(f"expected h of shape (B, d), got {tuple(h.shape)}")
-    B, d = h.shape
-    if w_down.dim() != 2:
-        raise ValueError(f"expected w_down of shape (d, F), got {tuple(w_down.shape)}")
-    F = w_down.shape[1]
-    dt, dev = h.dtype, h.device
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("mlp_norm", mlp_norm, (d,), dt, dev)
-    _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
-    _expect("w_down", w_down, (d, F), dt, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
-    impl = backends.get(backends.resolve(backend, dev, dt))
+    check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
+    impl = backends.get(backends.resolve(backend, h.device, h.dtype))
     impl.mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, float(eps))
 
 
@@ -101,27 +156,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
     """Depth-masked KV writer. k_cache / v_cache [L, B, H_kv, S, D] and kv_valid
     [L, B, S] updated in place at pos[B] for every (l, b) with flags[L, B] = 1.
     mode: "mask" | "project" | "copy" (DESIGN.md section 2)."""
-    if mode not in FILL_MODES:
-        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
-    if k_cache.dim() != 5:
-        raise ValueError(f"expected k_cache of shape (L, B, H_kv, S, D), got {tuple(k_cache.shape)}")
-    L, B, H_kv, S, D = k_cache.shape
-    dt, dev = k_cache.dtype, k_cache.device
-    d = src_h.shape[-1]
-    _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
-    _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
-    _expect("src_h", src_h, (B, d), dt, dev)
-    _expect("norms", norms, (L, d), dt, dev)
-    if wqkv.dim() != 3 or wqkv.shape[0] != L or wqkv.shape[1] % D:
-        raise ValueError(f"expected wqkv of shape (L, (H + 2*H_kv) * D, d) with L={L}, D={D}, got {tuple(wqkv.shape)}")
-    _expect("wqkv", wqkv, (L, wqkv.shape[1], d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (L, wqkv.shape[1]), dt, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("flags", flags, (L, B), torch.uint8, dev)
-    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    impl = backends.get(backends.resolve(backend, dev, dt, D))
+    check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode)
+    impl = backends.get(backends.resolve(backend, k_cache.device, k_cache.dtype, k_cache.shape[-1]))
     impl.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
                   float(eps))
 
@@ -129,14 +165,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
 def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_lm: torch.Tensor, eps: float,
             backend: str = "auto") -> None:
     """logits[B, V] float32 = w_lm[V, d] @ (rmsnorm(h[B, d]) * final_norm[d])."""
-    if h.dim() != 2 or w_lm.dim() != 2:
-        raise ValueError(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
-    B, d = h.shape
-    V = w_lm.shape[0]
-    _expect("logits", logits, (B, V), torch.float32, h.device)
-    _expect("h", h, (B, d), h.dtype, h.device)
-    _expect("final_norm", final_norm, (d,), h.dtype, h.device)
-    _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
+    check_lm_head(logits, h, final_norm, w_lm)
     impl = backends.get(backends.resolve(backend, h.device, h.dtype))
     impl.lm_head(logits, h, final_norm, w_lm, float(eps))
 
