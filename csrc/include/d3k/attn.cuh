@@ -39,17 +39,10 @@ struct AttnPreParams {
   int H, Hkv, D, S;
 };
 
-struct AttnPreOp {
-  using Params = AttnPreParams;
+struct AttnPreOp : GemvOpBase<AttnPreParams> {
   static constexpr bool kPairs = true;
   static constexpr bool kNorm = true;
-  template <typename T>
-  __device__ static const T* weights(const Params& p) {
-    return static_cast<const T*>(p.w);
-  }
   __device__ static int row_of(const Params& p, int slot) { return rope_pair_row(slot, p.D); }
-  __device__ static bool block_active(const Params&) { return true; }
-  __device__ static uint32_t row_mask(const Params&) { return 0xffffffffu; }
   template <typename T, int BMAX, int VEC>
   __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
     stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
@@ -382,16 +375,9 @@ struct OProjParams {
   int pos_limit;
 };
 
-struct OProjOp {
-  using Params = OProjParams;
+struct OProjOp : GemvOpBase<OProjParams> {
   static constexpr bool kPairs = false;
   static constexpr bool kNorm = false;
-  template <typename T>
-  __device__ static const T* weights(const Params& p) {
-    return static_cast<const T*>(p.w);
-  }
-  __device__ static int row_of(const Params&, int slot) { return slot; }
-  __device__ static bool block_active(const Params&) { return true; }
   __device__ static uint32_t row_mask(const Params& p) {
     uint32_t mask = 0;
     for (int b = 0; b < p.g.nb; ++b) {

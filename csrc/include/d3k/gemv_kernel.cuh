@@ -23,6 +23,21 @@
 
 namespace d3k {
 
+// Defaults shared by most ops: weights at p.w, slot s -> weight row s, every block
+// runs, every row is active. An op that needs other behaviour declares its own member,
+// which hides the default.
+template <typename P>
+struct GemvOpBase {
+  using Params = P;
+  template <typename T>
+  __device__ static const T* weights(const Params& p) {
+    return static_cast<const T*>(p.w);
+  }
+  __device__ static int row_of(const Params&, int slot) { return slot; }
+  __device__ static bool block_active(const Params&) { return true; }
+  __device__ static uint32_t row_mask(const Params&) { return 0xffffffffu; }
+};
+
 template <typename Op, typename T, int BMAX, int RPW, int VEC>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const typename Op::Params p) {
   extern __shared__ float4 d3k_gemv_smem[];

@@ -19,18 +19,11 @@ struct MlpUpParams {
   int F;
 };
 
-struct MlpUpOp {
-  using Params = MlpUpParams;
+struct MlpUpOp : GemvOpBase<MlpUpParams> {
   static constexpr bool kPairs = true;
   static constexpr bool kNorm = true;
-  template <typename T>
-  __device__ static const T* weights(const Params& p) {
-    return static_cast<const T*>(p.w);
-  }
   // slot 2i -> gate row i, slot 2i + 1 -> up row F + i: each warp owns whole pairs.
   __device__ static int row_of(const Params& p, int slot) { return (slot >> 1) + (slot & 1) * p.F; }
-  __device__ static bool block_active(const Params&) { return true; }
-  __device__ static uint32_t row_mask(const Params&) { return 0xffffffffu; }
   template <typename T, int BMAX, int VEC>
   __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
     stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
@@ -64,16 +57,9 @@ struct MlpDownParams {
   const uint8_t* active;
 };
 
-struct MlpDownOp {
-  using Params = MlpDownParams;
+struct MlpDownOp : GemvOpBase<MlpDownParams> {
   static constexpr bool kPairs = false;
   static constexpr bool kNorm = false;
-  template <typename T>
-  __device__ static const T* weights(const Params& p) {
-    return static_cast<const T*>(p.w);
-  }
-  __device__ static int row_of(const Params&, int slot) { return slot; }
-  __device__ static bool block_active(const Params&) { return true; }
   __device__ static uint32_t row_mask(const Params& p) {
     uint32_t mask = 0;
     for (int b = 0; b < p.g.nb; ++b) mask |= (p.active[b] != 0 ? 1u : 0u) << b;
