@@ -39,15 +39,9 @@ struct AttnPreParams {
   int H, Hkv, D, S;
 };
 
-struct AttnPreOp : GemvOpBase<AttnPreParams> {
+struct AttnPreOp : GemvNormOpBase<AttnPreParams> {
   static constexpr bool kPairs = true;
-  static constexpr bool kNorm = true;
   __device__ static int row_of(const Params& p, int slot) { return rope_pair_row(slot, p.D); }
-  template <typename T, int BMAX, int VEC>
-  __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
-    stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
-                             p.g.nb, ss);
-  }
   template <typename T, int BMAX, int RPW>
   __device__ static void epilogue(const Params& p, int slot0, const bool (&rvalid)[RPW],
                                   const float (&acc)[RPW][BMAX], const float (&rstd)[BMAX], int lane) {

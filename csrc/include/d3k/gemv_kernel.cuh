@@ -38,6 +38,18 @@ struct GemvOpBase {
   __device__ static uint32_t row_mask(const Params&) { return 0xffffffffu; }
 };
 
+// Ops that stage rmsnorm(h) * norm (p.h, p.ldh, p.norm); the epilogue gets the row scales.
+template <typename P>
+struct GemvNormOpBase : GemvOpBase<P> {
+  using Params = P;
+  static constexpr bool kNorm = true;
+  template <typename T, int BMAX, int VEC>
+  __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
+    stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
+                             p.g.nb, ss);
+  }
+};
+
 template <typename Op, typename T, int BMAX, int RPW, int VEC>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const typename Op::Params p) {
   extern __shared__ float4 d3k_gemv_smem[];

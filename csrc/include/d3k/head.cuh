@@ -17,14 +17,8 @@ struct LmHeadParams {
   int64_t ld_logits;
 };
 
-struct LmHeadOp : GemvOpBase<LmHeadParams> {
+struct LmHeadOp : GemvNormOpBase<LmHeadParams> {
   static constexpr bool kPairs = false;
-  static constexpr bool kNorm = true;
-  template <typename T, int BMAX, int VEC>
-  __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
-    stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
-                             p.g.nb, ss);
-  }
   template <typename T, int BMAX, int RPW>
   __device__ static void epilogue(const Params& p, int slot0, const bool (&rvalid)[RPW],
                                   const float (&acc)[RPW][BMAX], const float (&rstd)[BMAX], int lane) {

@@ -19,16 +19,10 @@ struct MlpUpParams {
   int F;
 };
 
-struct MlpUpOp : GemvOpBase<MlpUpParams> {
+struct MlpUpOp : GemvNormOpBase<MlpUpParams> {
   static constexpr bool kPairs = true;
-  static constexpr bool kNorm = true;
   // slot 2i -> gate row i, slot 2i + 1 -> up row F + i: each warp owns whole pairs.
   __device__ static int row_of(const Params& p, int slot) { return (slot >> 1) + (slot & 1) * p.F; }
-  template <typename T, int BMAX, int VEC>
-  __device__ static void stage(const Params& p, float* xs, int k0, int kl, uint32_t, float (&ss)[BMAX]) {
-    stage_norm<T, BMAX, VEC>(xs, p.g.kc, static_cast<const T*>(p.h), p.ldh, static_cast<const T*>(p.norm), k0, kl,
-                             p.g.nb, ss);
-  }
   template <typename T, int BMAX, int RPW>
   __device__ static void epilogue(const Params& p, int slot0, const bool (&rvalid)[RPW],
                                   const float (&acc)[RPW][BMAX], const float (&rstd)[BMAX], int lane) {
