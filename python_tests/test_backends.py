@@ -48,3 +48,13 @@ def test_report_lists_every_backend():
     rows = backends.report("cpu", torch.float32)
     assert [r[0] for r in rows] == list(backends.BACKENDS)
     assert rows[-1] == ("reference", True, "ok")
+
+
+def test_info_command_lists_backends_and_the_choice(capsys):
+    from d3kernels.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "d3kernels 0.1.0" in out and "_C:" in out
+    for name in backends.BACKENDS:
+        assert f"  {name} " in out
+    assert "auto -> " in out
