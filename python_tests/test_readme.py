@@ -15,3 +15,16 @@ def test_ci_runs_the_readme_test_command():
     setup = ci[0].rsplit(" && ", 1)[0]
     assert any(b.startswith(setup) and "d3kernels generate" in b for b in blocks), \
         "both README commands must start with the same set-up"
+
+
+def test_readme_python_example_runs():
+    import pytest
+
+    import d3kernels
+    try:
+        d3kernels.embedded_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model missing: {e}")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    code = re.findall(r"```python\n(.*?)\n```", readme, re.S)[0]
+    exec(compile(code, "README.md", "exec"), {})
