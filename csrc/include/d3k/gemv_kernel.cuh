@@ -146,4 +146,14 @@ __device__ __forceinline__ int rope_pair_row(int slot, int D) {
   return hd * D + (w >> 1) + (w & 1) * (D >> 1);
 }
 
+// The RoPE pair that even slot `slot` starts: head hd, pair index j, and its rows
+// j and j + D/2 of that head.
+struct RopePair {
+  int hd, j, row0, row1;
+};
+__device__ __forceinline__ RopePair rope_pair(int slot, int D) {
+  const int hd = slot / D, j = (slot - hd * D) >> 1, row0 = hd * D + j;
+  return {hd, j, row0, row0 + (D >> 1)};
+}
+
 }  // namespace d3k

@@ -144,9 +144,7 @@ struct KvProjectOp {
       if (!rvalid[2 * i]) return;
       int ps = 0;
       if (!ok(b, &ps)) return;
-      const int hd = slot / D;
-      const int j = (slot - hd * D) >> 1;
-      const int row0 = hd * D + j, row1 = row0 + half;
+      const auto [hd, j, row0, row1] = rope_pair(slot, D);
       float y0 = a0 * rstd[b], y1 = a1 * rstd[b];
       if (bias != nullptr) {
         y0 += to_f<T>(bias[row0]);
