@@ -93,10 +93,8 @@ std::string attn_block(const AttnBlockArgs& a) {
             op + "q/o workspaces must be 16-byte aligned");
 
   DeviceGuard guard;
-  e = guard.enter(a.device);
-  if (!e.empty()) return e;
   DeviceCaps caps;
-  e = device_caps(a.device, &caps);
+  e = guard.enter(a.device, &caps);
   if (!e.empty()) return e;
   AttnPlan pl;
   e = attn_plan(a.B, a.H, a.Hkv, a.D, a.S, caps, &pl);

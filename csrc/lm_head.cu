@@ -21,10 +21,8 @@ std::string lm_head(const LmHeadArgs& a) {
   D3K_CHECK(a.logits && a.h && a.final_norm && a.w_lm, op + "null pointer argument");
 
   DeviceGuard guard;
-  std::string e = guard.enter(a.device);
-  if (!e.empty()) return e;
   DeviceCaps caps;
-  e = device_caps(a.device, &caps);
+  std::string e = guard.enter(a.device, &caps);
   if (!e.empty()) return e;
 
   const int64_t es = dtype_size(a.dtype);

@@ -20,10 +20,8 @@ std::string mlp_block(const MlpBlockArgs& a) {
   D3K_CHECK(aligned16(reinterpret_cast<void*>(a.act_ws)), op + "the act workspace must be 16-byte aligned");
 
   DeviceGuard guard;
-  std::string e = guard.enter(a.device);
-  if (!e.empty()) return e;
   DeviceCaps caps;
-  e = device_caps(a.device, &caps);
+  std::string e = guard.enter(a.device, &caps);
   if (!e.empty()) return e;
 
   const int64_t es = dtype_size(a.dtype);

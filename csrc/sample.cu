@@ -15,10 +15,8 @@ std::string argmax(uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int
   D3K_CHECK(ld >= V, op + "logits row stride must be >= V");
   D3K_CHECK(tokens && logits, op + "null pointer argument");
   DeviceGuard guard;
-  std::string e = guard.enter(device);
-  if (!e.empty()) return e;
   DeviceCaps caps;
-  e = device_caps(device, &caps);
+  std::string e = guard.enter(device, &caps);
   if (!e.empty()) return e;
   const int vec4 = (ld % 4 == 0 && aligned16(reinterpret_cast<void*>(logits))) ? 1 : 0;
   cudaError_t err = launch(argmax_kernel<kArgmaxThreads>, dim3(static_cast<unsigned>(B)), dim3(kArgmaxThreads), 0,

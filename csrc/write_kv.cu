@@ -41,10 +41,8 @@ std::string write_kv(const WriteKvArgs& a) {
   }
 
   DeviceGuard guard;
-  std::string e = guard.enter(a.device);
-  if (!e.empty()) return e;
   DeviceCaps caps;
-  e = device_caps(a.device, &caps);
+  std::string e = guard.enter(a.device, &caps);
   if (!e.empty()) return e;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(a.stream);
 

@@ -44,6 +44,11 @@ class DeviceGuard {
     }
     return "";
   }
+  // enter(device), then the device's cached capabilities: what every launcher needs first.
+  std::string enter(int device, DeviceCaps* caps) {
+    std::string e = enter(device);
+    return e.empty() ? device_caps(device, caps) : e;
+  }
   ~DeviceGuard() {
     if (restore_) (void)cudaSetDevice(prev_);
   }
