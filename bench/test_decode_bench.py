@@ -77,8 +77,9 @@ def _bytes_per_step(cfg, layers_per_step):
 def test_d3_decode(benchmark, read_bw, shape, backend, alpha):
     model = _model(shape)
     cfg = model.config
-    if backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim):
-        pytest.skip(f"backend {backend}: {backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim)}")
+    reason = backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim)
+    if reason:
+        pytest.skip(f"backend {backend}: {reason}")
     sched = D3Schedule(cfg.num_layers, alpha=alpha)
     dec = Decoder(model, sched, max_seq_len=PROMPT + NEW + 1, backend=backend)
     ms, mem_growth = _time_decode(dec, _prompt(cfg))
@@ -173,8 +174,9 @@ def test_depth_sweep(benchmark, read_bw, shape, backend):
     """Time of one decode step at fixed depths, beside the ideal bytes(n) / read bandwidth."""
     model = _model(shape)
     cfg = model.config
-    if backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim):
-        pytest.skip(f"backend {backend}: {backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim)}")
+    reason = backends.why_not(backend, bc.DEVICE, bc.DTYPE, cfg.head_dim)
+    if reason:
+        pytest.skip(f"backend {backend}: {reason}")
     sched = D3Schedule(cfg.num_layers, alpha=0.5)
     dec = Decoder(model, sched, max_seq_len=PROMPT + 64, backend=backend, cuda_graphs=False)
     dec.prefill(_prompt(cfg))

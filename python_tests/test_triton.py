@@ -95,6 +95,18 @@ def _attn_call(fn, out, x, **kw):
        x["pos"], x["rope_cos"], x["rope_sin"], x["row_active"], EPS, **kw)
 
 
+def _attn_references(x):
+    """The reference attn_block on copies of x at x's precision and in float64:
+    (inputs, out) for each, the cache tensors in the inputs updated as the op leaves them."""
+    sp = {n: _clone(t) for n, t in x.items()}
+    out_sp = torch.empty_like(x["h"])
+    _attn_call(ref.attn_block, out_sp, sp)
+    o64 = {n: _f64(t) for n, t in x.items()}
+    out_64 = torch.empty_like(o64["h"])
+    _attn_call(ref.attn_block, out_64, o64)
+    return sp, out_sp, o64, out_64
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(ATTN_CASES)))
 def test_attn_block(case, dtype):
@@ -102,12 +114,7 @@ def test_attn_block(case, dtype):
     x = _attn_inputs(B, d, H, H_kv, D, S, positions, active, holes, bias, dtype, seed=case)
     k0, v0, valid0 = x["k_cache"].clone(), x["v_cache"].clone(), x["kv_valid"].clone()
 
-    sp = {n: _clone(t) for n, t in x.items()}
-    out_sp = torch.empty_like(x["h"])
-    _attn_call(ref.attn_block, out_sp, sp)
-    o64 = {n: _f64(t) for n, t in x.items()}
-    out_64 = torch.empty_like(o64["h"])
-    _attn_call(ref.attn_block, out_64, o64)
+    sp, out_sp, o64, out_64 = _attn_references(x)
 
     out = poison(torch.empty_like(x["h"]))
     _attn_call(ops.attn_block, out, x, backend="triton")
@@ -136,12 +143,7 @@ def test_attn_block_in_place():
     dtype = DTYPES[-1]
     B, d, H, H_kv, D, S, positions, active, holes, bias = ATTN_CASES[1]
     x = _attn_inputs(B, d, H, H_kv, D, S, positions, active, holes, bias, dtype)
-    sp = {n: _clone(t) for n, t in x.items()}
-    out_sp = torch.empty_like(x["h"])
-    _attn_call(ref.attn_block, out_sp, sp)
-    o64 = {n: _f64(t) for n, t in x.items()}
-    out_64 = torch.empty_like(o64["h"])
-    _attn_call(ref.attn_block, out_64, o64)
+    sp, out_sp, o64, out_64 = _attn_references(x)
     h = x["h"]
     _attn_call(ops.attn_block, h, x, backend="triton")
     assert_close("out (aliasing h)", h, out_sp, out_64, dtype)
