@@ -1,5 +1,9 @@
 """Build script for d3kernels: metadata lives in pyproject.toml; this file only
-builds the torch-free CUDA extension ``d3kernels._C`` from csrc/ with CMake.
+builds the torch-free extensions from csrc/ with CMake (one CMake run builds both):
+  d3kernels._C      the CUDA kernels, compiled by nvcc;
+  d3kernels._C_emu  the same launchers and kernels compiled by the host C++
+                    compiler against the SIMT emulation layer (csrc/emu/); needs
+                    no CUDA toolkit and runs on CPU tensors (backend "cuda-emu").
 
 Environment knobs:
   CUDA_HOME            toolkit root; if set, only $CUDA_HOME/bin/nvcc is tried.
@@ -9,13 +13,15 @@ Environment knobs:
                        (D3K_NVCC=/nonexistent simulates a machine without nvcc).
   D3K_CUDA_ARCHS       CMAKE_CUDA_ARCHITECTURES, ';' or ',' separated (default 90).
   MAX_JOBS             parallel compile jobs (default: ninja's choice).
-  D3K_SKIP_CUDA_BUILD  =1: do not build _C; install pure Python.
+  D3K_SKIP_CUDA_BUILD  =1: do not build _C.
   D3K_REQUIRE_CUDA     =1: fail instead of installing without _C.
+  D3K_SKIP_EMU_BUILD   =1: do not build _C_emu.
 
-Without nvcc (or with D3K_SKIP_CUDA_BUILD=1) the package installs as pure
-Python with one warning, and the CUDA backend is unavailable
-(d3kernels._ops.C_ERROR says why). pip shows build output only with -v.
-A failing CMake build is an error, never silently skipped.
+Without nvcc (or with D3K_SKIP_CUDA_BUILD=1) _C is not built, with one
+warning, and the CUDA backend is unavailable (d3kernels._ops.C_ERROR says
+why); _C_emu is still built. With neither, the package installs as pure
+Python. pip shows build output only with -v. A failing CMake build is an
+error, never silently skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "d3kernels._C"
+EMU_EXT_NAME = "d3kernels._C_emu"
 
 
 def _env_flag(name: str) -> bool:
@@ -80,6 +87,19 @@ def _plan() -> tuple[str | None, str]:
 NVCC, NVCC_REASON = _plan()
 
 
+def _emu_plan() -> tuple[bool, str]:
+    """(build _C_emu?, why not)."""
+    if _env_flag("D3K_SKIP_EMU_BUILD"):
+        return False, "D3K_SKIP_EMU_BUILD=1 is set"
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        return False, "no C++ compiler (c++, g++ or clang++ on PATH, or CXX)"
+    return True, ""
+
+
+BUILD_EMU, EMU_REASON = _emu_plan()
+
+
 def _no_cuda_message(require: bool) -> str:
     if _env_flag("D3K_SKIP_CUDA_BUILD"):
         fix = "unset D3K_SKIP_CUDA_BUILD"
@@ -108,6 +128,9 @@ class BuildPy(build_py):
                         "source tree and will be imported; delete it to run without _C.")
             bar = "=" * 78
             print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+        if not BUILD_EMU:
+            print(f"WARNING: d3kernels: NOT building the emulated CUDA build d3kernels._C_emu ({EMU_REASON}); "
+                  "backend 'cuda-emu' will be unavailable.", file=sys.stderr, flush=True)
         super().run()
 
 
@@ -132,9 +155,21 @@ def _tool(module: str, attr: str, exe: str) -> str:
 
 
 class CMakeBuild(build_ext):
+    """One CMake run builds every CMakeExtension (_C and/or _C_emu) into the package directory."""
+
+    _cmake_ran = False
+
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        if not CMakeBuild._cmake_ran:
+            self._run_cmake(ext)
+            CMakeBuild._cmake_ran = True
+        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        if not out_path.is_file():
+            raise SystemExit(f"error: d3kernels: CMake did not produce {out_path}")
+
+    def _run_cmake(self, ext):
         import pybind11
 
         nvcc = NVCC
@@ -159,20 +194,23 @@ class CMakeBuild(build_ext):
             "-G", "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_CUDA_COMPILER={nvcc}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DD3K_BUILD_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DD3K_BUILD_EMU={'ON' if BUILD_EMU else 'OFF'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DD3K_VERSION={self.distribution.get_version()}",
         ]
+        if nvcc:
+            configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
         build = [cmake, "--build", str(build_dir), "--config", "Release"]
         jobs = os.environ.get("MAX_JOBS", "").strip()
         if jobs:
             build += ["--parallel", jobs]
 
-        print(f"d3kernels: building {ext.name} with nvcc {nvcc} (found via {NVCC_REASON}), "
-              f"CUDA archs {archs}", flush=True)
+        what = [f"{EXT_NAME} with nvcc {nvcc} (found via {NVCC_REASON}), CUDA archs {archs}"] if nvcc else []
+        what += [f"{EMU_EXT_NAME} (emulated CUDA build) with the host C++ compiler"] if BUILD_EMU else []
+        print("d3kernels: building " + "; ".join(what), flush=True)
         env = dict(os.environ)
         env.pop("CMAKE_CUDA_ARCHITECTURES", None)  # our -D value is the one that counts
         for cmd in (configure, build):
@@ -181,15 +219,14 @@ class CMakeBuild(build_ext):
                 subprocess.run(cmd, check=True, env=env)
             except subprocess.CalledProcessError as e:
                 raise SystemExit(
-                    f"error: d3kernels: building {ext.name} failed (exit {e.returncode}); "
+                    f"error: d3kernels: building the extensions failed (exit {e.returncode}); "
                     "see the compiler output above. To install without the CUDA backend, "
-                    "set D3K_SKIP_CUDA_BUILD=1."
+                    "set D3K_SKIP_CUDA_BUILD=1 (and D3K_SKIP_EMU_BUILD=1 for the emulated build)."
                 ) from None
-        if not out_path.is_file():
-            raise SystemExit(f"error: d3kernels: CMake did not produce {out_path}")
 
 
-ext_modules = [CMakeExtension(EXT_NAME)] if NVCC is not None else []
+ext_modules = ([CMakeExtension(EXT_NAME)] if NVCC is not None else []) + \
+              ([CMakeExtension(EMU_EXT_NAME)] if BUILD_EMU else [])
 
 setup(
     ext_modules=ext_modules,

@@ -2,6 +2,11 @@
 // pointers (as integers), sizes and a stream handle. Launchers return an error
 // string ("" = success); this file turns non-empty ones into RuntimeError.
 // See csrc/README.md for how to add a kernel.
+//
+// Compiled twice: for d3kernels._C (nvcc build) and, with D3K_EMU and
+// D3K_MODULE_NAME=_C_emu, for d3kernels._C_emu, the same launchers and kernels
+// built by the host compiler against the SIMT emulation layer (csrc/emu/), where
+// "device" pointers are CPU addresses. _C_emu adds the emulation's controls.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,6 +16,9 @@
 
 #include "d3k/build_info.h"
 #include "d3k/ops.h"
+#if defined(D3K_EMU)
+#include "d3k_emu/control.h"
+#endif
 
 namespace py = pybind11;
 
@@ -19,6 +27,14 @@ namespace py = pybind11;
 #endif
 #ifndef D3K_VERSION
 #define D3K_VERSION "unknown"
+#endif
+#ifndef D3K_MODULE_NAME
+#define D3K_MODULE_NAME _C
+#endif
+#if defined(D3K_EMU)
+#define D3K_COMPILED_WITH "emu"
+#else
+#define D3K_COMPILED_WITH "nvcc"
 #endif
 
 namespace {
@@ -54,7 +70,7 @@ py::dict build_info() {
   d["version"] = D3K_VERSION;
   d["cuda_archs"] = parse_archs(D3K_CUDA_ARCHS);
   d["nvcc_version"] = d3k::compiled_cudart_version();
-  d["compiled_with"] = "nvcc";
+  d["compiled_with"] = D3K_COMPILED_WITH;
   return d;
 }
 
@@ -114,8 +130,27 @@ void check(const std::string& err) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(D3K_MODULE_NAME, m) {
+#if defined(D3K_EMU)
+  m.doc() = "d3kernels CUDA kernels on the SIMT emulation layer (CPU addresses; csrc/emu/)";
+  m.def("set_seed", &d3k_emu::set_seed, py::arg("seed"),
+        "Seed of the emulated thread and block orders; also restarts the per-launch order sequence.");
+  m.def("seed", &d3k_emu::seed, "The current seed of the emulated thread and block orders.");
+  m.def(
+      "emu_stats",
+      []() {
+        const d3k_emu::Stats s = d3k_emu::stats();
+        py::dict d;
+        d["launches"] = s.launches;
+        d["blocks"] = s.blocks;
+        d["switches"] = s.switches;
+        d["sm_count"] = d3k_emu::sm_count();
+        return d;
+      },
+      "Counters of this OS thread: {launches, blocks, switches (fiber context switches), sm_count}.");
+#else
   m.doc() = "d3kernels CUDA backend (torch-free; raw pointers and streams)";
+#endif
 
   m.def("build_info", &build_info,
         "Build facts: {version, cuda_archs, nvcc_version (CUDART_VERSION), compiled_with}.");

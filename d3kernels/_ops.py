@@ -1,20 +1,18 @@
-"""The only module that imports the compiled CUDA backend ``d3kernels._C``.
+"""The only module that imports the compiled extensions ``d3kernels._C`` (the CUDA
+kernels) and ``d3kernels._C_emu`` (the same kernels on the SIMT emulation layer).
 
-``C`` is the extension module, or None when it is unavailable; ``C_ERROR`` then
-says why. Importing this module never needs _C or a GPU.
+``C`` / ``C_EMU`` are the extension modules, or None when unavailable;
+``C_ERROR`` / ``C_EMU_ERROR`` then say why. Importing this module never needs
+_C or a GPU.
 
 It also provides:
 - ``CUDA_OPS_AVAILABLE``: True when _C exports the fused decode kernels.
 - ``arch_problem(device)``: None when _C holds code for the device's compute
   capability, else a message naming D3K_CUDA_ARCHS.
-- ``cuda_ops``: the CUDA backend (attn_block, mlp_block, write_kv, lm_head,
-  sample with the reference signatures). Each call checks its arguments,
-  passes raw pointers and the current stream to _C, and raises RuntimeError
-  with the launcher's message on failure. Scratch (q, split-K partials, the
-  attention output, the MLP activation) is allocated on the first call per
-  (device, shape) and reused, so later calls and CUDA graph capture allocate
-  nothing. Calls on one device share that scratch: do not run d3k ops on two
-  streams of one device at the same time.
+- ``cuda_ops``: the CUDA backend, a ``CudaKernels`` over _C (attn_block,
+  mlp_block, write_kv, lm_head, sample with the reference signatures) on CUDA
+  tensors; ``cuda_emu_ops``: the "cuda-emu" backend, the same over _C_emu on
+  CPU tensors. See ``CudaKernels`` for scratch handling.
 - ``torch.ops.d3k.{attn_block, mlp_block, write_kv, lm_head}``: torch.library
   ops (mutating, returning nothing) with the reference as the CPU kernel, the
   CUDA kernels as the CUDA kernel, and fake (meta) kernels, so they work under
@@ -47,6 +45,19 @@ except ImportError as e:  # built but unloadable: wrong Python, missing symbol, 
     C_ERROR = f"d3kernels._C failed to import (rebuild it on this machine): {e}"
 
 C = _C or None
+
+C_EMU_ERROR: str | None = None
+try:
+    C_EMU = importlib.import_module("d3kernels._C_emu")
+except ModuleNotFoundError as e:
+    if e.name != "d3kernels._C_emu":
+        raise
+    C_EMU = None
+    C_EMU_ERROR = ("d3kernels._C_emu (the emulated CUDA build) is not built: it was skipped at install time "
+                   "(D3K_SKIP_EMU_BUILD=1, or no C++ compiler); reinstall: pip install --no-build-isolation -e .")
+except ImportError as e:
+    C_EMU = None
+    C_EMU_ERROR = f"d3kernels._C_emu failed to import (rebuild it on this machine): {e}"
 
 
 def build_info() -> dict | None:
@@ -100,7 +111,7 @@ def arch_problem(device) -> Optional[str]:
     return _arch_problem_for(index)
 
 
-# --------------------------------------------------------------------------- argument checks
+# --------------------------------------------------------------------------- the CUDA kernels, as ops
 def _dtype_code(dtype: torch.dtype) -> int:
     code = CUDA_DTYPES.get(dtype)
     if code is None:
@@ -113,141 +124,169 @@ def _head_dim(D: int) -> None:
         raise RuntimeError(f"head_dim {D} is not supported by the CUDA kernels {CUDA_HEAD_DIMS}")
 
 
-def _cuda_device(t: torch.Tensor) -> torch.device:
-    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-        raise RuntimeError(f"the CUDA backend needs CUDA tensors, got {getattr(t, 'device', type(t).__name__)}")
-    if not CUDA_OPS_AVAILABLE:
-        raise RuntimeError(C_ERROR or "d3kernels._C was built without the CUDA kernels; rebuild it")
-    return t.device
-
-
 def _stream(index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
-# --------------------------------------------------------------------------- scratch
-_SCRATCH: dict = {}
+class CudaKernels:
+    """The kernels of one compiled module with the reference ops' signatures (attn_block, mlp_block,
+    write_kv, lm_head, sample). Each call checks its arguments (ops.check_*), passes raw pointers, sizes
+    and a stream to the module, and raises RuntimeError with the launcher's message on failure.
+
+    Two instances exist: `cuda_ops` runs d3kernels._C on CUDA tensors; `cuda_emu_ops` runs
+    d3kernels._C_emu (the same csrc/ code on the SIMT emulation layer) on CPU tensors.
+
+    Scratch (q, split-K partials, the attention output, the MLP activation, split counters):
+    - cuda: allocated on the first call per (device, shape) and reused, so later calls and CUDA graph
+      capture allocate nothing. Calls on one device share it: do not run d3k ops on two streams of one
+      device at the same time.
+    - cuda-emu: allocated for every call in page-guarded buffers (d3kernels.guarded) and poisoned
+      (NaN, 0x7b bytes), so a kernel that reads scratch it did not write, or runs past it, is caught.
+    """
+
+    def __init__(self, module, device_type: str, name: str, error: Optional[str]):
+        self.C = module
+        self.device_type = device_type
+        self.name = name
+        self.error = error
+        self.available = module is not None and all(hasattr(module, n) for n in _KERNELS)
+        self._scratch: dict = {}
+
+    def __repr__(self) -> str:
+        return f"CudaKernels({self.name!r} on {self.device_type} tensors, available={self.available})"
+
+    # ------------------------------------------------------------------ plumbing
+    def _device(self, t: torch.Tensor) -> int:
+        """The device index for the launch; raises if `t` is on the wrong kind of device."""
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+            raise RuntimeError(f"the {self.name} backend needs {self.device_type.upper()} tensors, got "
+                               f"{getattr(t, 'device', type(t).__name__)}")
+        if not self.available:
+            raise RuntimeError(self.error or f"the {self.name} module was built without the CUDA kernels; rebuild it")
+        if self.device_type != "cuda":
+            return 0
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+    def _stream(self, index: int) -> int:
+        return _stream(index) if self.device_type == "cuda" else 0
+
+    def _call(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except RuntimeError as e:
+            if self.device_type == "cuda":
+                raise
+            from . import guarded
+            raise RuntimeError(guarded.describe(str(e))) from None
+
+    def _buffer(self, key: tuple, index: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.device_type == "cpu":
+            from . import guarded
+            return guarded.poison_(guarded.empty((max(1, n),), dtype))
+        t = self._scratch.get(key)
+        if t is None:
+            dev = torch.device("cuda", index)
+            t = (torch.zeros if dtype == torch.int32 else torch.empty)(max(1, n), device=dev, dtype=dtype)
+            self._scratch[key] = t
+        return t
+
+    def clear_scratch(self) -> None:
+        """Drop every cached scratch buffer (they are re-allocated on the next call)."""
+        self._scratch.clear()
+
+    def _attn_scratch(self, index: int, B: int, H: int, H_kv: int, D: int, S: int) -> dict:
+        key = ("attn", index, B, H, H_kv, D, S)
+        plan = self._scratch.get(key + ("plan",))
+        if plan is None:
+            plan = self.C.attn_workspace(B, H, H_kv, D, S, index)
+            self._scratch[key + ("plan",)] = plan
+        f32 = torch.float32
+        return {"plan": plan, "q": self._buffer(key + ("q",), index, plan["q_elems"], f32),
+                "o": self._buffer(key + ("o",), index, plan["o_elems"], f32),
+                "ml": self._buffer(key + ("ml",), index, plan["ml_elems"], f32),
+                "acc": self._buffer(key + ("acc",), index, plan["acc_elems"], f32),
+                "counters": self._buffer(key + ("counters",), index, plan["counters"], torch.int32)}
+
+    # ------------------------------------------------------------------ ops
+    def attn_block(self, out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                   row_active, eps) -> None:
+        """attn_block (reference signature). An active row whose pos is outside [0, S) gets NaN in out and
+        writes nothing: the kernels cannot raise without a host sync."""
+        idx = self._device(h)
+        code = _dtype_code(h.dtype)
+        if k_cache.dim() == 4:
+            _head_dim(k_cache.shape[3])
+        B, d, H, H_kv, D, S = _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache,
+                                                       kv_valid, pos, rope_cos, rope_sin, row_active)
+        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
+        ws = self._attn_scratch(idx, B, H, H_kv, D, S)
+        self._call(self.C.attn_block, out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
+                   0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                   kv_valid.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
+                   row_active.data_ptr(), ws["q"].data_ptr(), ws["o"].data_ptr(), ws["ml"].data_ptr(),
+                   ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d, H, H_kv, D, S, T, rope_ld,
+                   ws["plan"]["num_splits"], float(eps), code, idx, self._stream(idx))
+
+    def mlp_block(self, out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
+        """mlp_block (reference signature)."""
+        idx = self._device(h)
+        code = _dtype_code(h.dtype)
+        B, d, F = _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
+        act = self._buffer(("mlp", idx, B, F), idx, B * F, torch.float32)
+        self._call(self.C.mlp_block, out.data_ptr(), h.data_ptr(), mlp_norm.data_ptr(), w_gate_up.data_ptr(),
+                   w_down.data_ptr(), row_active.data_ptr(), act.data_ptr(), B, d, F, float(eps), code, idx,
+                   self._stream(idx))
+
+    def write_kv(self, k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
+                 eps) -> None:
+        """write_kv (reference signature). Flagged rows whose pos is outside [0, S) are left untouched."""
+        idx = self._device(k_cache)
+        code = _dtype_code(k_cache.dtype)
+        if k_cache.dim() == 5:
+            _head_dim(k_cache.shape[4])
+        L, B, d, H, H_kv, D, S = _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos,
+                                                        rope_cos, rope_sin, flags, mode)
+        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
+        self._call(self.C.write_kv, k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(),
+                   norms.data_ptr(), wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(),
+                   rope_cos.data_ptr(), rope_sin.data_ptr(), flags.data_ptr(), FILL_MODES[mode], L, B, d, H, H_kv,
+                   D, S, T, rope_ld, float(eps), code, idx, self._stream(idx))
+
+    def lm_head(self, logits, h, final_norm, w_lm, eps) -> None:
+        """lm_head (reference signature)."""
+        idx = self._device(h)
+        code = _dtype_code(h.dtype)
+        B, d, V = _checks.check_lm_head(logits, h, final_norm, w_lm)
+        self._call(self.C.lm_head, logits.data_ptr(), h.data_ptr(), final_norm.data_ptr(), w_lm.data_ptr(), B, d, V,
+                   float(eps), code, idx, self._stream(idx))
+
+    def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator=None) -> None:
+        """sample (reference signature): greedy argmax in a kernel; temperature > 0 uses the reference
+        (pure torch, no host sync)."""
+        if temperature > 0.0:
+            _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
+            return
+        idx = self._device(logits)
+        if logits.dim() != 2:
+            raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
+        B, V = logits.shape
+        if logits.dtype != torch.float32:
+            raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
+        if logits.stride(1) != 1 and V > 1:
+            raise ValueError("logits must have unit stride along V")
+        _checks._expect("tokens", tokens, (B,), torch.int64, logits.device)
+        self._call(self.C.argmax, tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)), idx,
+                   self._stream(idx))
 
 
-def _scratch(key: tuple, make):
-    """Scratch tensors cached per key (device index first): allocated once, then reused."""
-    t = _SCRATCH.get(key)
-    if t is None:
-        t = make()
-        _SCRATCH[key] = t
-    return t
+cuda_ops = CudaKernels(C, "cuda", "cuda", C_ERROR)
+cuda_emu_ops = CudaKernels(C_EMU, "cpu", "cuda-emu", C_EMU_ERROR)
 
 
 def clear_scratch() -> None:
-    """Drop every cached scratch buffer (they are re-allocated on the next call)."""
-    _SCRATCH.clear()
-
-
-def _attn_scratch(index: int, B: int, H: int, H_kv: int, D: int, S: int) -> dict:
-    def make():
-        w = C.attn_workspace(B, H, H_kv, D, S, index)
-        dev = torch.device("cuda", index)
-        f32 = dict(device=dev, dtype=torch.float32)
-        return {
-            "plan": w,
-            "q": torch.empty(w["q_elems"], **f32),
-            "o": torch.empty(w["o_elems"], **f32),
-            "ml": torch.empty(max(1, w["ml_elems"]), **f32),
-            "acc": torch.empty(max(1, w["acc_elems"]), **f32),
-            "counters": torch.zeros(max(1, w["counters"]), device=dev, dtype=torch.int32),
-        }
-    return _scratch(("attn", index, B, H, H_kv, D, S), make)
-
-
-def _mlp_scratch(index: int, B: int, F: int) -> torch.Tensor:
-    return _scratch(("mlp", index, B, F),
-                    lambda: torch.empty(B * F, device=torch.device("cuda", index), dtype=torch.float32))
-
-
-# --------------------------------------------------------------------------- the CUDA backend
-def _cuda_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
-                     row_active, eps) -> None:
-    """CUDA attn_block (reference signature). An active row whose pos is outside [0, S) gets NaN in
-    out and writes nothing: the kernels cannot raise without a host sync."""
-    dev = _cuda_device(h)
-    code = _dtype_code(h.dtype)
-    if k_cache.dim() == 4:
-        _head_dim(k_cache.shape[3])
-    B, d, H, H_kv, D, S = _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid,
-                                                   pos, rope_cos, rope_sin, row_active)
-    T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-    idx = dev.index
-    ws = _attn_scratch(idx, B, H, H_kv, D, S)
-    C.attn_block(out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
-                 0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                 kv_valid.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
-                 row_active.data_ptr(), ws["q"].data_ptr(), ws["o"].data_ptr(), ws["ml"].data_ptr(),
-                 ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d, H, H_kv, D, S, T, rope_ld,
-                 ws["plan"]["num_splits"], float(eps), code, idx, _stream(idx))
-
-
-def _cuda_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
-    """CUDA mlp_block (reference signature)."""
-    _cuda_device(h)
-    code = _dtype_code(h.dtype)
-    B, d, F = _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
-    dev = h.device
-    idx = dev.index
-    act = _mlp_scratch(idx, B, F)
-    C.mlp_block(out.data_ptr(), h.data_ptr(), mlp_norm.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(),
-                row_active.data_ptr(), act.data_ptr(), B, d, F, float(eps), code, idx, _stream(idx))
-
-
-def _cuda_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
-                   eps) -> None:
-    """CUDA write_kv (reference signature). Flagged rows whose pos is outside [0, S) are left untouched."""
-    dev = _cuda_device(k_cache)
-    code = _dtype_code(k_cache.dtype)
-    if k_cache.dim() == 5:
-        _head_dim(k_cache.shape[4])
-    L, B, d, H, H_kv, D, S = _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos,
-                                                    rope_cos, rope_sin, flags, mode)
-    T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-    idx = dev.index
-    C.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(), norms.data_ptr(),
-               wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(),
-               rope_sin.data_ptr(), flags.data_ptr(), FILL_MODES[mode], L, B, d, H, H_kv, D, S, T, rope_ld,
-               float(eps), code, idx, _stream(idx))
-
-
-def _cuda_lm_head(logits, h, final_norm, w_lm, eps) -> None:
-    """CUDA lm_head (reference signature)."""
-    dev = _cuda_device(h)
-    code = _dtype_code(h.dtype)
-    B, d, V = _checks.check_lm_head(logits, h, final_norm, w_lm)
-    idx = dev.index
-    C.lm_head(logits.data_ptr(), h.data_ptr(), final_norm.data_ptr(), w_lm.data_ptr(), B, d, V, float(eps), code,
-              idx, _stream(idx))
-
-
-def _cuda_sample(tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 generator=None) -> None:
-    """CUDA sample (reference signature): greedy argmax in a kernel; temperature > 0 uses the reference
-    (pure torch, no host sync)."""
-    if temperature > 0.0:
-        _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
-        return
-    dev = _cuda_device(logits)
-    if logits.dim() != 2:
-        raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
-    B, V = logits.shape
-    if logits.dtype != torch.float32:
-        raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
-    if logits.stride(1) != 1 and V > 1:
-        raise ValueError("logits must have unit stride along V")
-    _checks._expect("tokens", tokens, (B,), torch.int64, dev)
-    idx = dev.index
-    C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)), idx, _stream(idx))
-
-
-cuda_ops = types.SimpleNamespace(attn_block=_cuda_attn_block, mlp_block=_cuda_mlp_block, write_kv=_cuda_write_kv,
-                                 lm_head=_cuda_lm_head, sample=_cuda_sample)
-cuda_ops.__doc__ = "The CUDA backend: the reference ops' signatures, running the kernels of d3kernels._C."
+    """Drop every cached scratch buffer of the CUDA backend (they are re-allocated on the next call)."""
+    cuda_ops.clear_scratch()
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -273,14 +312,14 @@ def _ref_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rop
 
 def _cuda_write_kv_op(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
                       fill_mode, eps) -> None:
-    _cuda_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode,
-                   eps)
+    cuda_ops.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
+                      fill_mode, eps)
 
 
 _CPU_IMPLS = {"attn_block": _ref.attn_block, "mlp_block": _ref.mlp_block, "write_kv": _ref_write_kv,
               "lm_head": _ref.lm_head}
-_CUDA_IMPLS = {"attn_block": _cuda_attn_block, "mlp_block": _cuda_mlp_block, "write_kv": _cuda_write_kv_op,
-               "lm_head": _cuda_lm_head}
+_CUDA_IMPLS = {"attn_block": cuda_ops.attn_block, "mlp_block": cuda_ops.mlp_block, "write_kv": _cuda_write_kv_op,
+               "lm_head": cuda_ops.lm_head}
 
 
 def _unavailable(name: str):

@@ -4,6 +4,11 @@
 reference (the Triton interpreter runs only when "triton" is named). A named
 backend that cannot run raises an error that says why. D3K_BACKEND overrides
 "auto".
+
+"cuda-emu" is the CUDA backend's own code (csrc/) built for the CPU on the SIMT
+emulation layer (d3kernels._C_emu): CPU tensors, float16/bfloat16. It proves
+the kernels' indexing, masking, barriers and bounds without a GPU, at CPU
+emulation speed; "auto" never picks it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "reference")      # the order "auto" tries
+NAMED_ONLY = ("cuda-emu",)                         # run only when named
+ALL_BACKENDS = BACKENDS + NAMED_ONLY
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 # "auto" only picks a GPU backend once its test suite has passed on a real GPU (bench/gpu_check.sh test).
 # Until then it can still be named explicitly (backend="cuda" / D3K_BACKEND=cuda).
@@ -59,7 +66,18 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
         if head_dim is not None and head_dim not in (64, 128):
             return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
         return _ops.arch_problem(device)
-    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "cuda-emu":
+        from . import _ops
+        if not _ops.cuda_emu_ops.available:
+            return _ops.C_EMU_ERROR or "d3kernels._C_emu has no CUDA kernels; rebuild it"
+        if device.type != "cpu":
+            return f"tensors are on {device.type}; the emulated CUDA build runs on CPU tensors"
+        if dtype not in GPU_DTYPES:
+            return f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16)"
+        if head_dim is not None and head_dim not in (64, 128):
+            return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + ALL_BACKENDS}, got {backend!r}")
 
 
 def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None) -> str:
@@ -87,7 +105,9 @@ def get(backend: str):
         return importlib.import_module("d3kernels.triton")
     if backend == "cuda":
         return importlib.import_module("d3kernels._ops").cuda_ops
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda-emu":
+        return importlib.import_module("d3kernels._ops").cuda_emu_ops
+    raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
 
 
 def report(device=None, dtype: torch.dtype = torch.bfloat16) -> list:
@@ -95,7 +115,11 @@ def report(device=None, dtype: torch.dtype = torch.bfloat16) -> list:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for b in BACKENDS:
+    for b in ALL_BACKENDS:
+        if b == "cuda-emu":
+            reason = why_not(b, "cpu", dtype)
+            rows.append((b, reason is None, reason or "ok (CPU tensors; csrc/ on the SIMT emulation layer)"))
+            continue
         reason = why_not(b, device, dtype)
         if reason is None and not VERIFIED_ON_GPU.get(b, True) and torch.device(device).type == "cuda":
             reason = "not yet verified on a GPU, so auto skips it; name it to use it (backend=, D3K_BACKEND)"

@@ -15,7 +15,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
+    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference", "cuda-emu"])
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:

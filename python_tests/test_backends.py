@@ -46,8 +46,20 @@ def test_cuda_limits_are_named():
 
 def test_report_lists_every_backend():
     rows = backends.report("cpu", torch.float32)
-    assert [r[0] for r in rows] == list(backends.BACKENDS)
-    assert rows[-1] == ("reference", True, "ok")
+    assert [r[0] for r in rows] == list(backends.ALL_BACKENDS)
+    assert dict((r[0], r) for r in rows)["reference"] == ("reference", True, "ok")
+
+
+def test_cuda_emu_is_named_only():
+    """auto never picks the emulated CUDA build; named, it runs on CPU tensors in fp16/bf16 only."""
+    assert backends.resolve("auto", "cpu", torch.bfloat16, 64) == "reference"
+    if backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64) is not None:
+        pytest.skip(backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64))
+    assert backends.resolve("cuda-emu", "cpu", torch.bfloat16, 64) == "cuda-emu"
+    assert "float16, bfloat16" in backends.why_not("cuda-emu", "cpu", torch.float32)
+    assert "head_dim 96" in backends.why_not("cuda-emu", "cpu", torch.float16, 96)
+    with pytest.raises(RuntimeError, match="cuda-emu"):
+        backends.resolve("cuda-emu", "cpu", torch.float32)
 
 
 def test_info_command_lists_backends_and_the_choice(capsys):

@@ -46,14 +46,28 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// ---------------------------------------------------------------- shared memory
+// Declares `T* name`-like access to the launch's dynamic shared memory. The
+// emulated build (D3K_EMU, csrc/emu/) has no extern __shared__ arrays and gets
+// the block's buffer from the emulation layer instead.
+#if defined(D3K_EMU)
+#define D3K_DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(::d3k_emu::dynamic_smem())
+#else
+#define D3K_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 // ---------------------------------------------------------------- loads
 // Streaming 16-byte load of read-only data (weights): no L1 allocation.
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
+#if defined(D3K_EMU)
+  return *reinterpret_cast<const uint4*>(p);
+#else
   uint4 r;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;
+#endif
 }
 
 // Ordinary coherent 16-byte load (activations, KV cache written by earlier kernels).

@@ -52,7 +52,7 @@ struct GemvNormOpBase : GemvOpBase<P> {
 
 template <typename Op, typename T, int BMAX, int RPW, int VEC>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const typename Op::Params p) {
-  extern __shared__ float4 d3k_gemv_smem[];
+  D3K_DYNAMIC_SMEM(float4, d3k_gemv_smem);
   float* xs = reinterpret_cast<float*>(d3k_gemv_smem);
   __shared__ float red[kGemvWarps][BMAX];
   __shared__ float rstd[BMAX];
