@@ -182,7 +182,8 @@ class CudaKernels:
     def _buffer(self, key: tuple, index: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         if self.device_type == "cpu":
             from . import guarded
-            return guarded.poison_(guarded.empty((max(1, n),), dtype))
+            # 16-byte aligned, as the launchers require (a GPU allocation is 256-byte aligned)
+            return guarded.poison_(guarded.empty((max(1, n),), dtype, align=16))
         t = self._scratch.get(key)
         if t is None:
             dev = torch.device("cuda", index)

@@ -45,9 +45,10 @@ def _protect(addr: int, nbytes: int) -> None:
         raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
 
 
-def empty(shape, dtype: torch.dtype, at_end: bool = True) -> torch.Tensor:
+def empty(shape, dtype: torch.dtype, at_end: bool = True, align: int | None = None) -> torch.Tensor:
     """An uninitialized CPU tensor of `shape` and `dtype` with a guard page right after its last byte
-    (at_end=True) or right before its first byte (at_end=False)."""
+    (at_end=True) or right before its first byte (at_end=False). `align` forces a start alignment in
+    bytes (with at_end, the last align - 1 bytes before the guard page may then be unguarded)."""
     shape = tuple(int(s) for s in shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = prod(shape) * itemsize
@@ -59,7 +60,7 @@ def empty(shape, dtype: torch.dtype, at_end: bool = True) -> torch.Tensor:
     _protect(base, PAGE)
     _protect(base + (data_pages + 1) * PAGE, PAGE)
     if at_end:
-        align = 16 if nbytes % 16 == 0 else itemsize
+        align = align or (16 if nbytes % 16 == 0 else itemsize)
         start = base + (data_pages + 1) * PAGE - nbytes
         start -= start % align
     else:

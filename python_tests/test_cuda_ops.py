@@ -21,7 +21,7 @@ import torch
 
 from tolerance import assert_close, poison
 
-from d3kernels import _ops, backends
+from d3kernels import _ops, backends, guarded
 from d3kernels import reference as ref
 
 EPS = 1e-5
@@ -196,9 +196,60 @@ def test_launchers_validate_before_touching_the_gpu():
         C.argmax(p, p, 2, 100, 50, 0, 0)
 
 
-# =========================================================================== GPU helpers
+# =========================================================================== targets
+# Every kernel test runs on two targets:
+# - "gpu": d3kernels._C on a CUDA GPU (marker `gpu`), every case, real model shapes included;
+# - "emu": d3kernels._C_emu, the same csrc/ code on the SIMT emulation layer, on CPU tensors, the
+#   "small" cases only (emulation speed). Each emu case runs under EMU_SEEDS (different thread and
+#   block orders, guard pages after and before the buffers) and the results must agree bit for bit;
+#   every tensor the kernels see is page-guarded (an access past it fails the launch) and the scratch
+#   is poisoned for every call.
+EMU_SEEDS = (1, 2, 3)
+
+
+class Target:
+    def __init__(self, name):
+        self.name = name
+        self.emu = name == "emu"
+        self.device = "cpu" if self.emu else "cuda"
+        self.ops = _ops.cuda_emu_ops if self.emu else _ops.cuda_ops
+
+    def skip_reason(self):
+        if self.emu:
+            return None if _ops.cuda_emu_ops.available else f"d3kernels._C_emu is not built: {_ops.C_EMU_ERROR}"
+        return _gpu_skip_reason()
+
+
+def _params(table, dtypes=DTYPES):
+    """(target, case, dtype) parameters: every case on the GPU, the "small" ones also emulated."""
+    out = []
+    for case in table:
+        for dt in dtypes:
+            dts = str(dt).replace("torch.", "")
+            out.append(pytest.param("gpu", case, dt, marks=pytest.mark.gpu, id=f"gpu-{case}-{dts}"))
+            if case.startswith("small"):
+                out.append(pytest.param("emu", case, dt, id=f"emu-{case}-{dts}"))
+    return out
+
+
+def _target(name) -> Target:
+    t = Target(name)
+    r = t.skip_reason()
+    if r is not None:
+        pytest.skip(r)
+    return t
+
+
+TARGETS = [pytest.param("gpu", marks=pytest.mark.gpu, id="gpu"), pytest.param("emu", id="emu")]
+
+
+# =========================================================================== helpers
 def _rn(g, *shape, scale=1.0):
-    return torch.randn(*shape, generator=g, device="cuda") * scale
+    return torch.randn(*shape, generator=g, device=g.device) * scale
+
+
+def _gen(t: Target, seed):
+    return torch.Generator(device=t.device).manual_seed(seed)
 
 
 def _f64(t):
@@ -214,27 +265,65 @@ def _same(name, a, b):
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
-def _run3(fn, args):
-    """Run `fn` = the CUDA op, the reference at the test dtype and the float64 reference on copies.
-    Returns (ours, same_precision, oracle64) argument lists (outputs were poisoned by the caller)."""
-    ours = [_clone(a) for a in args]
+def _poison_gpu_scratch():
+    """The GPU backend caches its scratch across calls: poison it, so a kernel that reads scratch it did not
+    write in this call fails (the split counters too: k1 must zero them)."""
+    for t in _ops.cuda_ops._scratch.values():
+        if isinstance(t, torch.Tensor):
+            poison(t) if t.is_floating_point() else t.fill_(0x7B7B7B7B)
+
+
+def _kernel_args(args, at_end):
+    """Guarded copies (emu) of the tensors a kernel sees."""
+    return [guarded.like(a, at_end=at_end) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def run_kernel(t: Target, op: str, args, prepare=None):
+    """Run `op` of the target's kernels on copies of `args` and return the copies. On the emulation, once per
+    seed of EMU_SEEDS, with the guard page after the buffers for odd seeds and before them for even ones;
+    the runs must agree bit for bit (a race or an order dependence shows as a difference).
+    `prepare(at_end)` may build the emulation's guarded arguments instead of plain guarded copies."""
+    if not t.emu:
+        _poison_gpu_scratch()
+        ours = [_clone(a) for a in args]
+        getattr(t.ops, op)(*ours)
+        torch.cuda.synchronize()
+        return ours
+    runs = []
+    for seed in EMU_SEEDS:
+        _ops.C_EMU.set_seed(seed)
+        ours = (prepare or (lambda at_end: _kernel_args(args, at_end)))(seed % 2 == 1)
+        getattr(t.ops, op)(*ours)
+        runs.append(ours)
+    for seed, other in zip(EMU_SEEDS[1:], runs[1:]):
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            if isinstance(a, torch.Tensor):
+                _same(f"{op} argument {i}: seed {EMU_SEEDS[0]} vs seed {seed}", a, b)
+    return runs[0]
+
+
+def _run3(t: Target, op: str, args):
+    """The target's kernels, the reference at the test dtype and the float64 reference, each on copies of
+    `args` (outputs were poisoned by the caller). Returns (ours, same_precision, oracle64)."""
+    ours = run_kernel(t, op, args)
     same = [_clone(a) for a in args]
     o64 = [_f64(a) for a in args]
-    fn(*ours)
-    getattr(ref, fn.__name__.replace("_cuda_", ""))(*same)
-    getattr(ref, fn.__name__.replace("_cuda_", ""))(*o64)
-    torch.cuda.synchronize()
+    getattr(ref, op)(*same)
+    getattr(ref, op)(*o64)
     return ours, same, o64
 
 
 # =========================================================================== attn_block
 # name: (B, d, H, H_kv, D, S, positions, active, holes [(b, p)], bias)
+# On the emulated (and the real) H100-sized device, attn_plan splits S = 700 into 3 splits of 256.
 ATTN = {
     "small_gqa_splits": (3, 256, 8, 2, 64, 700, [0, 450, 699], [1, 1, 1], [(1, 3), (1, 300), (2, 0), (2, 698)], True),
     "small_mha_inactive": (4, 136, 2, 2, 128, 300, [5, 299, 30, 2], [1, 0, 1, 1], [(0, 2), (2, 29)], False),
     "small_scalar_g12": (2, 203, 12, 1, 64, 520, [519, 260], [1, 1], [(0, 100), (1, 0)], True),
     "small_g16_b17": (17, 64, 16, 1, 128, 300, [(7 * b) % 300 for b in range(17)], [1] * 15 + [0, 1], [(3, 1)],
                       False),
+    # B = 1, a middle split whose positions are all masked (kv_valid = 0 over [256, 512)), D = 128
+    "small_b1_masked_split": (1, 128, 4, 1, 128, 800, [799], [1], [(0, p) for p in range(256, 512)], False),
     "llama32_1b_b1": (1, 2048, 32, 8, 64, 8192, [5000], [1], [(0, 17)], False),
     "llama32_1b_b4": (4, 2048, 32, 8, 64, 8192, [4097, 10, 8000, 0], [1, 1, 0, 1], [(0, 4000), (1, 3)], False),
     "llama32_1b_32k": (1, 2048, 32, 8, 64, 32768, [32767], [1], [(0, 20000)], False),
@@ -245,11 +334,12 @@ ATTN = {
 }
 
 
-def _attn_args(case, dtype, seed=0):
+def _attn_args(t: Target, case, dtype, seed=0):
     B, d, H, H_kv, D, S, positions, active, holes, bias = case
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = t.device
+    g = _gen(t, seed)
     R = (H + 2 * H_kv) * D
-    kv_valid = torch.zeros(B, S, dtype=torch.uint8, device="cuda")
+    kv_valid = torch.zeros(B, S, dtype=torch.uint8, device=dev)
     for b, p in enumerate(positions):
         kv_valid[b, :p] = 1
     for b, p in holes:
@@ -259,12 +349,12 @@ def _attn_args(case, dtype, seed=0):
     invalid = (kv_valid == 0)[:, None, :, None].expand_as(k)
     k[invalid] = float("nan")                     # never read: the kernel skips kv_valid = 0
     v[invalid] = float("nan")
-    cos, sin = _rope(S, D, device="cuda")
-    out = poison(torch.empty(B, d, dtype=dtype, device="cuda"))
+    cos, sin = _rope(S, D, device=dev)
+    out = poison(torch.empty(B, d, dtype=dtype, device=dev))
     return [out, _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype), _rn(g, R, d, scale=d ** -0.5).to(dtype),
             _rn(g, R, scale=0.1).to(dtype) if bias else None, _rn(g, d, H * D, scale=(H * D) ** -0.5).to(dtype),
-            k, v, kv_valid, torch.tensor(positions, dtype=torch.int32, device="cuda"), cos, sin,
-            torch.tensor(active, dtype=torch.uint8, device="cuda"), EPS]
+            k, v, kv_valid, torch.tensor(positions, dtype=torch.int32, device=dev), cos, sin,
+            torch.tensor(active, dtype=torch.uint8, device=dev), EPS]
 
 
 def _check_attn(case, dtype, ours, same, o64):
@@ -275,7 +365,7 @@ def _check_attn(case, dtype, ours, same, o64):
             _same(f"out[{b}] (inactive = h)", ours[0][b], ours[1][b])
     _same("kv_valid", ours[8], same[8])
     for i, name in ((6, "k_cache"), (7, "v_cache")):
-        written = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+        written = torch.zeros(B, S, dtype=torch.bool, device=ours[i].device)
         for b, p in enumerate(positions):
             if active[b]:
                 written[b, p] = True
@@ -284,47 +374,48 @@ def _check_attn(case, dtype, ours, same, o64):
         _same(f"{name} (untouched)", ours[i][keep], same[i][keep])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(ATTN), ids=str)
-def test_attn_block(case, dtype):
-    _require_gpu()
+@pytest.mark.parametrize("target,case,dtype", _params(ATTN))
+def test_attn_block(target, case, dtype):
+    t = _target(target)
     c = ATTN[case]
-    ours, same, o64 = _run3(_ops._cuda_attn_block, _attn_args(c, dtype))
+    ours, same, o64 = _run3(t, "attn_block", _attn_args(t, c, dtype))
     _check_attn(c, dtype, ours, same, o64)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_small_attn_block_out_aliases_h(dtype):
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_attn_block_out_aliases_h(target, dtype):
     """out may be h itself (in-place residual): same result as separate buffers, bit for bit."""
-    _require_gpu()
+    t = _target(target)
     c = ATTN["small_gqa_splits"]
-    a = _attn_args(c, dtype)
-    b = [_clone(t) for t in a]
-    _ops.cuda_ops.attn_block(*a)
+    a = _kernel_args(_attn_args(t, c, dtype), at_end=True) if t.emu else _attn_args(t, c, dtype)
+    b = [_clone(x) for x in a]
+    t.ops.attn_block(*a)
     b[0] = b[1]
-    _ops.cuda_ops.attn_block(*b)
+    t.ops.attn_block(*b)
     _same("out (aliased)", b[1], a[0])
     _same("k_cache (aliased)", b[6], a[6])
 
 
-@pytest.mark.gpu
-def test_small_attn_block_bad_position_gives_nan():
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_attn_block_bad_position_gives_nan(target):
     """An active row with pos outside [0, S) cannot raise without a host sync: its out row is NaN and
     it writes nothing; the other rows are unaffected."""
-    _require_gpu()
+    t = _target(target)
     c = ATTN["small_mha_inactive"]
-    a = _attn_args(c, torch.bfloat16)
-    good = [_clone(t) for t in a]
-    _ops.cuda_ops.attn_block(*good)
-    a[9][2] = c[5]                          # row 2: pos = S
-    before_k = a[6].clone()
-    _ops.cuda_ops.attn_block(*a)
-    assert torch.isnan(a[0][2].float()).all()
-    _same("k_cache row 2", a[6][2], before_k[2])
-    for b in (0, 1, 3):
-        _same(f"out[{b}]", a[0][b], good[0][b])
+    a = _attn_args(t, c, torch.bfloat16)
+    good = run_kernel(t, "attn_block", a)
+    for bad in (c[5], -1):                  # row 2: pos = S, then pos = -1
+        a[9][2] = bad
+        ours = run_kernel(t, "attn_block", a)
+        assert torch.isnan(ours[0][2].float()).all()
+        _same("k_cache row 2", ours[6][2], a[6][2])
+        _same("v_cache row 2", ours[7][2], a[7][2])
+        _same("kv_valid row 2", ours[8][2], a[8][2])
+        for b in (0, 1, 3):
+            _same(f"out[{b}]", ours[0][b], good[0][b])
+        with pytest.raises(ValueError, match="row 2 has position"):      # the reference checks on the host
+            ref.attn_block(*[_clone(x) for x in a])
 
 
 # =========================================================================== mlp_block
@@ -333,6 +424,7 @@ MLP = {
     "small_vec": (3, 256, 520, [1, 0, 1]),
     "small_scalar": (2, 203, 517, [1, 1]),
     "small_b17": (17, 64, 96, [1] * 16 + [0]),
+    "small_b1": (1, 128, 200, [1]),
     "llama32_1b_b1": (1, 2048, 8192, [1]),
     "llama32_1b_b4": (4, 2048, 8192, [1, 1, 0, 1]),
     "llama3_8b": (2, 4096, 14336, [1, 1]),
@@ -342,35 +434,34 @@ MLP = {
 }
 
 
-def _mlp_args(case, dtype, seed=1):
+def _mlp_args(t: Target, case, dtype, seed=1):
     B, d, F, active = case
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [poison(torch.empty(B, d, dtype=dtype, device="cuda")), _rn(g, B, d).to(dtype),
+    g = _gen(t, seed)
+    return [poison(torch.empty(B, d, dtype=dtype, device=t.device)), _rn(g, B, d).to(dtype),
             (1 + 0.1 * _rn(g, d)).to(dtype), _rn(g, 2 * F, d, scale=d ** -0.5).to(dtype),
-            _rn(g, d, F, scale=F ** -0.5).to(dtype), torch.tensor(active, dtype=torch.uint8, device="cuda"), EPS]
+            _rn(g, d, F, scale=F ** -0.5).to(dtype), torch.tensor(active, dtype=torch.uint8, device=t.device), EPS]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(MLP), ids=str)
-def test_mlp_block(case, dtype):
-    _require_gpu()
+@pytest.mark.parametrize("target,case,dtype", _params(MLP))
+def test_mlp_block(target, case, dtype):
+    t = _target(target)
     c = MLP[case]
-    ours, same, o64 = _run3(_ops._cuda_mlp_block, _mlp_args(c, dtype))
+    ours, same, o64 = _run3(t, "mlp_block", _mlp_args(t, c, dtype))
     assert_close("out", ours[0], same[0], o64[0], dtype)
     for b, a in enumerate(c[3]):
         if not a:
             _same(f"out[{b}] (inactive = h)", ours[0][b], ours[1][b])
 
 
-@pytest.mark.gpu
-def test_small_mlp_block_out_aliases_h():
-    _require_gpu()
-    a = _mlp_args(MLP["small_vec"], torch.bfloat16)
-    b = [_clone(t) for t in a]
-    _ops.cuda_ops.mlp_block(*a)
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_mlp_block_out_aliases_h(target):
+    t = _target(target)
+    a = _mlp_args(t, MLP["small_vec"], torch.bfloat16)
+    a = _kernel_args(a, at_end=True) if t.emu else a
+    b = [_clone(x) for x in a]
+    t.ops.mlp_block(*a)
     b[0] = b[1]
-    _ops.cuda_ops.mlp_block(*b)
+    t.ops.mlp_block(*b)
     _same("out (aliased)", b[1], a[0])
 
 
@@ -380,22 +471,21 @@ HEAD = {
     "small_vec": (2, 256, 1001),
     "small_scalar": (3, 203, 769),
     "small_b17": (17, 64, 100),
+    "small_b1": (1, 128, 515),
     "llama32_1b": (1, 2048, 128256),
     "llama32_1b_b5": (5, 2048, 128256),
     "smollm2_b16": (16, 576, 49152),
 }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(HEAD), ids=str)
-def test_lm_head(case, dtype):
-    _require_gpu()
+@pytest.mark.parametrize("target,case,dtype", _params(HEAD))
+def test_lm_head(target, case, dtype):
+    t = _target(target)
     B, d, V = HEAD[case]
-    g = torch.Generator(device="cuda").manual_seed(2)
-    args = [poison(torch.empty(B, V, device="cuda")), _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype),
+    g = _gen(t, 2)
+    args = [poison(torch.empty(B, V, device=t.device)), _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype),
             _rn(g, V, d, scale=3 * d ** -0.5).to(dtype), EPS]
-    ours, same, o64 = _run3(_ops._cuda_lm_head, args)
+    ours, same, o64 = _run3(t, "lm_head", args)
     # the outputs are float32: the bound uses the fp32 reference error plus the bf16/fp16 slack
     assert_close("logits", ours[0], same[0], o64[0], dtype)
 
@@ -411,32 +501,31 @@ KV = {
 }
 
 
-def _kv_args(case, dtype, mode, seed=3):
+def _kv_args(t: Target, case, dtype, mode, seed=3):
     L, B, d, H, H_kv, D, S, bias = case
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = t.device
+    g = _gen(t, seed)
     R = (H + 2 * H_kv) * D
-    pos = torch.randint(0, S, (B,), generator=g, device="cuda", dtype=torch.int32)
-    flags = (torch.rand(L, B, generator=g, device="cuda") < 0.5).to(torch.uint8)
+    pos = torch.randint(0, S, (B,), generator=g, device=dev, dtype=torch.int32)
+    flags = (torch.rand(L, B, generator=g, device=dev) < 0.5).to(torch.uint8)
     flags[0, 0] = 0
     flags[1, 0] = 1                          # row 0: layer 1 has a source below it
     if B > 1:
         flags[:, 1] = 1                      # row 1: every layer flagged (copy has no source: mask)
-    kv_valid = (torch.rand(L, B, S, generator=g, device="cuda") < 0.7).to(torch.uint8)
-    cos, sin = _rope(S, D, device="cuda")
+    kv_valid = (torch.rand(L, B, S, generator=g, device=dev) < 0.7).to(torch.uint8)
+    cos, sin = _rope(S, D, device=dev)
     return [_rn(g, L, B, H_kv, S, D).to(dtype), _rn(g, L, B, H_kv, S, D).to(dtype), kv_valid,
             _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, L, d)).to(dtype), _rn(g, L, R, d, scale=d ** -0.5).to(dtype),
             _rn(g, L, R, scale=0.1).to(dtype) if bias else None, pos, cos, sin, flags, mode, EPS]
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["mask", "project", "copy"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(KV), ids=str)
-def test_write_kv(case, dtype, mode):
-    _require_gpu()
+@pytest.mark.parametrize("target,case,dtype", _params(KV))
+def test_write_kv(target, case, dtype, mode):
+    t = _target(target)
     L, B, d, H, H_kv, D, S, bias = KV[case]
-    args = _kv_args(KV[case], dtype, mode)
-    ours, same, o64 = _run3(_ops._cuda_write_kv, args)
+    args = _kv_args(t, KV[case], dtype, mode)
+    ours, same, o64 = _run3(t, "write_kv", args)
     _same("kv_valid", ours[2], same[2])
     if mode != "project":
         _same("k_cache", ours[0], same[0])
@@ -444,7 +533,7 @@ def test_write_kv(case, dtype, mode):
         return
     pos, flags = args[7].tolist(), args[10].bool()
     for i, name in ((0, "k_cache"), (1, "v_cache")):
-        written = torch.zeros(L, B, S, dtype=torch.bool, device="cuda")
+        written = torch.zeros(L, B, S, dtype=torch.bool, device=t.device)
         for b, p in enumerate(pos):
             written[flags[:, b], b, p] = True
         for l in range(L):
@@ -456,47 +545,76 @@ def test_write_kv(case, dtype, mode):
         _same(f"{name} (untouched)", ours[i][keep], same[i][keep])
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_write_kv_skips_out_of_range_positions(target):
+    """Flagged rows whose pos is outside [0, S) are left untouched by every mode."""
+    t = _target(target)
+    for mode in ("mask", "project", "copy"):
+        args = _kv_args(t, KV["small_vec"], torch.float16, mode)
+        good = _run3(t, "write_kv", args)[1]     # the reference with valid positions
+        args[7][0] = KV["small_vec"][6]          # row 0: pos = S
+        args[7][2] = -1                          # row 2: pos = -1
+        ours = run_kernel(t, "write_kv", args)
+        for i in (0, 1, 2):
+            _same(f"{mode}: argument {i} rows 0, 2 untouched", ours[i][:, 0::2], args[i][:, 0::2])
+            _same(f"{mode}: argument {i} row 1", ours[i][:, 1], good[i][:, 1])
+        with pytest.raises(ValueError, match="row 0 has position 40"):   # the reference can check on the host
+            ref.write_kv(*[_clone(a) for a in args])
+
+
 # =========================================================================== sample (greedy)
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,V,ld", [(3, 1001, 1001), (2, 1001, 1010), (17, 128256, 128256), (1, 49152, 49152)],
-                         ids=["small_odd", "small_strided", "b17_llama3", "smollm2"])
-def test_sample_greedy(B, V, ld):
-    _require_gpu()
-    g = torch.Generator(device="cuda").manual_seed(4)
-    big = torch.randn(B, ld, generator=g, device="cuda")
+SAMPLE = {"small_odd": (3, 1001, 1001), "small_strided": (2, 1001, 1010), "small_vec4": (3, 1000, 1000),
+          "small_b17_llama3": (17, 128256, 128256), "smollm2": (1, 49152, 49152)}
+
+
+@pytest.mark.parametrize("target,case,dtype", _params(SAMPLE, dtypes=[torch.float32]))
+def test_sample_greedy(target, case, dtype):
+    t = _target(target)
+    B, V, ld = SAMPLE[case]
+    g = _gen(t, 4)
+    big = torch.randn(B, ld, generator=g, device=t.device)
     logits = big[:, :V]
     logits[0, 7] = logits[0, V - 3] = logits[0].max() + 1          # tie: the first index wins
     if B > 1:
         logits[1, :] = float("-inf")                                 # all -inf: index 0
     if B > 2:
-        logits[2, 5] = float("nan")                                  # NaN counts as the maximum
-    tokens = poison(torch.empty(B, dtype=torch.int64, device="cuda"))
-    _ops.cuda_ops.sample(tokens, logits)
-    _same("tokens", tokens, logits.argmax(dim=-1))
+        logits[2, 5] = logits[2, V - 1] = float("nan")               # NaN counts as the maximum; the first wins
+    tokens = poison(torch.empty(B, dtype=torch.int64, device=t.device))
+    # the logits are a [B, V] view of a [B, ld] buffer: the emulation guards the whole buffer
+    ours = run_kernel(t, "sample", [tokens, logits],
+                      prepare=lambda at_end: [guarded.like(tokens, at_end), guarded.like(big, at_end)[:, :V]])
+    _same("tokens", ours[0], logits.argmax(dim=-1))
 
 
 # =========================================================================== errors
-@pytest.mark.gpu
-def test_small_unsupported_dtype_and_head_dim_raise():
-    _require_gpu()
-    args = _mlp_args(MLP["small_vec"], torch.bfloat16)
-    f32 = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_unsupported_dtype_and_head_dim_raise(target):
+    t = _target(target)
+    args = _mlp_args(t, MLP["small_vec"], torch.bfloat16)
+    f32 = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
-        _ops.cuda_ops.mlp_block(*f32)
+        t.ops.mlp_block(*f32)
     c = (1, 64, 2, 1, 32, 16, [3], [1], [], False)               # head_dim 32
     with pytest.raises(RuntimeError, match="head_dim 32"):
-        _ops.cuda_ops.attn_block(*_attn_args(c, torch.bfloat16))
-    bad = _mlp_args(MLP["small_vec"], torch.bfloat16)
+        t.ops.attn_block(*_attn_args(t, c, torch.bfloat16))
+    bad = _mlp_args(t, MLP["small_vec"], torch.bfloat16)
     bad[3] = bad[3][:, :-1]                                        # wrong shape
     with pytest.raises(ValueError, match="w_gate_up"):
-        _ops.cuda_ops.mlp_block(*bad)
+        t.ops.mlp_block(*bad)
+    if t.emu:                                                      # CPU tensors only
+        with pytest.raises(RuntimeError, match="CPU tensors"):
+            t.ops.mlp_block(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in args])
+    else:
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            t.ops.mlp_block(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in args])
 
 
-@pytest.mark.gpu
-def test_small_pdl_in_use_on_hopper():
-    _require_gpu()
-    facts = _ops.C.device_facts(torch.cuda.current_device())
-    assert facts["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_pdl_in_use_on_hopper(target):
+    t = _target(target)
+    facts = t.ops.C.device_facts(0 if t.emu else torch.cuda.current_device())
+    if not t.emu:
+        assert facts["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
     if facts["cc"] >= 90 and __import__("os").environ.get("D3K_PDL", "1") != "0":
         assert facts["pdl"]
 

@@ -37,6 +37,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def _check_positions(positions: list, rows: list, limit: int, op: str) -> None:
+    """The reference reads positions on the host, so it rejects out-of-range ones before writing anything
+    (the CUDA kernels cannot raise without a host sync: attn_block gives a NaN row, write_kv skips it)."""
+    for b in rows:
+        if not 0 <= positions[b] < limit:
+            raise ValueError(f"{op}: row {b} has position {positions[b]}, outside [0, {limit}) "
+                             f"(the cache length and the RoPE tables)")
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Masked GQA attention of one row. q [H, D]; k, v [H_kv, P, D]; valid [P] bool -> [H, D] fp32."""
     H, D = q.shape
@@ -78,6 +87,8 @@ def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv
     res = _f(h).clone()
     active = row_active.bool().tolist()
     positions = pos.tolist()
+    _check_positions(positions, [b for b in range(B) if active[b]], min(k_cache.shape[2], rope_cos.shape[0]),
+                     "attn_block")
     for b in range(B):
         if not active[b]:
             continue
@@ -135,6 +146,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
     H = wqkv.shape[1] // D - 2 * H_kv
     positions = pos.tolist()
     fl = flags.bool().tolist()
+    _check_positions(positions, [b for b in range(B) if any(fl[l][b] for l in range(L))],
+                     min(S, rope_cos.shape[0]), "write_kv")
     for b in range(B):
         p = positions[b]
         for l in range(L):
