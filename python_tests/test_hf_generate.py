@@ -1,0 +1,372 @@
+"""D3 inside Hugging Face generate(): d3kernels.hf.generate as `custom_generate=` and the custom_generate/
+folder, against plain `model.generate()` and against d3kernels' own Decoder (fp32, CPU, reference backend).
+
+At alpha=1 the D3 loop must be plain generate: the same greedy tokens, the same stops and processors,
+and the same sampling distribution. At alpha<1 it must be Decoder.generate with the same settings.
+"""
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import d3kernels.hf as d3hf  # noqa: E402
+from d3kernels import D3Schedule, Decoder, load_model  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=211,
+            max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PROMPT = [5, 17, 42, 99, 3, 120, 7]
+BATCH = [[11, 200, 8], [5, 17, 42, 99, 3, 120, 7], [60, 61, 62, 63, 64]]
+GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+FULL = dict(custom_generate=d3hf.generate, d3_alpha=1.0, d3_backend="reference")
+# sampling test: total variation distance between empirical first-token frequencies and the exact
+# distribution (8 tokens after top-k). For N=1000 draws from that distribution, 5000 simulations gave a
+# mean of 0.027, a 99.9th percentile of 0.062 and a maximum of 0.071; the bound is 0.08. The seeds are fixed, so the test is
+# deterministic; it also checks that the bound tells the wanted temperature from temperature 1.
+N_DRAWS_PER_SEED, SEEDS, TV_MAX = 500, 2, 0.08
+
+
+def _tiny(kind, layers=5, seed=None, **extra):
+    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[kind] if seed is None else seed)
+    cfg = {**TINY, "num_hidden_layers": layers, **extra}
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, num_key_value_heads=2))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **{**cfg, "tie_word_embeddings": True}, num_key_value_heads=2))
+        with torch.no_grad():   # HF initializes biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**cfg, num_key_value_heads=1,
+                                                                          sliding_window=None))
+    with torch.no_grad():   # larger than init's 0.02 so attention and the norms shape the output
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def hf(request):
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _tiny("llama")
+
+
+def _padded(rows, side="left", pad=0):
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+class Recorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+# --------------------------------------------------------------------------- alpha = 1: plain generate
+
+def test_greedy_matches_plain_generate(hf):
+    ids = torch.tensor([PROMPT])
+    plain = hf.generate(ids, max_new_tokens=20, **GREEDY)
+    ours = hf.generate(ids, max_new_tokens=20, **GREEDY, **FULL)
+    assert torch.equal(ours, plain)
+
+
+def test_left_padded_batch_matches_plain_generate(hf):
+    ids, mask = _padded(BATCH, "left")
+    plain = hf.generate(ids, attention_mask=mask, max_new_tokens=16, **GREEDY)
+    ours = hf.generate(ids, attention_mask=mask, max_new_tokens=16, **GREEDY, **FULL)
+    assert ours.shape == plain.shape == (3, ids.shape[1] + 16)
+    assert torch.equal(ours, plain)
+
+
+def test_right_padding_is_stripped_per_row(llama):
+    """Right padding is mapped to per-row positions: each row continues as if alone (plain generate
+    would continue after the pads)."""
+    ids, mask = _padded(BATCH, "right")
+    ours = llama.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY, **FULL)
+    assert torch.equal(ours[:, : ids.shape[1]], ids)          # the input layout is kept, pads included
+    for b, r in enumerate(BATCH):
+        alone = llama.generate(torch.tensor([r]), max_new_tokens=8, **GREEDY)
+        assert ours[b, ids.shape[1]:].tolist() == alone[0, len(r):].tolist(), b
+
+
+def test_eos_and_max_length_like_plain_generate(llama):
+    ids, mask = _padded(BATCH, "left")
+    free = llama.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)[:, ids.shape[1]:]
+    eos = [int(free[0, 3]), int(free[2, 4])]                 # rows stop at different steps, one never
+    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    for length in (dict(max_new_tokens=12), dict(max_length=ids.shape[1] + 9)):
+        plain = llama.generate(ids, **kw, **length)
+        ours = llama.generate(ids, **kw, **length, **FULL)
+        assert torch.equal(ours, plain), length
+
+
+@pytest.mark.parametrize("processors", ["repetition_penalty", "bad_words", "min_new_tokens"])
+def test_logits_processors_like_plain_generate(llama, processors):
+    ids = torch.tensor([PROMPT])
+    free = llama.generate(ids, max_new_tokens=14, **GREEDY)[0, len(PROMPT):].tolist()
+    eos = free[10]
+    assert eos not in free[:10]
+    base = dict(do_sample=False, pad_token_id=0, max_new_tokens=14, eos_token_id=eos)
+    extra = {"repetition_penalty": dict(repetition_penalty=1.6, no_repeat_ngram_size=2),
+             # ban tokens greedy decoding would pick: one alone, one after its predecessor
+             "bad_words": dict(bad_words_ids=[[free[0]], [free[4], free[5]]]),
+             "min_new_tokens": dict(min_new_tokens=13)}[processors]
+    plain = llama.generate(ids, **base, **extra)
+    ours = llama.generate(ids, **base, **extra, **FULL)
+    assert torch.equal(ours, plain)
+    assert plain.tolist() != llama.generate(ids, **base).tolist(), "the processor must change the output"
+
+
+def test_streamer_and_dict_output_like_plain_generate(llama):
+    ids, mask = _padded(BATCH[:2], "left")
+    kw = dict(attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
+              output_logits=True, **GREEDY)
+    s_plain, s_ours = Recorder(), Recorder()
+    plain = llama.generate(ids, streamer=s_plain, **kw, repetition_penalty=1.3)
+    ours = llama.generate(ids, streamer=s_ours, **kw, repetition_penalty=1.3, **FULL)
+    assert type(ours) is type(plain) is transformers.generation.GenerateDecoderOnlyOutput
+    assert torch.equal(ours.sequences, plain.sequences)
+    assert len(ours.scores) == len(plain.scores) == len(ours.logits) == 6
+    for a, b in zip(ours.scores + ours.logits, plain.scores + plain.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+    assert not torch.equal(ours.scores[1], ours.logits[1]), "scores are processed, logits are raw"
+    assert s_ours.ended and s_plain.ended
+    assert [p.tolist() for p in s_ours.puts] == [p.tolist() for p in s_plain.puts]
+
+
+def test_sampling_same_seed_same_tokens(llama):
+    ids = torch.tensor([PROMPT])
+    kw = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=10, eos_token_id=None,
+              pad_token_id=0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain = llama.generate(ids, **kw)
+        torch.manual_seed(seed)
+        ours = llama.generate(ids, **kw, **FULL)
+        assert torch.equal(ours, plain), seed
+
+
+def test_sampling_distribution_matches():
+    """First-token frequencies of many seeded draws, ours and plain, against the exact distribution."""
+    llama = _tiny("llama", layers=2, seed=7)          # 2 layers: the 1000-row prompt passes stay cheap
+    ids = torch.tensor([PROMPT])
+    kw = dict(do_sample=True, temperature=0.4, top_k=8, max_new_tokens=1, eos_token_id=None, pad_token_id=0,
+              num_return_sequences=N_DRAWS_PER_SEED)
+    exact = torch.softmax(llama.generate(ids, **{**kw, "num_return_sequences": 1}, return_dict_in_generate=True,
+                                         output_scores=True).scores[0][0], -1)
+    hot = torch.softmax(llama.generate(ids, **{**kw, "num_return_sequences": 1, "temperature": 1.0},
+                                       return_dict_in_generate=True, output_scores=True).scores[0][0], -1)
+    V = exact.numel()
+
+    def freqs(seeds, extra):
+        counts = torch.zeros(V)
+        for s in seeds:
+            torch.manual_seed(s)
+            out = llama.generate(ids, **kw, **extra)
+            counts += torch.bincount(out[:, -1], minlength=V).float()
+        return counts / counts.sum()
+
+    tv = lambda p, q: 0.5 * float((p - q).abs().sum())  # noqa: E731
+    plain = freqs(range(SEEDS), {})
+    ours = freqs(range(1000, 1000 + SEEDS), FULL)        # other seeds: a statistical, not a bitwise, match
+    assert int((exact > 0).sum()) == 8
+    assert tv(plain, exact) < TV_MAX, tv(plain, exact)
+    assert tv(ours, exact) < TV_MAX, tv(ours, exact)
+    assert tv(hot, exact) > 2 * TV_MAX, "the test must be able to tell temperature 0.4 from 1.0"
+
+
+# --------------------------------------------------------------------------- alpha < 1: Decoder.generate
+
+@pytest.mark.parametrize("alpha,start,tail,order,fill", [(0.9, 0.2, 1, "bottom", "mask"),
+                                                          (0.85, 0.0, 2, "top", "project")])
+def test_d3_matches_decoder_generate(alpha, start, tail, order, fill):
+    hf = _tiny("llama", layers=8, seed=3)
+    ids, mask = _padded(BATCH, "left")
+    ours = hf.generate(ids, attention_mask=mask, max_new_tokens=16, custom_generate=d3hf.generate,
+                       d3_alpha=alpha, d3_start=start, d3_tail=tail, d3_order=order, d3_fill=fill,
+                       d3_backend="reference", **GREEDY)[:, ids.shape[1]:]
+    sched = D3Schedule(8, alpha=alpha, start=start, tail=tail, skip_order=order)
+    g = Decoder(load_model(hf, device="cpu", dtype=torch.float32), sched, max_batch=3, max_seq_len=64,
+                backend="reference", fill=fill).generate(BATCH, max_new_tokens=16, ignore_eos=True)
+    assert min(len(k) for k in g.layers) < 8, "the schedule must actually skip layers"
+    assert ours.tolist() == g.tokens.tolist()
+    full = hf.generate(ids, attention_mask=mask, max_new_tokens=16, **GREEDY)[:, ids.shape[1]:]
+    assert not torch.equal(ours, full), "D3 must change this model's output"
+
+
+def test_d3_settings_from_generation_config_and_dict(llama):
+    ids = torch.tensor([PROMPT])
+    settings = dict(alpha=0.8, start=0.2, tail=1, order="top")
+    kw = dict(max_new_tokens=10, custom_generate=d3hf.generate, d3_backend="reference", **GREEDY)
+    by_kwargs = llama.generate(ids, **kw, **{f"d3_{k}": v for k, v in settings.items()})
+    by_dict = llama.generate(ids, **kw, d3=settings)
+    cfg = transformers.GenerationConfig(max_new_tokens=10, d3=settings, **GREEDY)
+    by_config = llama.generate(ids, generation_config=cfg, custom_generate=d3hf.generate, d3_backend="reference")
+    overridden = llama.generate(ids, generation_config=cfg, custom_generate=d3hf.generate, d3_alpha=1.0,
+                                d3_backend="reference")
+    full = llama.generate(ids, max_new_tokens=10, **GREEDY)
+    assert torch.equal(by_kwargs, by_dict) and torch.equal(by_kwargs, by_config)
+    assert torch.equal(overridden, full) and not torch.equal(by_kwargs, full)
+
+
+def test_defaults_are_the_librarys():
+    s = d3hf._d3_settings(transformers.GenerationConfig(), None, {})
+    ref = D3Schedule(30)
+    assert (s["alpha"], s["start"], s["tail"], s["order"], s["fill"]) == (ref.alpha, ref.start, ref.tail,
+                                                                          ref.order_name, "mask")
+
+
+# --------------------------------------------------------------------------- weights, memory, the folder
+
+def test_weights_converted_once_and_reported(caplog):
+    hf = _tiny("llama", seed=4)
+    ids = torch.tensor([PROMPT])
+    with caplog.at_level("WARNING", logger="d3kernels.hf"):
+        a = hf.generate(ids, max_new_tokens=4, **GREEDY, **FULL)
+        first = d3hf.converted_model(hf)
+        hf.generate(ids, max_new_tokens=4, **GREEDY, **FULL)
+    assert d3hf.converted_model(hf) is first
+    assert sum("converted LlamaForCausalLM" in r.message and "copies" in r.message for r in caplog.records) == 1
+    mem = hf.d3kernels_memory
+    layer_params = sum(p.numel() * 4 for n, p in hf.named_parameters() if ".layers." in n)
+    assert mem["weights_copied_bytes"] == layer_params          # the fused per-layer stacks are copies
+    assert mem["weights_shared_bytes"] == 2 * 211 * 64 * 4 + 64 * 4   # embed, lm_head, final norm: shared
+    assert mem["kv_cache_bytes"] > 0
+    with torch.no_grad():                                        # an in-place update is seen
+        hf.lm_head.weight.mul_(-1)
+    b = hf.generate(ids, max_new_tokens=4, **GREEDY, **FULL)
+    assert d3hf.converted_model(hf) is not first
+    assert torch.equal(b, hf.generate(ids, max_new_tokens=4, **GREEDY)) and not torch.equal(a, b)
+    d3hf.release(hf)
+    assert getattr(hf, "_d3kernels_state") is None
+
+
+def test_custom_generate_folder(llama):
+    """The repository root holds custom_generate/, so its path is what transformers loads."""
+    assert os.path.isfile(os.path.join(ROOT, "custom_generate", "generate.py"))
+    ids, mask = _padded(BATCH[:2], "left")
+    kw = dict(attention_mask=mask, max_new_tokens=8, **GREEDY)
+    streamer = Recorder()
+    plain = llama.generate(ids, **kw)
+    ours = llama.generate(ids, **kw, custom_generate=ROOT, trust_remote_code=True, d3_alpha=1.0,
+                          d3_backend="reference", streamer=streamer)
+    assert torch.equal(ours, plain)
+    assert len(streamer.puts) == 9 and streamer.ended               # the prompt, then 8 steps
+    d3 = llama.generate(ids, **kw, custom_generate=ROOT, trust_remote_code=True, d3_alpha=0.8, d3_start=0.2,
+                        d3_backend="reference")
+    ref = llama.generate(ids, **kw, custom_generate=d3hf.generate, d3_alpha=0.8, d3_start=0.2,
+                         d3_backend="reference")
+    assert torch.equal(d3, ref)
+
+
+# --------------------------------------------------------------------------- what is rejected, before running
+
+@pytest.fixture
+def no_run(llama, monkeypatch):
+    """Fails the test if anything runs: no Decoder prefill, no HF forward, no weight conversion."""
+    d3hf.release(llama)
+
+    def boom(*a, **k):
+        raise AssertionError("ran before rejecting")
+    monkeypatch.setattr(Decoder, "prefill", boom)
+    monkeypatch.setattr(d3hf, "load_model", boom)
+    handle = llama.register_forward_pre_hook(boom)
+    yield llama
+    handle.remove()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_beams=2), "beam search"),
+    (dict(do_sample=True, num_beams=2), "beam search"),
+    (dict(output_attentions=True), "output_attentions"),
+    (dict(guidance_scale=1.5), "guidance"),
+    (dict(prompt_lookup_num_tokens=3), "assisted"),
+    (dict(d3_alpha=1.5), "alpha must be in"),
+    (dict(d3_fill="zeros"), "d3_fill"),
+    (dict(d3_order="calibrated"), "calibrate_skip_order"),
+    (dict(d3={"alpha": 0.9, "beta": 1}), "unknown keys"),
+    (dict(d3_backend="nonsense"), "backend"),
+])
+def test_rejected_before_running(no_run, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        no_run.generate(torch.tensor([PROMPT]), max_new_tokens=4, custom_generate=d3hf.generate, **kwargs)
+
+
+def test_assistant_and_cache_rejected_before_running(no_run):
+    from transformers.cache_utils import DynamicCache
+    ids = torch.tensor([PROMPT])
+    with pytest.raises(ValueError, match="assisted"):
+        no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate, assistant_model=_tiny("llama"))
+    with pytest.raises(ValueError, match="cache passed to generate"):
+        no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate,
+                        cache=DynamicCache(config=no_run.config))
+    with pytest.raises(ValueError, match="assisted"):
+        no_run.generate(ids, max_new_tokens=4, custom_generate=ROOT, trust_remote_code=True,
+                        assistant_model=_tiny("llama"))
+
+
+def test_unsupported_architecture_rejected():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        gpt2.eval().generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, custom_generate=d3hf.generate,
+                             pad_token_id=0)
+
+
+# --------------------------------------------------------------------------- the embedded SmolLM2, via transformers
+
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("accelerate")
+    import d3kernels
+    from d3kernels.model import _gguf_tokenizer     # the tokenizer converted once and cached by d3kernels
+    try:
+        path = d3kernels.embedded_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model missing: {e}")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    yield hf, _gguf_tokenizer(path)
+    d3hf.release(hf)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_and_stop_strings(smol):
+    hf, tok = smol
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=8, do_sample=False)
+    plain = hf.generate(ids, **kw)
+    ours = hf.generate(ids, **kw, **FULL)
+    assert torch.equal(ours, plain)
+    assert "Paris" in tok.decode(ours[0, ids.shape[1]:])
+    stop = dict(stop_strings=["Paris"], tokenizer=tok)
+    plain = hf.generate(ids, **kw, **stop)
+    ours = hf.generate(ids, **kw, **stop, custom_generate=ROOT, trust_remote_code=True, d3_alpha=1.0,
+                       d3_backend="reference")
+    assert torch.equal(ours, plain)
+    assert tok.decode(ours[0, ids.shape[1]:]).endswith("Paris")
