@@ -308,11 +308,13 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     max_new = gc.max_length - T
     if max_new < 1:
         raise ValueError(f"max_length={gc.max_length} leaves no room after the {T}-token input")
+    pad = getattr(gc, "_pad_token_tensor", None)      # set by generate()'s preparation
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    if has_eos and pad is None:
+        raise ValueError("an EOS stopping criterion needs pad_token_id to fill finished rows: pass pad_token_id")
     dec = _decoder(model, schedule, settings["fill"], settings["backend"], B, max(len(r) for r in rows) + max_new)
 
     # --- the loop: the same steps as transformers' sampling loop, with D3 logits
-    pad = gc._pad_token_tensor
-    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     want = bool(gc.return_dict_in_generate)
     scores = () if want and gc.output_scores else None
     raw_logits = () if want and gc.output_logits else None

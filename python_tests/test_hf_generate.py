@@ -23,8 +23,8 @@ GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 FULL = dict(custom_generate=d3hf.generate, d3_alpha=1.0, d3_backend="reference")
 # sampling test: total variation distance between empirical first-token frequencies and the exact
 # distribution (8 tokens after top-k). For N=1000 draws from that distribution, 5000 simulations gave a
-# mean of 0.027, a 99.9th percentile of 0.062 and a maximum of 0.071; the bound is 0.08. The seeds are fixed, so the test is
-# deterministic; it also checks that the bound tells the wanted temperature from temperature 1.
+# mean of 0.027, a 99.9th percentile of 0.062 and a maximum of 0.071; the bound is 0.08. The seeds are
+# fixed, so the test is deterministic; it also checks that the bound tells the wanted temperature from 1.
 N_DRAWS_PER_SEED, SEEDS, TV_MAX = 500, 2, 0.08
 
 
