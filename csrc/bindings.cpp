@@ -144,10 +144,12 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
         d["launches"] = s.launches;
         d["blocks"] = s.blocks;
         d["switches"] = s.switches;
+        d["schedule"] = s.schedule;
         d["sm_count"] = d3k_emu::sm_count();
         return d;
       },
-      "Counters of this OS thread: {launches, blocks, switches (fiber context switches), sm_count}.");
+      "Counters of this OS thread: {launches, blocks, switches (fiber context switches), schedule (hash of "
+      "the last launch's block and thread order), sm_count}.");
 #else
   m.doc() = "d3kernels CUDA backend (torch-free; raw pointers and streams)";
 #endif

@@ -208,11 +208,13 @@ EMU_SEEDS = (1, 2, 3)
 
 
 class Target:
-    def __init__(self, name):
+    """Where a kernel test runs; `ops` may be another CudaKernels over an emulated variant (test_emu.py)."""
+
+    def __init__(self, name, ops=None):
         self.name = name
         self.emu = name == "emu"
         self.device = "cpu" if self.emu else "cuda"
-        self.ops = _ops.cuda_emu_ops if self.emu else _ops.cuda_ops
+        self.ops = ops or (_ops.cuda_emu_ops if self.emu else _ops.cuda_ops)
 
     def skip_reason(self):
         if self.emu:
@@ -291,7 +293,7 @@ def run_kernel(t: Target, op: str, args, prepare=None):
         return ours
     runs = []
     for seed in EMU_SEEDS:
-        _ops.C_EMU.set_seed(seed)
+        t.ops.C.set_seed(seed)
         ours = (prepare or (lambda at_end: _kernel_args(args, at_end)))(seed % 2 == 1)
         getattr(t.ops, op)(*ours)
         runs.append(ours)

@@ -264,6 +264,7 @@ void resume(State& s, Fiber& f) {
   s.cur = &f;
   threadIdx = f.tid;
   ++s.stats.switches;
+  s.stats.schedule = (s.stats.schedule ^ static_cast<uint64_t>(&f - s.fibers.data())) * 0x100000001b3ull;
 #if defined(__x86_64__)
   d3k_emu_switch(&s.sched_sp, f.sp);
 #else
@@ -445,6 +446,7 @@ cudaError_t launch_grid(dim3 grid, dim3 block, size_t smem, KernelBody body) {
   }
   s.rng.s = g_seed.load() * 0x2545f4914f6cdd1dull + (++s.launch_no) * 0x9e3779b97f4a7c15ull;
   ++s.stats.launches;
+  s.stats.schedule = 0xcbf29ce484222325ull;
   s.body = body;
   s.nthreads = static_cast<int>(nthreads);
   ensure_stacks(s, s.nthreads);
@@ -471,6 +473,7 @@ cudaError_t launch_grid(dim3 grid, dim3 block, size_t smem, KernelBody body) {
   }
   for (uint64_t k = 0; k < nblocks; ++k) {
     const uint64_t b = s.order[k];
+    s.stats.schedule = (s.stats.schedule ^ (b << 12)) * 0x100000001b3ull;
     blockIdx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                    static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
     std::memset(s.smem, 0xff, smem);

@@ -14,6 +14,7 @@ struct Stats {
   uint64_t launches = 0;  // kernel launches run (this OS thread)
   uint64_t blocks = 0;    // blocks run
   uint64_t switches = 0;  // fiber context switches
+  uint64_t schedule = 0;  // hash of the last launch's schedule (block order, every resumed thread in order)
 };
 Stats stats();
 
