@@ -21,7 +21,9 @@ import torch
 
 from tolerance import assert_close, poison
 
-from d3kernels import _ops, backends, guarded
+from helpers import tiny_model
+
+from d3kernels import D3Schedule, Decoder, _ops, backends, guarded
 from d3kernels import reference as ref
 
 EPS = 1e-5
@@ -619,6 +621,37 @@ def test_small_pdl_in_use_on_hopper(target):
         assert facts["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
     if facts["cc"] >= 90 and __import__("os").environ.get("D3K_PDL", "1") != "0":
         assert facts["pdl"]
+
+
+# =========================================================================== end to end
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fill", ["mask", "project", "copy"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_decoder_matches_reference(target, fill, dtype):
+    """Greedy decoding with the CUDA kernels (on the GPU, or emulated) gives the reference's tokens at the same
+    dtype, at full depth and under D3 with layers dropped over the steps, rows of different lengths."""
+    t = _target(target)
+    backend = "cuda-emu" if t.emu else "cuda"
+    model = tiny_model(L=4, d=128, H=4, H_kv=2, D=64, F=160, V=211, dtype=dtype, device=t.device,
+                       qkv_bias=fill == "project")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 211, (5,), generator=g).tolist(), torch.randint(0, 211, (9,), generator=g).tolist()]
+    for alpha in (1.0, 0.8):
+        gens = {}
+        for b in ("reference", backend):
+            dec = Decoder(model, D3Schedule(4, alpha=alpha, start=0.25, tail=1), max_batch=2, max_seq_len=32,
+                          backend=b, fill=fill)
+            assert dec.backend == b
+            gens[b] = dec.generate(prompts, max_new_tokens=10, ignore_eos=True)
+        ours, want = gens[backend], gens["reference"]
+        assert ours.tokens.shape == (2, 10)
+        assert torch.equal(ours.tokens, want.tokens), (alpha, ours.tokens, want.tokens)
+        depths = [len(k) for k in ours.layers]
+        assert depths == [len(k) for k in want.layers]
+        if alpha < 1:
+            assert depths[0] == 4 and depths[-1] < 4 and depths == sorted(depths, reverse=True)
+        else:
+            assert set(depths) == {4}
 
 
 # =========================================================================== graphs and compile
