@@ -118,6 +118,91 @@ def device_time_us(fn, calls: int = 1, reps: int = 20, warmup: int = 3, graph: b
             "p80_us": ts[int(0.8 * (len(ts) - 1))], "clock": "cuda-graph" if graph else "cuda-events"}
 
 
+def dtype_bytes() -> int:
+    return torch.empty((), dtype=DTYPE).element_size()
+
+
+def layer_set(cfg: ModelConfig, S: int, n: int, B: int = 1) -> list:
+    """n independent copies of one layer's weights plus a KV cache [B, H_kv, S, D] each (all valid)."""
+    out = []
+    for c in range(n):
+        w = random_weights(cfg.__class__(**{**cfg.__dict__, "num_layers": 1, "vocab": 8}), seed=c)
+        k = torch.randn(B, cfg.kv_heads, S, cfg.head_dim, device=DEVICE).to(DTYPE)
+        v = torch.randn_like(k)
+        valid = torch.ones(B, S, device=DEVICE, dtype=torch.uint8)
+        out.append((w.layers[0], k, v, valid))
+    return out
+
+
+def op_case(impl, op: str, cfg: ModelConfig, context: int, B: int = 1):
+    """One op of one layer ("attn_block", "mlp_block" or "lm_head") at batch B, attending `context`
+    cached positions. Returns (fn, calls, nbytes): fn(i) runs the op on copy i % calls of the weights
+    (and caches), enough copies to defeat the L2; nbytes = the bytes one call must read."""
+    from d3kernels.model import rope_tables
+    d, S, dsize = cfg.hidden, context + 1, dtype_bytes()
+    h = torch.randn(B, d, device=DEVICE).to(DTYPE)
+    out = torch.empty_like(h)
+    active = torch.ones(B, device=DEVICE, dtype=torch.uint8)
+    pos = torch.full((B,), context, device=DEVICE, dtype=torch.int32)
+    if op == "lm_head":
+        w = random_weights(cfg.__class__(**{**cfg.__dict__, "num_layers": 1}))
+        lm = [w.lm_head] + [torch.randn_like(w.lm_head) for _ in range(copies_to_defeat_l2(w.lm_head.nbytes) - 1)]
+        logits = torch.empty(B, cfg.vocab, device=DEVICE, dtype=torch.float32)
+
+        def fn(i):
+            impl.lm_head(logits, h, w.final_norm, lm[i % len(lm)], cfg.eps)
+        return fn, len(lm), w.lm_head.nbytes + d * dsize
+    sets = layer_set(cfg, S, copies_to_defeat_l2(cfg.layer_bytes(dsize)), B)
+    cos, sin = rope_tables(cfg, S, DEVICE)
+    if op == "attn_block":
+        nbytes = (cfg.qkv_rows + cfg.heads * cfg.head_dim) * d * dsize + 2 * cfg.kv_heads * cfg.head_dim * S * dsize
+
+        def fn(i):
+            lw, k, v, valid = sets[i % len(sets)]
+            impl.attn_block(out, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k, v, valid, pos, cos, sin, active,
+                            cfg.eps)
+    elif op == "mlp_block":
+        nbytes = 3 * cfg.intermediate * d * dsize
+
+        def fn(i):
+            lw = sets[i % len(sets)][0]
+            impl.mlp_block(out, h, lw.mlp_norm, lw.w_gate_up, lw.w_down, active, cfg.eps)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return fn, len(sets), nbytes
+
+
+def time_decode(dec, prompt, new: int):
+    """(ms per decode step over `new` steps, bytes allocated during the timed pass). Device-timed;
+    the first pass warms up (captures graphs), the second is timed on a GPU."""
+    for _ in range(1 if SMOKE else 2):
+        mem0 = torch.cuda.memory_allocated() if GPU else 0
+        dec.prefill(prompt)
+        if GPU:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        else:
+            t = time.perf_counter()
+        dec.decode(new)
+        if GPU:
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b) / new
+        else:
+            ms = (time.perf_counter() - t) * 1e3 / new
+    # the decode() output [1, new] is the only allocation a pass may make
+    growth = (torch.cuda.memory_allocated() - mem0) if GPU else 0
+    return ms, growth
+
+
+def bytes_per_step(cfg: ModelConfig, layers_per_step, prompt: int) -> float:
+    """Mean bytes a decode step reads; layers_per_step[0] is the prompt pass and is left out."""
+    from d3kernels.speed import step_bytes
+    steps = [(i, n) for i, n in enumerate(layers_per_step) if i > 0]
+    return sum(step_bytes(cfg, n, prompt + i, dtype_bytes()) for i, n in steps) / len(steps)
+
+
 def copies_to_defeat_l2(nbytes: int) -> int:
     """How many rotated copies of `nbytes` of weights make the working set exceed 2x the L2."""
     return 1 if SMOKE else max(1, math.ceil(2 * L2_BYTES / max(1, nbytes)) + 1)
@@ -143,14 +228,16 @@ def x_bytes_gbps(nbytes: int, us: float) -> float:
 
 
 def environment() -> dict:
-    """GPU name, torch version, commit and date, stored with every record."""
+    """GPU name, torch version, commit and date, stored with every record. Where the checkout has no git
+    metadata (a copied working tree), D3K_COMMIT names the commit."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except Exception:
-        commit = "unknown"
+        commit = ""
     return {"gpu": torch.cuda.get_device_name() if GPU else "cpu (smoke mode)", "torch": torch.__version__,
-            "commit": commit or "unknown", "date": datetime.date.today().isoformat(), "smoke": SMOKE}
+            "commit": commit or os.environ.get("D3K_COMMIT") or "unknown", "date": datetime.date.today().isoformat(),
+            "smoke": SMOKE}
 
 
 def record(benchmark, read_bw: float, nbytes: int, timing: dict, **info) -> dict:

@@ -39,34 +39,11 @@ def _prompt(cfg):
 
 
 def _time_decode(dec, prompt):
-    """(ms per decode step over NEW steps, bytes allocated during the timed pass). Device-timed;
-    the first pass warms up (captures graphs), the second is timed on a GPU."""
-    for _ in range(1 if bc.SMOKE else 2):
-        mem0 = torch.cuda.memory_allocated() if bc.GPU else 0
-        dec.prefill(prompt)
-        if bc.GPU:
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-        else:
-            import time
-            t = time.perf_counter()
-        dec.decode(NEW)
-        if bc.GPU:
-            b.record()
-            b.synchronize()
-            ms = a.elapsed_time(b) / NEW
-        else:
-            ms = (time.perf_counter() - t) * 1e3 / NEW
-    # the decode() output [1, NEW] is the only allocation a pass may make
-    growth = (torch.cuda.memory_allocated() - mem0) if bc.GPU else 0
-    return ms, growth
+    return bc.time_decode(dec, prompt, NEW)
 
 
 def _bytes_per_step(cfg, layers_per_step):
-    dsize = torch.empty((), dtype=bc.DTYPE).element_size()
-    steps = [(i, n) for i, n in enumerate(layers_per_step) if i > 0]
-    return sum(step_bytes(cfg, n, PROMPT + i, dsize) for i, n in steps) / len(steps)
+    return bc.bytes_per_step(cfg, layers_per_step, PROMPT)
 
 
 # pytest varies the top decorator fastest: alphas run in order (alpha=1 first) within one backend and
