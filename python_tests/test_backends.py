@@ -1,4 +1,6 @@
 """Backend selection (DESIGN.md section 3): auto order, CPU rules, named backends that cannot run."""
+import os
+
 import pytest
 import torch
 
@@ -70,3 +72,12 @@ def test_info_command_lists_backends_and_the_choice(capsys):
     for name in backends.BACKENDS:
         assert f"  {name} " in out
     assert "auto -> " in out
+
+
+def test_emulated_build_is_installed():
+    """The emulated CUDA suite must not skip silently: the install builds d3kernels._C_emu unless told not to."""
+    from d3kernels import _ops
+    if os.environ.get("D3K_SKIP_EMU_BUILD", "").strip().lower() in ("1", "true", "yes", "on"):
+        pytest.skip("D3K_SKIP_EMU_BUILD is set")
+    assert _ops.cuda_emu_ops.available, _ops.C_EMU_ERROR
+    assert _ops.C_EMU.build_info()["compiled_with"] == "emu"
