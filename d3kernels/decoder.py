@@ -127,6 +127,7 @@ class Decoder:
         self.batch = 0              # rows of the current request
         self.i = 0                  # index of the token the next step generates
         self._seq_len = [0] * B     # host copy of each row's next position
+        self._conv = None           # per row: the conversation's token ids (stream() keeps it; see continue_)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -136,6 +137,7 @@ class Decoder:
         self._seq_len = [0] * self.cache.max_batch
         self.batch = 0
         self.i = 0
+        self._conv = None
 
     def snapshot(self) -> dict:
         """Copies of the request state (cache, depth mask, positions, step index, last logits), for
@@ -153,6 +155,7 @@ class Decoder:
             dst.copy_(state[key])
         self._seq_len = list(state["seq_len"])
         self.batch, self.i = state["batch"], state["i"]
+        self._conv = None
         self._refresh_flags()
 
     def set_schedule(self, schedule: D3Schedule) -> None:
@@ -169,14 +172,40 @@ class Decoder:
                 "graph_capture_s": self._graph_stats["capture_s"], "op_calls": dict(self.op_calls)}
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, input_ids) -> torch.Tensor:
-        """Run prompts at full depth (a new request). Returns logits [B, V] of each row's last position.
+    def prefill(self, input_ids, continue_: bool = False) -> torch.Tensor:
+        """Run prompts at full depth. Returns logits [B, V] of each row's last position.
 
         input_ids: LongTensor [B, T] / [T], or a list of token-id lists (lengths may differ).
+        continue_=False starts a new request (the cache is cleared). continue_=True appends row b's
+        tokens after the positions its cache holds (same B as the current request): earlier turns are
+        not recomputed, and at each layer the new positions attend only to the earlier positions that
+        layer holds (kv_valid). Either way the D3 step index restarts: the next step() is step 1.
         """
         rows = _as_rows(input_ids, self.cfg.vocab, self.device)
-        self._check_fit(rows, 0)
-        self.reset()
+        starts = self._continuation_starts(rows, 0) if continue_ else None
+        if not continue_:
+            self._check_fit(rows, 0)
+        self._prefill_rows(rows, starts)
+        self._conv = None          # rows fed by hand: stream(continue_=True) cannot know the conversation
+        return self._logits[: self.batch]
+
+    def _continuation_starts(self, rows: list, new_tokens: int) -> list:
+        """Where each row's continuation starts (its cache length); checks it fits, changes nothing."""
+        if self.batch == 0:
+            raise RuntimeError("continue_=True needs a request to continue: prefill or generate first")
+        if len(rows) != self.batch:
+            raise ValueError(f"continue_=True: the request has {self.batch} rows, got {len(rows)} prompts")
+        starts = self._seq_len[: self.batch]
+        for b, r in enumerate(rows):
+            if starts[b] + len(r) + new_tokens > self.cache.max_seq_len:
+                raise ValueError(f"cache overflow: row {b} holds {starts[b]} positions, + {len(r)} new prompt "
+                                 f"tokens + {new_tokens} new tokens > max_seq_len={self.cache.max_seq_len}")
+        return list(starts)
+
+    def _prefill_rows(self, rows: list, starts: Optional[list]) -> None:
+        """The full-depth pass of prefill(); starts=None is a new request."""
+        if starts is None:
+            self.reset()
         B = len(rows)
         T = max(len(r) for r in rows)
         ids = torch.zeros(B, T, dtype=torch.int64)
@@ -184,10 +213,11 @@ class Decoder:
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
         ids = ids.to(self.device)
         c = self.cache
+        starts = starts or [0] * B
         reference_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, c.k[:, :B], c.v[:, :B],
-                          c.kv_valid[:, :B], self.rope_cos, self.rope_sin, self.cfg.eps)
+                          c.kv_valid[:, :B], self.rope_cos, self.rope_sin, self.cfg.eps, starts=starts)
         self.batch = B
-        self._seq_len = [len(r) for r in rows] + [0] * (c.max_batch - B)
+        self._seq_len = [starts[b] + len(r) for b, r in enumerate(rows)] + [0] * (c.max_batch - B)
         self._pos.copy_(torch.tensor(self._seq_len, dtype=torch.int32))
         self._active.zero_()
         self._active[:B] = 1
@@ -195,7 +225,44 @@ class Decoder:
         w = self.model.weights
         self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
         self.i = 1
-        return self._logits[:B]
+
+    @property
+    def conversation(self) -> Optional[list]:
+        """Per row, the token ids of the conversation so far (prompts and generated tokens, the last
+        generated one included), as kept by generate()/stream(); None after prefill()/step()/decode()."""
+        return None if self._conv is None else [list(c) for c in self._conv]
+
+    def rewind(self, lengths: Sequence[int]) -> None:
+        """Cut each row's conversation back to its first lengths[b] tokens (>= 1), so that the next
+        generate(continue_=True) recomputes from there, e.g. when the next prompt's tokenization of the
+        earlier turns differs from the generated tokens."""
+        if self._conv is None:
+            raise RuntimeError("rewind() needs a conversation kept by generate()/stream()")
+        if len(lengths) != len(self._conv):
+            raise ValueError(f"expected {len(self._conv)} lengths (one per row), got {len(lengths)}")
+        for b, n in enumerate(lengths):
+            if not 1 <= n <= len(self._conv[b]):
+                raise ValueError(f"row {b}: length {n} outside [1, {len(self._conv[b])}]")
+        self._conv = [c[:n] for c, n in zip(self._conv, lengths)]
+
+    def _continue_conversation(self, rows: list, new_tokens: int) -> list:
+        """stream(continue_=True): cut each row's cache back to its conversation without the last token,
+        which was generated but never fed, and return the rows to prefill: that token, then the new ones."""
+        if self._conv is None:
+            raise RuntimeError("continue_=True continues the conversation of this decoder's last generate() or "
+                               "stream() (run to its end); after prefill()/step()/decode() use "
+                               "prefill(ids, continue_=True)")
+        if len(rows) != len(self._conv):
+            raise ValueError(f"continue_=True: the conversation has {len(self._conv)} rows, got {len(rows)} prompts")
+        keep = [len(c) - 1 for c in self._conv]
+        for b, r in enumerate(rows):            # check everything before changing anything
+            if keep[b] + 1 + len(r) + new_tokens > self.cache.max_seq_len:
+                raise ValueError(f"cache overflow: row {b}'s conversation has {keep[b] + 1} tokens, + {len(r)} new "
+                                 f"prompt tokens + {new_tokens} new tokens > max_seq_len={self.cache.max_seq_len}")
+        for b, n in enumerate(keep):            # positions past the conversation (e.g. after a row's EOS)
+            self.cache.kv_valid[:, b, n:] = 0
+            self._seq_len[b] = n
+        return [[c[-1]] + r for c, r in zip(self._conv, rows)]
 
     def _check_fit(self, rows: list, new_tokens: int) -> None:
         c = self.cache
@@ -216,6 +283,7 @@ class Decoder:
         """
         if self.batch == 0:
             raise RuntimeError("step() before prefill(): start a request with prefill(input_ids)")
+        self._conv = None
         B = self.batch
         if isinstance(tokens, torch.Tensor):
             if tokens.device.type not in ("cpu", self.device.type):
@@ -352,6 +420,7 @@ class Decoder:
         for throughput measurement and callers that check stops themselves."""
         if self.batch == 0:
             raise RuntimeError("decode() before prefill(): start a request with prefill(input_ids)")
+        self._conv = None
         if max(self._seq_len[: self.batch]) + n > self.cache.max_seq_len:
             raise ValueError(f"cache overflow: {n} more steps do not fit in max_seq_len={self.cache.max_seq_len}")
         check_sampling(temperature, top_k, top_p)
@@ -368,17 +437,27 @@ class Decoder:
     # ------------------------------------------------------------------ generation
     def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
-               stop: Optional[Sequence[str]] = None) -> Iterator[list]:
+               stop: Optional[Sequence[str]] = None, continue_: bool = False) -> Iterator[list]:
         """Generate as a generator: yields the list of B new token ids (-1 for finished rows) per step.
 
-        A new request: the cache and step index are reset. After the loop,
-        self.last holds the Generation (tokens, layers, finished, timings).
+        continue_=False: a new request (the cache and step index are reset).
+        continue_=True: the next turn of this decoder's last generate()/stream(): row b's conversation
+        (its prompts and generated tokens, see .conversation) continues with input_ids[b]; only the
+        new tokens are prefilled (at full depth, attending at each layer to the positions that layer
+        holds), and the D3 step index restarts. After the loop, self.last holds the Generation
+        (tokens, layers, finished, timings).
         """
         rows = _as_rows(input_ids, self.cfg.vocab, self.device)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         check_sampling(temperature, top_k, top_p)
-        self._check_fit(rows, max_new_tokens)
+        if continue_:
+            conv = [list(c) + r for c, r in zip(self._conv or [], rows)]
+            feed = self._continue_conversation(rows, max_new_tokens)
+            starts = self._seq_len[: len(rows)]
+        else:
+            self._check_fit(rows, max_new_tokens)
+            conv, feed, starts = [list(r) for r in rows], rows, None
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if stops and self.model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
@@ -392,7 +471,8 @@ class Decoder:
         layers, finished = [], [None] * B
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        self.prefill(rows)
+        self._prefill_rows(feed, starts)
+        self._conv = conv
         t_prefill = None
         for n in range(max_new_tokens):
             if n > 0:
@@ -410,10 +490,12 @@ class Decoder:
                     toks[b] = -1
                     continue
                 out[b, n] = toks[b]
+                conv[b].append(toks[b])
                 if toks[b] in eos:
                     finished[b] = "eos"
                 elif stops and any(s in self.model.tokenizer.decode(out[b, : n + 1].tolist()) for s in stops):
                     finished[b] = "stop"
+            self._conv = conv                  # a decode step clears it (it does not know the tokens)
             yield toks
             if all(f is not None for f in finished):
                 break
@@ -428,13 +510,15 @@ class Decoder:
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
-                 stop: Optional[Sequence[str]] = None, on_token=None) -> Generation:
+                 stop: Optional[Sequence[str]] = None, on_token=None, continue_: bool = False) -> Generation:
         """Generate up to max_new_tokens per row; returns a Generation.
 
         input_ids: LongTensor [B, T] / [T], or a list of B token-id lists of any lengths.
         on_token: optional callable(list of B ids) called as tokens arrive (streaming).
+        continue_: continue the conversation of the last generate() in the same cache (see stream()).
         """
-        for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop):
+        for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop,
+                                continue_):
             if on_token is not None:
                 on_token(toks)
         return self.last

@@ -211,19 +211,28 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
 
 def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,
             v_cache: torch.Tensor, kv_valid: torch.Tensor, rope_cos: torch.Tensor,
-            rope_sin: torch.Tensor, eps: float) -> None:
-    """Full-depth prompt pass. Writes K/V and kv_valid of every layer for positions [0, len_b).
+            rope_sin: torch.Tensor, eps: float, starts: Optional[list] = None) -> None:
+    """Full-depth prompt pass. Writes K/V and kv_valid of every layer for row b's positions
+    [start_b, start_b + len_b).
 
     hidden_out [B, d] (written): the last prompt position's final hidden state,
     before the final norm. input_ids [B, T] int64 (right-padded), lengths: the
     B prompt lengths. weights: a d3kernels.model.Weights. Cache tensors as in
-    write_kv. Rows run one at a time; float32 math.
+    write_kv. starts: where each row's tokens go (default 0: a new request).
+    With start_b > 0 the tokens continue a conversation in the cache: at each
+    layer l, a new position attends to the earlier positions p < start_b that
+    layer holds (kv_valid[l, b, p] = 1) and causally to the new ones. Rows run
+    one at a time; float32 math.
     """
     L, B, H_kv, S, D = k_cache.shape
     dt = hidden_out.dtype
+    starts = starts or [0] * len(lengths)
     for b, n in enumerate(lengths):
+        s0 = starts[b]
+        if s0 < 0 or s0 + n > min(S, rope_cos.shape[0]):
+            raise ValueError(f"prefill: row {b} covers positions [{s0}, {s0 + n}), outside the cache (S={S})")
         x = _f(weights.embed[input_ids[b, :n]])   # [n, d]
-        cos, sin = _f(rope_cos[:n]), _f(rope_sin[:n])
+        cos, sin = _f(rope_cos[s0:s0 + n]), _f(rope_sin[s0:s0 + n])
         for l, lw in enumerate(weights.layers):
             H = lw.wqkv.shape[0] // D - 2 * H_kv
             qkv = rms_norm(x, lw.attn_norm, eps) @ _f(lw.wqkv).t()
@@ -232,13 +241,18 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
             q = apply_rope(qkv[:, : H * D].view(n, H, D), cos[:, None], sin[:, None])
             k = apply_rope(qkv[:, H * D: (H + H_kv) * D].view(n, H_kv, D), cos[:, None], sin[:, None])
             v = qkv[:, (H + H_kv) * D:].view(n, H_kv, D)
-            k_cache[l, b, :, :n] = k.transpose(0, 1).to(k_cache.dtype)
-            v_cache[l, b, :, :n] = v.transpose(0, 1).to(v_cache.dtype)
-            kv_valid[l, b, :n] = 1
-            kk = _f(k_cache[l, b, :, :n]).repeat_interleave(H // H_kv, dim=0)   # [H, n, D]
-            vv = _f(v_cache[l, b, :, :n]).repeat_interleave(H // H_kv, dim=0)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), kk, vv, is_causal=True)      # [H, n, D]
+            k_cache[l, b, :, s0:s0 + n] = k.transpose(0, 1).to(k_cache.dtype)
+            v_cache[l, b, :, s0:s0 + n] = v.transpose(0, 1).to(v_cache.dtype)
+            kv_valid[l, b, s0:s0 + n] = 1
+            kk = _f(k_cache[l, b, :, :s0 + n]).repeat_interleave(H // H_kv, dim=0)   # [H, s0 + n, D]
+            vv = _f(v_cache[l, b, :, :s0 + n]).repeat_interleave(H // H_kv, dim=0)
+            if s0 == 0:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(0, 1), kk, vv, is_causal=True)      # [H, n, D]
+            else:   # earlier positions this layer holds, then causal over the new ones
+                mask = torch.ones(n, s0 + n, dtype=torch.bool, device=x.device).tril(s0)
+                mask[:, :s0] &= kv_valid[l, b, :s0].bool()[None, :]
+                o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask)
             # round the residual stream to the model dtype after each half, as the decode ops do
             x = _f((x + o.transpose(0, 1).reshape(n, H * D) @ _f(lw.wo).t()).to(dt))
             F = lw.w_down.shape[1]
