@@ -13,21 +13,26 @@ It also provides:
   mlp_block, write_kv, lm_head, sample with the reference signatures) on CUDA
   tensors; ``cuda_emu_ops``: the "cuda-emu" backend, the same over _C_emu on
   CPU tensors. See ``CudaKernels`` for scratch handling.
-- ``torch.ops.d3k.{attn_block, mlp_block, write_kv, lm_head}``: torch.library
-  ops (mutating, returning nothing) with the reference as the CPU kernel, the
-  CUDA kernels as the CUDA kernel, and fake (meta) kernels, so they work under
-  torch.compile(fullgraph=True) and CUDA graph capture.
+- ``torch.ops.d3k.*``, the low-level API (README, "Low-level API"): attn_block,
+  mlp_block, write_kv, lm_head, sample_greedy and sample, torch.library ops that
+  mutate their annotated arguments and return nothing. CPU kernel: the
+  argument checks, then the reference; CUDA kernel: the CUDA kernels (sample
+  with temperature > 0: the reference's pure-torch code, no host sync); fake
+  kernel: the argument checks only. So they pass torch.library.opcheck and work
+  under torch.compile(fullgraph=True) and CUDA graph capture.
+
+Imports: torch, d3kernels.checks, d3kernels.reference and d3kernels.guarded;
+nothing above it (backends, ops, the driver, the CLI).
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import types
 from typing import Optional
 
 import torch
 
-from . import ops as _checks
+from . import checks as _checks
 from . import reference as _ref
 
 C_ERROR: str | None = None
@@ -81,7 +86,7 @@ CUDA_OPS_AVAILABLE: bool = C is not None and all(hasattr(C, n) for n in _KERNELS
 
 CUDA_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 CUDA_HEAD_DIMS = (64, 128)
-FILL_MODES = {"mask": 0, "project": 1, "copy": 2}
+FILL_MODE_CODES = {"mask": 0, "project": 1, "copy": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +135,7 @@ def _stream(index: int) -> int:
 
 class CudaKernels:
     """The kernels of one compiled module with the reference ops' signatures (attn_block, mlp_block,
-    write_kv, lm_head, sample). Each call checks its arguments (ops.check_*), passes raw pointers, sizes
+    write_kv, lm_head, sample). Each call checks its arguments (checks.check_*), passes raw pointers, sizes
     and a stream to the module, and raises RuntimeError with the launcher's message on failure.
 
     Two instances exist: `cuda_ops` runs d3kernels._C on CUDA tensors; `cuda_emu_ops` runs
@@ -250,7 +255,7 @@ class CudaKernels:
         T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
         self._call(self.C.write_kv, k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(),
                    norms.data_ptr(), wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(),
-                   rope_cos.data_ptr(), rope_sin.data_ptr(), flags.data_ptr(), FILL_MODES[mode], L, B, d, H, H_kv,
+                   rope_cos.data_ptr(), rope_sin.data_ptr(), flags.data_ptr(), FILL_MODE_CODES[mode], L, B, d, H, H_kv,
                    D, S, T, rope_ld, float(eps), code, idx, self._stream(idx))
 
     def lm_head(self, logits, h, final_norm, w_lm, eps) -> None:
@@ -269,14 +274,7 @@ class CudaKernels:
             _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
             return
         idx = self._device(logits)
-        if logits.dim() != 2:
-            raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
-        B, V = logits.shape
-        if logits.dtype != torch.float32:
-            raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
-        if logits.stride(1) != 1 and V > 1:
-            raise ValueError("logits must have unit stride along V")
-        _checks._expect("tokens", tokens, (B,), torch.int64, logits.device)
+        B, V = _checks.check_sample(tokens, logits)
         self._call(self.C.argmax, tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)), idx,
                    self._stream(idx))
 
@@ -291,6 +289,8 @@ def clear_scratch() -> None:
 
 
 # --------------------------------------------------------------------------- torch.library
+# Every argument is a tensor or a scalar; mutated tensors are annotated (a!) and nothing is returned, so
+# torch.compile keeps the ops in place (no copy of a KV cache) and a CUDA graph captures them as they are.
 SCHEMAS = {
     "attn_block": "attn_block(Tensor(a!) out, Tensor h, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, "
                   "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) kv_valid, Tensor pos, Tensor rope_cos, "
@@ -301,26 +301,79 @@ SCHEMAS = {
                 "Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor pos, Tensor rope_cos, Tensor rope_sin, "
                 "Tensor flags, str fill_mode, float eps) -> ()",
     "lm_head": "lm_head(Tensor(a!) logits, Tensor h, Tensor final_norm, Tensor w_lm, float eps) -> ()",
+    # Sampling takes no generator (a schema cannot hold one): sample_greedy is the argmax, and sample takes
+    # its randomness as a tensor, noise [B, V] float32 of Exp(1) draws, filled by the caller
+    # (noise.exponential_(generator=g)); the same noise gives the same tokens on every backend.
+    "sample_greedy": "sample_greedy(Tensor(a!) tokens, Tensor logits) -> ()",
+    "sample": "sample(Tensor(a!) tokens, Tensor logits, Tensor noise, float temperature, int top_k, "
+              "float top_p) -> ()",
 }
+
+
+# Argument checks: every kernel (CPU and fake) checks first, so a bad call fails with the same message
+# eagerly and while torch.compile traces. The CUDA kernels check inside CudaKernels.
+def _check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
+                      row_active, eps) -> None:
+    _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos,
+                             rope_sin, row_active)
+
+
+def _check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
+    _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
 
 
 # write_kv's string argument is "fill_mode" in the schema: an op argument named "mode" collides with
 # torch's functionalization internals (aot_dispatch: "got multiple values for argument 'mode'").
-def _ref_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode,
-                  eps) -> None:
-    _ref.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, fill_mode, eps)
+def _check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
+                    fill_mode, eps) -> None:
+    _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
+                           fill_mode)
 
 
-def _cuda_write_kv_op(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
-                      fill_mode, eps) -> None:
-    cuda_ops.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
-                      fill_mode, eps)
+def _check_lm_head(logits, h, final_norm, w_lm, eps) -> None:
+    _checks.check_lm_head(logits, h, final_norm, w_lm)
 
 
-_CPU_IMPLS = {"attn_block": _ref.attn_block, "mlp_block": _ref.mlp_block, "write_kv": _ref_write_kv,
-              "lm_head": _ref.lm_head}
-_CUDA_IMPLS = {"attn_block": cuda_ops.attn_block, "mlp_block": cuda_ops.mlp_block, "write_kv": _cuda_write_kv_op,
-               "lm_head": cuda_ops.lm_head}
+def _check_sample_greedy(tokens, logits) -> None:
+    _checks.check_sample(tokens, logits)
+
+
+def _check_sample(tokens, logits, noise, temperature, top_k, top_p) -> None:
+    _checks.check_sample(tokens, logits, noise)
+    _checks.check_sampling(temperature, top_k, top_p)
+
+
+_CHECKS = {"attn_block": _check_attn_block, "mlp_block": _check_mlp_block, "write_kv": _check_write_kv,
+           "lm_head": _check_lm_head, "sample_greedy": _check_sample_greedy, "sample": _check_sample}
+
+
+def _sample_greedy(tokens, logits) -> None:
+    _ref.sample(tokens, logits)
+
+
+def _sample(tokens, logits, noise, temperature, top_k, top_p) -> None:
+    _ref.sample_from_noise(tokens, logits, noise, temperature, top_k, top_p)
+
+
+def _cuda_sample_greedy(tokens, logits) -> None:
+    cuda_ops.sample(tokens, logits)
+
+
+_REF_IMPLS = {"attn_block": _ref.attn_block, "mlp_block": _ref.mlp_block, "write_kv": _ref.write_kv,
+              "lm_head": _ref.lm_head, "sample_greedy": _sample_greedy, "sample": _sample}
+_CUDA_IMPLS = {"attn_block": cuda_ops.attn_block, "mlp_block": cuda_ops.mlp_block, "write_kv": cuda_ops.write_kv,
+               "lm_head": cuda_ops.lm_head, "sample_greedy": _cuda_sample_greedy}
+_CUDA_TORCH = ("sample",)       # pure torch on CUDA tensors too (no CUDA kernel; no host sync)
+
+
+def _checked(name: str, impl):
+    check = _CHECKS[name]
+
+    def run(*args) -> None:
+        check(*args)
+        impl(*args)
+    run.__name__ = run.__qualname__ = f"d3k_{name}"
+    return run
 
 
 def _unavailable(name: str):
@@ -329,9 +382,16 @@ def _unavailable(name: str):
     return impl
 
 
-def _fake(*args, **kwargs) -> None:
-    """Fake (meta) kernel: the ops only mutate their annotated arguments and return nothing."""
-    return None
+def _fake(name: str):
+    """Fake (meta) kernel: check the arguments' metadata; the ops only mutate their annotated arguments and
+    return nothing, so there is nothing to compute."""
+    check = _CHECKS[name]
+
+    def fake(*args) -> None:
+        check(*args)
+        return None
+    fake.__name__ = fake.__qualname__ = f"d3k_{name}_fake"
+    return fake
 
 
 def _register() -> Optional[torch.library.Library]:
@@ -340,9 +400,13 @@ def _register() -> Optional[torch.library.Library]:
     lib = torch.library.Library("d3k", "FRAGMENT")
     for name, schema in SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, _CPU_IMPLS[name], "CPU")
-        lib.impl(name, _CUDA_IMPLS[name] if CUDA_OPS_AVAILABLE else _unavailable(name), "CUDA")
-        torch.library.register_fake(f"d3k::{name}", _fake, lib=lib)
+        lib.impl(name, _checked(name, _REF_IMPLS[name]), "CPU")
+        if name in _CUDA_TORCH:
+            cuda = _checked(name, _REF_IMPLS[name])
+        else:
+            cuda = _CUDA_IMPLS[name] if CUDA_OPS_AVAILABLE else _unavailable(name)
+        lib.impl(name, cuda, "CUDA")
+        torch.library.register_fake(f"d3k::{name}", _fake(name), lib=lib)
     return lib
 
 

@@ -9,6 +9,10 @@ backend that cannot run raises an error that says why. D3K_BACKEND overrides
 emulation layer (d3kernels._C_emu): CPU tensors, float16/bfloat16. It proves
 the kernels' indexing, masking, barriers and bounds without a GPU, at CPU
 emulation speed; "auto" never picks it.
+
+Imports: _ops (the CUDA backends and the torch.library registration) and the
+reference; triton only when asked about. Nothing above it (ops, the driver,
+the CLI).
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import os
 from typing import Optional
 
 import torch
+
+from . import _ops
+from . import reference as _reference
 
 BACKENDS = ("cuda", "triton", "reference")      # the order "auto" tries
 NAMED_ONLY = ("cuda-emu",)                         # run only when named
@@ -54,10 +61,9 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
             return f"head_dim {head_dim} is not supported (a power of two in [16, 256])"
         return None
     if backend == "cuda":
-        from . import _ops
         if _ops.C is None:
             return _ops.C_ERROR
-        if not getattr(_ops, "CUDA_OPS_AVAILABLE", False):
+        if not _ops.CUDA_OPS_AVAILABLE:
             return "the CUDA kernels are not part of this build yet (d3kernels._C holds build info only)"
         if device.type != "cuda":
             return f"tensors are on {device.type}; the CUDA backend needs CUDA tensors"
@@ -67,7 +73,6 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
             return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
         return _ops.arch_problem(device)
     if backend == "cuda-emu":
-        from . import _ops
         if not _ops.cuda_emu_ops.available:
             return _ops.C_EMU_ERROR or "d3kernels._C_emu has no CUDA kernels; rebuild it"
         if device.type != "cpu":
@@ -100,13 +105,13 @@ def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
 def get(backend: str):
     """The module implementing the ops of a concrete backend."""
     if backend == "reference":
-        return importlib.import_module("d3kernels.reference")
+        return _reference
     if backend == "triton":
         return importlib.import_module("d3kernels.triton")
     if backend == "cuda":
-        return importlib.import_module("d3kernels._ops").cuda_ops
+        return _ops.cuda_ops
     if backend == "cuda-emu":
-        return importlib.import_module("d3kernels._ops").cuda_emu_ops
+        return _ops.cuda_emu_ops
     raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
 
 

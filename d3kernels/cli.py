@@ -1,4 +1,9 @@
-"""The `d3kernels` command line: generate, info (and eval / calibrate, see d3kernels.eval)."""
+"""The `d3kernels` command line: generate, info, eval, calibrate.
+
+The top layer: it imports the library modules (lazily, per command) and no
+library module imports it. eval and calibrate report what d3kernels.eval and
+d3kernels.calibrate compute.
+"""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +106,134 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval, calibrate
+
+def _list(values, cast, name):
+    """Parse repeated and/or comma-separated CLI values."""
+    out = []
+    for v in values:
+        for x in str(v).split(","):
+            if x.strip():
+                try:
+                    out.append(cast(x.strip()))
+                except ValueError:
+                    raise ValueError(f"--{name}: cannot read {x.strip()!r} as {cast.__name__}") from None
+    return out
+
+
+def _cli_prompts(args) -> list:
+    from .calibrate import builtin_prompts, read_prompts
+    prompts = read_prompts(args.prompts) if args.prompts else builtin_prompts()
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        prompts = prompts[: args.num_prompts]
+    return prompts
+
+
+def _set_threads(n) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
+def cmd_eval(args) -> int:
+    import json
+    import os
+
+    from .eval import DEFAULT_NUM_PROMPTS, _check_grid, best_setting, evaluate, format_table, plot
+    _set_threads(args.threads)
+    alphas, starts, tails, orders, N = _check_grid(
+        _list(args.alphas, float, "alphas"), _list(args.starts, float, "starts"), _list(args.tails, int, "tails"),
+        _list(args.orders, str, "orders"), args.max_new_tokens)
+    if args.num_prompts is None and not args.prompts:
+        args.num_prompts = DEFAULT_NUM_PROMPTS
+    prompts = _cli_prompts(args)
+    model = load(args)
+    t = time.perf_counter()
+    report = evaluate(model, prompts, alphas, starts, tails, orders, N, backend=args.backend)
+    _log(f"{report['unique_runs']} distinct runs over {len(report['results'])} settings in "
+         f"{time.perf_counter() - t:.1f} s")
+    print(f"D3 quality on {report['model']}: {report['prompts']} prompts x {N} tokens "
+          f"({report['scored_positions']} scored positions), full-depth perplexity {report['reference']['ppl']:.3f}")
+    print(format_table(report))
+    best = best_setting(report)
+    if best is None:
+        print("no setting keeps teacher-forced agreement >= 95% with a perplexity increase <= 5%")
+    else:
+        print(f"fastest setting with teacher-forced agreement >= 95% and perplexity increase <= 5%: "
+              f"order={best['order']} start={best['start']:g} tail={best['tail']} alpha={best['alpha']:g} "
+              f"({best['ideal_speedup']:.3f}x ideal)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        _log(f"wrote {args.json}")
+    png = args.plot if args.plot is not None else (os.path.splitext(args.json)[0] + ".png" if args.json else "")
+    if png and png != "none":
+        if plot(report, png) is None:
+            _log("matplotlib is not installed: no plot (pip install matplotlib)")
+        else:
+            _log(f"wrote {png}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import cache_path, calibrate_skip_order
+    _set_threads(args.threads)
+    prompts = _cli_prompts(args) if (args.prompts or args.num_prompts is not None) else None
+    model = load(args)
+    order, sims = calibrate_skip_order(model, prompts, start=args.start, tail=args.tail,
+                                       max_new_tokens=args.max_new_tokens, recompute=args.force,
+                                       backend=args.backend, return_similarity=True)
+    print("layer  input/output cosine similarity")
+    for l, s in enumerate(sims):
+        print(f"{l:5d}  {s:.4f}{'  (flex)' if l in order else ''}")
+    print(f"skip order (most redundant first), start={args.start:g} tail={args.tail}:")
+    print(",".join(str(l) for l in order))
+    print(f"cached in {cache_path(model)}", file=sys.stderr)
+    return 0
+
+
+def _add_eval_commands(sub) -> None:
+    """The `eval` and `calibrate` subcommands."""
+    from .eval import (DEFAULT_ALPHAS, DEFAULT_NUM_PROMPTS, DEFAULT_ORDERS, DEFAULT_STARTS, DEFAULT_TAILS,
+                       DEFAULT_TOKENS, ORDERS)
+    e = sub.add_parser("eval", help="measure D3 quality against full depth over a grid of settings")
+    _add_model_args(e)
+    e.add_argument("--prompts", default=None,
+                   help="JSONL file with a \"prompt\" field, or text with one prompt per line "
+                        f"(default: the first {DEFAULT_NUM_PROMPTS} built-in prompts)")
+    e.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    e.add_argument("--alphas", nargs="+", default=[",".join(map(str, DEFAULT_ALPHAS))],
+                   help=f"alpha values, space- or comma-separated (default {','.join(map(str, DEFAULT_ALPHAS))})")
+    e.add_argument("--starts", nargs="+", default=[",".join(map(str, DEFAULT_STARTS))],
+                   help=f"head-core fractions (default {','.join(map(str, DEFAULT_STARTS))})")
+    e.add_argument("--tails", nargs="+", default=[",".join(map(str, DEFAULT_TAILS))],
+                   help=f"tail-core sizes (default {','.join(map(str, DEFAULT_TAILS))})")
+    e.add_argument("--orders", nargs="+", default=[",".join(DEFAULT_ORDERS)],
+                   help=f"skip orders from {','.join(ORDERS)} (default: all)")
+    e.add_argument("--max-new-tokens", type=int, default=DEFAULT_TOKENS, help="tokens per prompt (>= 2)")
+    e.add_argument("--json", default="d3_eval.json", help="write the report here ('' to skip)")
+    e.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png; 'none' to skip)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="compute (and cache) a skip order from layer input/output similarity")
+    _add_model_args(c)
+    c.add_argument("--prompts", default=None, help="prompts file (default: the last 8 built-in prompts)")
+    c.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    c.add_argument("--start", type=float, default=0.5, help="fraction of layers in the head core")
+    c.add_argument("--tail", type=int, default=1, help="layers in the tail core")
+    c.add_argument("--max-new-tokens", type=int, default=16, help="greedy decode steps measured per prompt")
+    c.add_argument("--force", action="store_true", help="recompute even if cached")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    c.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d3kernels", description="Fast D3 (depth-decay) decoding.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,11 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="version, build and backend availability")
     i.set_defaults(func=cmd_info)
-    try:
-        from .eval import add_subcommands
-        add_subcommands(sub, _add_model_args, _add_schedule_args)
-    except ImportError:
-        pass
+    _add_eval_commands(sub)
     return p
 
 

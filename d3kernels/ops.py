@@ -3,6 +3,10 @@
 All ops are out-variants (the caller allocates). Shapes follow DESIGN.md
 section 3: B rows, d hidden, H / H_kv heads, D head_dim, F MLP width, V vocab,
 L layers, S cache length. See d3kernels/reference/ops.py for exact semantics.
+
+The argument checks live in d3kernels.checks (FILL_MODES, check_* are
+re-exported here). For a loop of your own under torch.compile or CUDA graphs,
+use the torch.library ops torch.ops.d3k.* (README, "Low-level API").
 """
 from __future__ import annotations
 
@@ -11,122 +15,8 @@ from typing import Optional
 import torch
 
 from . import backends
-
-FILL_MODES = ("mask", "project", "copy")
-
-
-def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"expected {name} of dtype {dtype}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"expected {name} on {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
-
-
-def _rope_rows(rope_cos, rope_sin, D: int, S: int, dev) -> None:
-    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    if rope_cos.shape[0] < S:
-        raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
-
-
-def _heads(rows: int, H_kv: int, D: int, what: str) -> int:
-    """Query heads H from the fused QKV row count (H + 2 H_kv) D."""
-    if rows % D or rows // D <= 2 * H_kv:
-        raise ValueError(f"expected {what} with (H + 2*H_kv) * D rows, H_kv={H_kv}, D={D}, got {rows} rows")
-    H = rows // D - 2 * H_kv
-    if H % H_kv:
-        raise ValueError(f"query heads H={H} must be a multiple of H_kv={H_kv}")
-    return H
-
-
-def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
-                     row_active) -> tuple:
-    """Validate attn_block arguments (shapes, dtypes, devices, contiguity); return (B, d, H, H_kv, D, S)."""
-    if h.dim() != 2 or k_cache.dim() != 4 or wqkv.dim() != 2:
-        raise ValueError(f"expected h (B, d), k_cache (B, H_kv, S, D) and wqkv ((H + 2*H_kv) * D, d), got "
-                         f"{tuple(h.shape)}, {tuple(k_cache.shape)} and {tuple(wqkv.shape)}")
-    B, d = h.shape
-    dt, dev = h.dtype, h.device
-    _, H_kv, S, D = k_cache.shape
-    H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
-    R = (H + 2 * H_kv) * D
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("attn_norm", attn_norm, (d,), dt, dev)
-    _expect("wqkv", wqkv, (R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (R,), dt, dev)
-    _expect("wo", wo, (d, H * D), dt, dev)
-    _expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
-    _expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
-    _expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
-    _rope_rows(rope_cos, rope_sin, D, S, dev)
-    return B, d, H, H_kv, D, S
-
-
-def check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active) -> tuple:
-    """Validate mlp_block arguments; return (B, d, F)."""
-    if h.dim() != 2 or w_down.dim() != 2:
-        raise ValueError(f"expected h (B, d) and w_down (d, F), got {tuple(h.shape)} and {tuple(w_down.shape)}")
-    B, d = h.shape
-    F = w_down.shape[1]
-    dt, dev = h.dtype, h.device
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("mlp_norm", mlp_norm, (d,), dt, dev)
-    _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
-    _expect("w_down", w_down, (d, F), dt, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
-    return B, d, F
-
-
-def check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
-                   mode) -> tuple:
-    """Validate write_kv arguments; return (L, B, d, H, H_kv, D, S)."""
-    if mode not in FILL_MODES:
-        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
-    if k_cache.dim() != 5 or src_h.dim() != 2 or wqkv.dim() != 3:
-        raise ValueError(f"expected k_cache (L, B, H_kv, S, D), src_h (B, d) and wqkv (L, (H + 2*H_kv) * D, d), "
-                         f"got {tuple(k_cache.shape)}, {tuple(src_h.shape)} and {tuple(wqkv.shape)}")
-    L, B, H_kv, S, D = k_cache.shape
-    d = src_h.shape[1]
-    dt, dev = k_cache.dtype, k_cache.device
-    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
-    R = (H + 2 * H_kv) * D
-    _expect("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
-    _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
-    _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
-    _expect("src_h", src_h, (B, d), dt, dev)
-    _expect("norms", norms, (L, d), dt, dev)
-    _expect("wqkv", wqkv, (L, R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (L, R), dt, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("flags", flags, (L, B), torch.uint8, dev)
-    _rope_rows(rope_cos, rope_sin, D, S, dev)
-    return L, B, d, H, H_kv, D, S
-
-
-def check_lm_head(logits, h, final_norm, w_lm) -> tuple:
-    """Validate lm_head arguments; return (B, d, V)."""
-    if h.dim() != 2 or w_lm.dim() != 2:
-        raise ValueError(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
-    B, d = h.shape
-    V = w_lm.shape[0]
-    _expect("logits", logits, (B, V), torch.float32, h.device)
-    _expect("h", h, (B, d), h.dtype, h.device)
-    _expect("final_norm", final_norm, (d,), h.dtype, h.device)
-    _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
-    return B, d, V
-
+from .checks import (FILL_MODES, _expect, check_attn_block, check_lm_head, check_mlp_block,  # noqa: F401
+                     check_sample, check_sampling, check_write_kv)
 
 def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
                bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -180,12 +70,3 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
     impl = backends.get(backends.resolve(backend, logits.device, torch.float32))
     impl.sample(tokens, logits, float(temperature), int(top_k), float(top_p), generator)
 
-
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError for sampling parameters outside their ranges."""
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")

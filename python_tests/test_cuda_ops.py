@@ -1,8 +1,9 @@
 """The CUDA backend (d3kernels._C via d3kernels._ops) against the reference.
 
-CPU part (runs everywhere): the torch.library registration of torch.ops.d3k.*
-(schemas, fake kernels, the reference as CPU kernel) via torch.library.opcheck,
-the availability flags, and argument rejection.
+CPU part (runs everywhere): the availability flags and argument rejection. The
+torch.library registration of torch.ops.d3k.* (schemas, opcheck, fake kernels,
+the reference as CPU kernel, torch.compile on the CPU) is tested in
+test_op_api.py.
 
 GPU part (marker `gpu`; skipped without a GPU or without the kernels in _C):
 each op against the reference by tolerance.assert_close (float64 oracle = the
@@ -22,6 +23,7 @@ import torch
 from tolerance import SLACK, assert_close, poison
 
 from helpers import tiny_model
+from test_op_api import cpu_args as _cpu_args
 
 from d3kernels import D3Schedule, Decoder, _ops, backends, guarded
 from d3kernels.model import Model, Weights
@@ -51,90 +53,6 @@ def _rope(S, D, theta=10000.0, device="cpu"):
     inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     f = torch.outer(torch.arange(S, dtype=torch.float64), inv)
     return f.cos().float().to(device), f.sin().float().to(device)
-
-
-def _cpu_args(name):
-    g = torch.Generator().manual_seed(0)
-    B, d, H, Hkv, D, S, F, V, L = 2, 16, 4, 2, 8, 6, 12, 11, 3
-    R = (H + 2 * Hkv) * D
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    cos, sin = _rope(S, D)
-    if name == "attn_block":
-        kv_valid = torch.zeros(B, S, dtype=torch.uint8)
-        kv_valid[:, :3] = 1
-        return (torch.empty(B, d), r(B, d), 1 + 0.1 * r(d), r(R, d) * 0.3, r(R) * 0.1, r(d, H * D) * 0.3,
-                r(B, Hkv, S, D), r(B, Hkv, S, D), kv_valid, torch.tensor([3, 4], dtype=torch.int32), cos, sin,
-                torch.tensor([1, 1], dtype=torch.uint8), EPS)
-    if name == "mlp_block":
-        return (torch.empty(B, d), r(B, d), 1 + 0.1 * r(d), r(2 * F, d) * 0.3, r(d, F) * 0.3,
-                torch.tensor([1, 0], dtype=torch.uint8), EPS)
-    if name == "write_kv":
-        return (r(L, B, Hkv, S, D), r(L, B, Hkv, S, D), torch.ones(L, B, S, dtype=torch.uint8), r(B, d),
-                1 + 0.1 * r(L, d), r(L, R, d) * 0.3, r(L, R) * 0.1, torch.tensor([2, 5], dtype=torch.int32), cos,
-                sin, torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.uint8), "project", EPS)
-    if name == "lm_head":
-        return (torch.empty(B, V), r(B, d), 1 + 0.1 * r(d), r(V, d) * 0.3, EPS)
-    raise KeyError(name)
-
-
-OP_NAMES = ["attn_block", "mlp_block", "write_kv", "lm_head"]
-
-
-@pytest.mark.parametrize("name", OP_NAMES)
-def test_schema_marks_mutated_arguments(name):
-    schema = getattr(torch.ops.d3k, name).default._schema
-    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    expect = {"attn_block": ["out", "k_cache", "v_cache", "kv_valid"], "mlp_block": ["out"],
-              "write_kv": ["k_cache", "v_cache", "kv_valid"], "lm_head": ["logits"]}[name]
-    assert mutated == expect
-    assert len(schema.returns) == 0
-
-
-@pytest.mark.parametrize("name", OP_NAMES)
-def test_opcheck_cpu(name):
-    """Schema, fake kernel, aliasing and aot_dispatch of the torch.library op (CPU kernel = reference)."""
-    torch.library.opcheck(getattr(torch.ops.d3k, name).default, _cpu_args(name))
-
-
-@pytest.mark.parametrize("name", OP_NAMES)
-def test_cpu_kernel_is_the_reference(name):
-    """Also by keyword (write_kv's mode is named fill_mode in the schema)."""
-    args = _cpu_args(name)
-    a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
-    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
-    getattr(torch.ops.d3k, name)(*a)
-    getattr(ref, name)(*b)
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
-
-
-def test_write_kv_by_keyword():
-    """The schema names write_kv's mode "fill_mode" (an argument named "mode" breaks aot_dispatch)."""
-    args = _cpu_args("write_kv")
-    a = [_clone(t) for t in args]
-    b = [_clone(t) for t in args]
-    torch.ops.d3k.write_kv(*a[:11], fill_mode=a[11], eps=a[12])
-    ref.write_kv(*b)
-    for x, y in zip(a[:3], b[:3]):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
-
-
-def test_compile_fullgraph_cpu():
-    """torch.compile(fullgraph=True) traces the mutating ops through their fake kernels."""
-    args = _cpu_args("mlp_block")
-
-    def f(out, h, norm, wgu, wd, active, eps):
-        torch.ops.d3k.mlp_block(out, h, norm, wgu, wd, active, eps)
-        return out * 2
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
-    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
-    ya = compiled(*a)
-    yb = f(*b)
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
 
 
 def test_availability_flags():

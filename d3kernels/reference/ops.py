@@ -188,7 +188,24 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
     (argmax). Otherwise logits / temperature, restricted to the top_k largest
     (0 = all) and to the smallest set whose probability reaches top_p, sampled
     by the exponential-race trick (argmax p / E, E ~ Exp(1)), which needs no
-    sync and is CUDA-graph safe.
+    sync and is CUDA-graph safe: E is drawn from `generator`, then
+    sample_from_noise picks the tokens.
+    """
+    if temperature <= 0.0:
+        tokens.copy_(logits.argmax(dim=-1))
+        return
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    noise = torch.empty(logits.shape, dtype=dt, device=logits.device).exponential_(generator=generator)
+    sample_from_noise(tokens, logits, noise, temperature, top_k, top_p)
+
+
+def sample_from_noise(tokens: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor, temperature: float,
+                      top_k: int = 0, top_p: float = 1.0) -> None:
+    """sample() with its randomness given: noise [B, V] float32 holds Exp(1) draws (e.g.
+    noise.exponential_(generator=g)). tokens [B] int64 (written) = argmax over the
+    temperature / top_k / top_p filtered probabilities divided by noise; temperature 0
+    is greedy and ignores noise. A pure function of its inputs, so it can be a
+    torch.library op (torch.ops.d3k.sample) that compiles without a generator.
     """
     if temperature <= 0.0:
         tokens.copy_(logits.argmax(dim=-1))
@@ -205,8 +222,7 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(-1, idx, sorted_x)
     probs = torch.softmax(x, dim=-1)
-    e = torch.empty_like(probs).exponential_(generator=generator)
-    tokens.copy_((probs / e).argmax(dim=-1))
+    tokens.copy_((probs / noise).argmax(dim=-1))
 
 
 def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,
