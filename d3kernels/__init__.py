@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 from .schedule import D3Schedule
 from .model import Model, ModelConfig, Weights, load_model, embedded_model_path
 from .decoder import Decoder, Generation
-from .generate import generate, encode_prompt
+from .generate import Chat, generate, encode_prompt
 from .calibrate import calibrate_skip_order
 from .eval import evaluate
 
 __all__ = ["D3Schedule", "Model", "ModelConfig", "Weights", "load_model", "embedded_model_path", "Decoder",
-           "Generation", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]
+           "Generation", "Chat", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]

@@ -226,6 +226,21 @@ class Decoder:
         self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
         self.i = 1
 
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Cut row b's cache back to its first lengths[b] positions (0 <= lengths[b] <= what it holds): the
+        positions after are masked (kv_valid = 0) and the next prefill(continue_=True) or step() writes
+        there. For callers that manage their own tokens (an engine rewinding a request)."""
+        if len(lengths) != self.batch:
+            raise ValueError(f"expected {self.batch} lengths (one per row), got {len(lengths)}")
+        for b, n in enumerate(lengths):
+            if not 0 <= n <= self._seq_len[b]:
+                raise ValueError(f"row {b}: length {n} outside [0, {self._seq_len[b]}]")
+        for b, n in enumerate(lengths):
+            self.cache.kv_valid[:, b, n:] = 0
+            self._seq_len[b] = n
+        self._pos[: self.batch].copy_(torch.tensor(self._seq_len[: self.batch], dtype=torch.int32))
+        self._conv = None
+
     @property
     def conversation(self) -> Optional[list]:
         """Per row, the token ids of the conversation so far (prompts and generated tokens, the last
@@ -259,10 +274,9 @@ class Decoder:
             if keep[b] + 1 + len(r) + new_tokens > self.cache.max_seq_len:
                 raise ValueError(f"cache overflow: row {b}'s conversation has {keep[b] + 1} tokens, + {len(r)} new "
                                  f"prompt tokens + {new_tokens} new tokens > max_seq_len={self.cache.max_seq_len}")
-        for b, n in enumerate(keep):            # positions past the conversation (e.g. after a row's EOS)
-            self.cache.kv_valid[:, b, n:] = 0
-            self._seq_len[b] = n
-        return [[c[-1]] + r for c, r in zip(self._conv, rows)]
+        conv = self._conv
+        self.truncate(keep)                     # positions past the conversation (e.g. after a row's EOS)
+        return [[c[-1]] + r for c, r in zip(conv, rows)]
 
     def _check_fit(self, rows: list, new_tokens: int) -> None:
         c = self.cache

@@ -1,4 +1,4 @@
-"""Text in, text out: the convenience layer over Decoder."""
+"""Text in, text out: the convenience layer over Decoder (generate(), and Chat for conversations)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -47,3 +47,67 @@ def generate(prompt: str, model: Optional[Model] = None, alpha: float = 0.998, m
                      stop=stop)
     toks = [t for t in g.tokens[0].tolist() if t >= 0]
     return model.tokenizer.decode(toks, skip_special_tokens=True)
+
+
+def _template(tok, messages: list) -> list:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):        # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+class Chat:
+    """A conversation with D3 that keeps its KV cache between turns.
+
+        chat = d3kernels.Chat()                  # embedded SmolLM2-135M-Instruct, fill="mask"
+        chat.send("What is the capital of France?")
+        chat.send("And of Italy?")               # prefills only the new tokens, after the first turn
+
+    Each send() applies the model's chat template to the whole conversation, keeps the part of the cache
+    whose tokens it shares with that (the earlier turns, unless the tokenizer writes a reply differently
+    from how it was generated: then from there on), prefills the rest at full depth and decodes the
+    reply under D3; the step index restarts every turn. fill decides what the layers a reply skipped
+    leave for later turns: "mask" (nothing: later turns attend past those positions at those layers),
+    "project" or "copy" (approximate K/V: later turns see every position); see README, "Chat".
+    """
+
+    def __init__(self, model: Optional[Model] = None, schedule: Optional[D3Schedule] = None, fill: str = "mask",
+                 max_seq_len: int = 2048, backend: str = "auto", system: Optional[str] = None):
+        global _DEFAULT_MODEL
+        if model is None:
+            if _DEFAULT_MODEL is None:
+                _DEFAULT_MODEL = load_model()
+            model = _DEFAULT_MODEL
+        if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+            raise ValueError("Chat needs a model whose tokenizer has a chat template")
+        self.model = model
+        self.decoder = Decoder(model, schedule, max_batch=1, max_seq_len=max_seq_len, backend=backend, fill=fill)
+        self.messages = [] if system is None else [{"role": "system", "content": system}]
+        self.prefilled = []      # tokens prefilled per turn (the cost of each turn's prompt)
+
+    def send(self, text: str, max_new_tokens: int = 64, **sampling) -> str:
+        """Add a user message, generate the reply (returned as text, also appended to .messages).
+        sampling: temperature, top_k, top_p, seed, stop (as Decoder.generate)."""
+        if not isinstance(text, str) or not text:
+            raise ValueError("the message must be a non-empty string")
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = _template(self.model.tokenizer, messages)
+        dec = self.decoder
+        conv = dec.conversation
+        shared = 0
+        if conv is not None:
+            c = conv[0]
+            while shared < min(len(c), len(ids)) and c[shared] == ids[shared]:
+                shared += 1
+        if shared == 0 or shared == len(ids):          # nothing to keep (or nothing new): a fresh request
+            g = dec.generate([ids], max_new_tokens, **sampling)
+            self.prefilled.append(len(ids))
+        else:
+            if shared < len(conv[0]):
+                dec.rewind([shared])
+            g = dec.generate([ids[shared:]], max_new_tokens, continue_=True, **sampling)
+            self.prefilled.append(len(ids) - shared + 1)
+        reply = self.model.tokenizer.decode([t for t in g.tokens[0].tolist() if t >= 0], skip_special_tokens=True)
+        self.messages = messages + [{"role": "assistant", "content": reply}]
+        self.last = g
+        return reply

@@ -168,3 +168,25 @@ def test_continue_errors_change_nothing():
         dec.generate([[5], [6]], max_new_tokens=2, continue_=True)
     logits = dec.prefill([[5], [6]], continue_=True)  # the low-level path appends after what the cache holds
     assert logits.shape == (2, 101) and dec._seq_len[:2] == [3 + 3 + 1 + 1, 1 + 3 + 1 + 1]   # prompt + 3 fed + step + 1
+
+
+@pytest.mark.slow
+def test_chat_prefills_only_the_new_turn():
+    """d3kernels.Chat on the embedded model: the second turn prefills only its new tokens, and at full depth
+    its reply equals a fresh request over the whole templated conversation."""
+    import d3kernels
+    from d3kernels.generate import _template
+    try:
+        model = d3kernels.load_model()
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model missing: {e}")
+    chat = d3kernels.Chat(model, D3Schedule(model.config.num_layers, alpha=1.0), max_seq_len=256)
+    chat.send("What is the capital of France?", max_new_tokens=8)
+    second = chat.send("And of Italy?", max_new_tokens=8)
+    ids = _template(model.tokenizer, chat.messages[:-1])
+    assert chat.prefilled[1] < len(ids) // 2, chat.prefilled
+    fresh = Decoder(model, D3Schedule(model.config.num_layers, alpha=1.0), max_seq_len=256)
+    g = fresh.generate([ids], max_new_tokens=8)
+    assert second == model.tokenizer.decode([t for t in g.tokens[0].tolist() if t >= 0], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="non-empty"):
+        chat.send("")
