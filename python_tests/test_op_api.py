@@ -159,6 +159,25 @@ def test_sample_op_equals_the_generator_sample():
             assert torch.equal(a, b), (temperature, top_k, top_p, seed)
 
 
+@pytest.mark.gpu
+def test_sample_ops_on_cuda():
+    """On CUDA tensors sample_greedy runs the argmax kernel and sample the reference's torch code; both
+    pick what the reference picks, and both pass opcheck there."""
+    if not _ops.CUDA_OPS_AVAILABLE or _ops.arch_problem("cuda") is not None:
+        pytest.skip(_ops.C_ERROR or _ops.arch_problem("cuda") or "d3kernels._C has no CUDA kernels")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(3, 1001, device="cuda", generator=g)
+    noise = torch.empty(3, 1001, device="cuda").exponential_(generator=g)
+    a, b = torch.empty(3, dtype=torch.int64, device="cuda"), torch.empty(3, dtype=torch.int64, device="cuda")
+    torch.ops.d3k.sample_greedy(a, logits)
+    assert torch.equal(a, logits.argmax(-1))
+    torch.ops.d3k.sample(a, logits, noise, 0.8, 50, 0.9)
+    ref.sample_from_noise(b, logits, noise, 0.8, 50, 0.9)
+    assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.d3k.sample_greedy.default, (a, logits))
+    torch.library.opcheck(torch.ops.d3k.sample.default, (a, logits, noise, 0.8, 50, 0.9))
+
+
 BAD = [
     ("mlp_block", 5, torch.ones(2, dtype=torch.int32), "expected row_active of dtype torch.uint8"),
     ("attn_block", 9, torch.tensor([3, 4]), "expected pos of dtype torch.int32"),
