@@ -372,12 +372,16 @@ class Decoder:
             for _, f, layer_mask in runs:
                 torch.mul(layer_mask, self._active[None, :], out=f)
 
-    def _step_body(self, kept: tuple) -> None:
-        """The device work of one step; allocation-free, so it can be captured in a CUDA graph."""
+    def _step_body(self, kept: tuple, rows=None) -> None:
+        """The device work of one step; allocation-free, so it can be captured in a CUDA graph.
+
+        rows: None (every active row runs every layer in `kept`) or a serving step plan
+        (d3kernels/serving.py) whose device buffers say which rows run each layer (.mask [L, B]) and
+        what the rows that skip it write (.project {layer: flags [L, B]}, .copy flags [L, B] or None).
+        """
         w, c, cfg, ops = self.model.weights, self.cache, self.cfg, self.ops
         torch.index_select(w.embed, 0, self._tokens, out=self._h)
-        runs = self._skip_runs(kept) if self.fill != "mask" and len(kept) < cfg.num_layers else []
-        project = {first: f for first, f, _ in runs} if self.fill == "project" else {}
+        project, copy = self._fill_flags(kept) if rows is None else (rows.project, rows.copy)
         kept_set = set(kept)
         h, tmp = self._h, self._h2
         for l in range(cfg.num_layers):
@@ -387,30 +391,41 @@ class Decoder:
                 self.op_calls["write_kv"] += 1
             if l not in kept_set:
                 continue
-            lw = w.layers[l]
+            lw, active = w.layers[l], self._active if rows is None else rows.mask[l]
             ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, c.k[l], c.v[l], c.kv_valid[l],
-                           self._pos, self.rope_cos, self.rope_sin, self._active, cfg.eps)
-            ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, self._active, cfg.eps)
+                           self._pos, self.rope_cos, self.rope_sin, active, cfg.eps)
+            ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, active, cfg.eps)
             self.op_calls["attn_block"] += 1
             self.op_calls["mlp_block"] += 1
-        if self.fill == "copy" and runs:
+        if copy is not None:
             ops.write_kv(c.k, c.v, c.kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, self._pos, self.rope_cos,
-                         self.rope_sin, runs[0][1], "copy", cfg.eps)
+                         self.rope_sin, copy, "copy", cfg.eps)
             self.op_calls["write_kv"] += 1
         ops.lm_head(self._logits, h, w.final_norm, w.lm_head, cfg.eps)
         self.op_calls["lm_head"] += 1
         self._pos.add_(self._active)     # inactive rows keep their position
 
-    def _capture(self, kept: tuple) -> "torch.cuda.CUDAGraph":
+    def _fill_flags(self, kept: tuple) -> tuple:
+        """The write_kv flags of a uniform step: ({first layer of a skipped run: flags}, copy flags or None)."""
+        if self.fill == "mask" or len(kept) == self.cfg.num_layers:
+            return {}, None
+        runs = self._skip_runs(kept)
+        if self.fill == "project":
+            return {first: f for first, f, _ in runs}, None
+        return {}, runs[0][1]
+
+    def _capture(self, kept: tuple, rows=None) -> "torch.cuda.CUDAGraph":
         """Capture one decode step at this depth. Positions and tokens are device buffers, so the
-        graph serves every later step with the same kept set."""
+        graph serves every later step with the same kept set (and, for serving steps, the same plan
+        buffers, whatever they hold)."""
         t0 = time.perf_counter()
-        self._skip_runs(kept)           # build the flag tensors outside capture
+        if rows is None:
+            self._skip_runs(kept)       # build the flag tensors outside capture
         saved_pos = self._pos.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):   # warm-up run on a side stream, as capture requires
-            self._step_body(kept)
+            self._step_body(kept, rows)
         torch.cuda.current_stream().wait_stream(stream)
         self._pos.copy_(saved_pos)      # the warm-up step is redone by the first replay
         before = torch.cuda.memory_reserved()
@@ -418,14 +433,43 @@ class Decoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step_body(kept)
+            self._step_body(kept, rows)
         torch.cuda.synchronize()
         self._graph_stats["pool_bytes"] += torch.cuda.memory_reserved() - before
         self._graph_stats["capture_s"] += time.perf_counter() - t0
-        self._graphs[kept] = graph
+        self._graphs[kept if rows is None else (kept, "rows")] = graph
         if self.log is not None:
-            self.log(f"captured CUDA graph for {len(kept)} layers ({time.perf_counter() - t0:.2f} s)")
+            self.log(f"captured CUDA graph for {len(kept)} layers{'' if rows is None else ' (serving)'} "
+                     f"({time.perf_counter() - t0:.2f} s)")
         return graph
+
+    # ------------------------------------------------------------------ serving (d3kernels/serving.py)
+    def _admit_row(self, b: int, ids: list) -> None:
+        """Prefill one request into slot b at full depth, leaving the other slots as they are; its logits
+        go to logits[b]. The caller (serving.Server) checked that it fits."""
+        c = self.cache
+        c.kv_valid[:, b].zero_()
+        t = torch.tensor([ids], dtype=torch.int64, device=self.device)
+        reference_prefill(self._h[b:b + 1], t, [len(ids)], self.model.weights, c.k[:, b:b + 1], c.v[:, b:b + 1],
+                          c.kv_valid[:, b:b + 1], self.rope_cos, self.rope_sin, self.cfg.eps)
+        self._pos[b] = len(ids)
+        self._seq_len[b] = len(ids)
+        self._active[b] = 1
+        w = self.model.weights
+        self.ops.lm_head(self._logits[b:b + 1], self._h[b:b + 1], w.final_norm, w.lm_head, self.cfg.eps)
+
+    def _rows_step(self, kept: tuple, rows) -> torch.Tensor:
+        """One serving step over every slot: active slots advance one position; `rows` (device buffers)
+        says which of them run which layer of `kept`, the union of their kept sets. Returns logits [B, V]."""
+        if self.graphs_enabled:
+            graph = self._graphs.get((kept, "rows"))
+            if graph is None:
+                graph = self._capture(kept, rows)
+            graph.replay()
+        else:
+            self._step_body(kept, rows)
+        self._seq_len = [n + int(a) for n, a in zip(self._seq_len, self._active.tolist())]
+        return self._logits
 
     def decode(self, n: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:

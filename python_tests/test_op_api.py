@@ -359,7 +359,7 @@ LAYERS = [
     ("backends",),     # the backend table
     ("ops",),          # the public op API
     ("decoder",),      # the driver
-    ("generate", "hf"),
+    ("generate", "hf", "serving"),
     ("calibrate",),
     ("eval",),
     ("__init__",),

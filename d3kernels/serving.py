@@ -1,0 +1,233 @@
+"""Serving D3: requests join and leave between steps, and the rows of one batch sit at different D3 steps.
+
+    server = d3kernels.Server(model, D3Schedule(L), max_batch=8, max_seq_len=2048)
+    rid = server.add(prompt_ids, max_new_tokens=64)    # prefilled now, in a free slot
+    while server.live:
+        for rid, token in server.step().items():       # one decode step of every live request
+            ...
+    server.result(rid)                                 # the request's tokens, and why it stopped
+
+Each request has its own step index i, so its own kept set. A step runs the union of the live requests'
+kept sets; since the sets are nested, that is the youngest request's. At each layer of the union, a row
+whose own schedule skips the layer passes its hidden state through unchanged (it is an inactive row for
+that layer's launches) and writes K/V by the fill policy: "mask" writes nothing (kv_valid stays 0, zeroed
+when the slot was taken), "project" and "copy" write through write_kv. Which rows run which layer is one
+[L, B] mask in device memory, rewritten in place every step, so a captured CUDA graph (one per union kept
+set) stays valid whatever the rows' steps are.
+
+A new request is prefilled in its own call, between decode steps, at full depth (the prefill is the
+reference's; it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
+Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
+needs a prefill kernel first.
+
+This module holds the serving state (requests, slots, step indices, the per-step plan). The device step
+itself is Decoder._step_body, shared with single-request decoding.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .decoder import Decoder, _as_rows
+from .model import Model
+from .schedule import D3Schedule
+
+
+@dataclass
+class Request:
+    """One request: its slot, prompt, generated tokens and step index (the index of its next token)."""
+    rid: int
+    slot: int
+    prompt: list
+    max_new_tokens: int
+    eos: frozenset
+    tokens: list = field(default_factory=list)
+    i: int = 1
+    finished: Optional[str] = None          # "eos" | "length" | "cancelled"
+    layers: list = field(default_factory=list)   # kept layers of each of its steps (step 0: the prompt)
+
+
+class StepPlan:
+    """Device buffers of the serving step, rewritten in place each step (graph-safe):
+    mask [L, B] (row b runs layer l), project {l: flags [L, B]} (rows whose skipped run starts at l,
+    marked over that run) and copy flags [L, B] (every layer a row skips), per the fill policy."""
+
+    def __init__(self, L: int, B: int, fill: str, device):
+        self.L, self.B, self.fill, self.device = L, B, fill, device
+        self.mask = torch.zeros(L, B, dtype=torch.uint8, device=device)
+        self._project_all = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
+            if fill == "project" else {}
+        self.project: dict = {}
+        self.copy = torch.zeros(L, B, dtype=torch.uint8, device=device) if fill == "copy" else None
+
+    def update(self, kept_sets: dict, union: tuple, never_skipped: set) -> None:
+        """kept_sets: slot -> that row's kept layers this step; union: their union."""
+        L, B = self.L, self.B
+        mask = torch.zeros(L, B, dtype=torch.uint8)
+        for b, kept in kept_sets.items():
+            mask[list(kept), b] = 1
+        self.mask.copy_(mask)
+        if self.fill == "copy":
+            skip = torch.zeros(L, B, dtype=torch.uint8)
+            for b in kept_sets:
+                skip[:, b] = 1 - mask[:, b]
+            self.copy.copy_(skip)
+        elif self.fill == "project":
+            # The launch structure depends only on the union: a write_kv at every union layer some row may
+            # skip, and at the start of every run the union skips. Flags say which rows start a run there.
+            starts = [l for l in range(L) if l in union and l not in never_skipped] + \
+                     [l for l in range(L) if l not in union and (l == 0 or l - 1 in union)]
+            flags = {l: torch.zeros(L, B, dtype=torch.uint8) for l in starts}
+            for b, kept in kept_sets.items():
+                ks = set(kept)
+                for l in range(L):
+                    if l in ks or (l > 0 and l - 1 not in ks):
+                        continue
+                    end = l
+                    while end < L and end not in ks:
+                        end += 1
+                    flags[l][l:end, b] = 1
+            self.project = {}
+            for l in sorted(starts):
+                self._project_all[l].copy_(flags[l])
+                self.project[l] = self._project_all[l]
+
+
+class Server:
+    """Continuous batching with D3 over a Decoder's cache: add(), step(), finish(), result().
+
+    Args: as Decoder (max_batch is the number of slots). temperature etc. apply to every request.
+    """
+
+    def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 8,
+                 max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask", temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, cuda_graphs=None, log=None):
+        self.decoder = Decoder(model, schedule, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend,
+                               fill=fill, cuda_graphs=cuda_graphs, log=log)
+        dec = self.decoder
+        dec.reset()
+        dec._active.zero_()
+        dec.batch = max_batch
+        self.schedule = dec.schedule
+        self.sampling = (temperature, top_k, top_p)
+        self.generator = None
+        if temperature > 0:
+            self.generator = torch.Generator(device=dec.device)
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.plan = StepPlan(model.config.num_layers, max_batch, fill, dec.device)
+        self._never_skipped = set(self.schedule.kept_layers(10 ** 9))
+        self._slots: list = [None] * max_batch
+        self._ids = itertools.count()
+        self.requests: dict = {}
+        self.step_depths: list = []          # union depth of every step run
+        self.row_depths: list = []           # per step: the mean of the live rows' own depths
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def live(self) -> list:
+        """Ids of the requests still generating."""
+        return [r.rid for r in self._slots if r is not None]
+
+    def add(self, prompt, max_new_tokens: int = 64, ignore_eos: bool = False) -> int:
+        """Prefill a request into a free slot; returns its id. Its first token is sampled at once
+        (result(rid).tokens[0]). Raises, changing nothing, if no slot is free or it cannot fit."""
+        dec = self.decoder
+        rows = _as_rows(prompt, dec.cfg.vocab, dec.device)
+        if len(rows) != 1:
+            raise ValueError(f"add() takes one prompt, got {len(rows)}")
+        ids = rows[0]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(ids) + max_new_tokens > dec.cache.max_seq_len:
+            raise ValueError(f"cache overflow: prompt of {len(ids)} tokens + {max_new_tokens} new tokens > "
+                             f"max_seq_len={dec.cache.max_seq_len}")
+        free = [b for b, r in enumerate(self._slots) if r is None]
+        if not free:
+            raise RuntimeError(f"the cache is full: all {len(self._slots)} slots hold live requests "
+                               f"({self.live}); retry after one finishes, or create the Server with a larger "
+                               "max_batch")
+        b = free[0]
+        r = Request(next(self._ids), b, list(ids), max_new_tokens,
+                    frozenset() if ignore_eos else frozenset(dec.cfg.eos_token_ids))
+        dec._admit_row(b, ids)
+        tok = self._sample(b)[0]
+        self._slots[b] = r
+        self.requests[r.rid] = r
+        r.layers.append(self.schedule.kept_layers(0))
+        self._emit(r, tok)
+        return r.rid
+
+    def finish(self, rid: int) -> None:
+        """Stop a live request now (its slot is freed for the next add())."""
+        r = self._live(rid)
+        self._release(r, "cancelled")
+
+    def result(self, rid: int) -> Request:
+        """The request: .tokens (generated so far), .finished (None while live), .layers."""
+        if rid not in self.requests:
+            raise KeyError(f"no request {rid}")
+        return self.requests[rid]
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict:
+        """One decode step of every live request; returns {rid: its new token}. Requests that finish
+        leave their slot."""
+        live = [r for r in self._slots if r is not None]
+        if not live:
+            return {}
+        dec = self.decoder
+        kept_sets = {r.slot: self.schedule.kept_layers(r.i) for r in live}
+        union = tuple(sorted(set().union(*kept_sets.values())))
+        self.plan.update(kept_sets, union, self._never_skipped)
+        dec._rows_step(union, self.plan)
+        toks = self._sample()
+        self.step_depths.append(len(union))
+        self.row_depths.append(sum(len(k) for k in kept_sets.values()) / len(kept_sets))
+        out = {}
+        for r in live:
+            r.layers.append(kept_sets[r.slot])
+            r.i += 1
+            out[r.rid] = toks[r.slot]
+            self._emit(r, toks[r.slot])
+        return out
+
+    def run(self) -> None:
+        """Step until no request is live."""
+        while self.live:
+            self.step()
+
+    def stats(self) -> dict:
+        """Steps run, mean union depth per step, mean depth of the rows, CUDA graphs captured."""
+        n = len(self.step_depths)
+        return {"steps": n, "mean_step_depth": sum(self.step_depths) / n if n else float("nan"),
+                "mean_row_depth": sum(self.row_depths) / n if n else float("nan"),
+                "graphs": len(self.decoder._graphs), "backend": self.decoder.backend}
+
+    # ------------------------------------------------------------------ internals
+    def _sample(self, slot: Optional[int] = None) -> list:
+        """Sample every slot's next token (or only `slot`'s) into the token buffer; returns them."""
+        dec = self.decoder
+        rows = slice(None) if slot is None else slice(slot, slot + 1)
+        dec.ops.sample(dec._tokens[rows], dec._logits[rows], *self.sampling, self.generator)
+        return dec._tokens[rows].tolist()
+
+    def _emit(self, r: Request, tok: int) -> None:
+        r.tokens.append(tok)
+        if tok in r.eos:
+            self._release(r, "eos")
+        elif len(r.tokens) >= r.max_new_tokens:
+            self._release(r, "length")
+
+    def _release(self, r: Request, why: str) -> None:
+        r.finished = why
+        self._slots[r.slot] = None
+        self.decoder._active[r.slot] = 0
+
+    def _live(self, rid: int) -> Request:
+        r = self.requests.get(rid)
+        if r is None or r.finished is not None:
+            raise KeyError(f"request {rid} is not live")
+        return r
