@@ -18,6 +18,7 @@ import torch
 
 from . import backends
 from .cache import KVCache
+from .engine import run_layers
 from .model import Model, rope_tables
 from .ops import FILL_MODES, check_sampling
 from .reference import prefill as reference_prefill
@@ -375,33 +376,19 @@ class Decoder:
     def _step_body(self, kept: tuple, rows=None) -> None:
         """The device work of one step; allocation-free, so it can be captured in a CUDA graph.
 
-        rows: None (every active row runs every layer in `kept`) or a serving step plan
-        (d3kernels/serving.py) whose device buffers say which rows run each layer (.mask [L, B]) and
-        what the rows that skip it write (.project {layer: flags [L, B]}, .copy flags [L, B] or None).
+        rows: None (every active row runs every layer in `kept`) or engine Buffers loaded with a serving
+        step's plan: which rows run each layer and what the others write (d3kernels/engine.py).
         """
-        w, c, cfg, ops = self.model.weights, self.cache, self.cfg, self.ops
+        w, c, cfg = self.model.weights, self.cache, self.cfg
         torch.index_select(w.embed, 0, self._tokens, out=self._h)
-        project, copy = self._fill_flags(kept) if rows is None else (rows.project, rows.copy)
-        kept_set = set(kept)
-        h, tmp = self._h, self._h2
-        for l in range(cfg.num_layers):
-            if l in project:            # the state entering a skipped run also leaves it unchanged
-                ops.write_kv(c.k, c.v, c.kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, self._pos, self.rope_cos,
-                             self.rope_sin, project[l], "project", cfg.eps)
-                self.op_calls["write_kv"] += 1
-            if l not in kept_set:
-                continue
-            lw, active = w.layers[l], self._active if rows is None else rows.mask[l]
-            ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, c.k[l], c.v[l], c.kv_valid[l],
-                           self._pos, self.rope_cos, self.rope_sin, active, cfg.eps)
-            ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, active, cfg.eps)
-            self.op_calls["attn_block"] += 1
-            self.op_calls["mlp_block"] += 1
-        if copy is not None:
-            ops.write_kv(c.k, c.v, c.kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, self._pos, self.rope_cos,
-                         self.rope_sin, copy, "copy", cfg.eps)
-            self.op_calls["write_kv"] += 1
-        ops.lm_head(self._logits, h, w.final_norm, w.lm_head, cfg.eps)
+        if rows is None:
+            project, copy, mask = *self._fill_flags(kept), None
+        else:
+            project, copy, mask = rows.project_for_kept(kept), rows.copy, rows.mask
+        run_layers(self.ops, kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, self._pos, self.rope_cos,
+                   self.rope_sin, self._active, cfg.eps, mask=mask, project=project, copy=copy,
+                   counts=self.op_calls)
+        self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, cfg.eps)
         self.op_calls["lm_head"] += 1
         self._pos.add_(self._active)     # inactive rows keep their position
 

@@ -20,8 +20,9 @@ reference's; it is not where D3 saves time), so a decode step's launches never d
 Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
 needs a prefill kernel first.
 
-This module holds the serving state (requests, slots, step indices, the per-step plan). The device step
-itself is Decoder._step_body, shared with single-request decoding.
+This module holds the serving state (requests, slots, step indices). The per-step plan is
+d3kernels.engine.plan (host) loaded into engine.Buffers (device); the device step is Decoder._step_body,
+shared with single-request decoding.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from . import engine
 from .decoder import Decoder, _as_rows
 from .model import Model
 from .schedule import D3Schedule
@@ -48,52 +50,6 @@ class Request:
     i: int = 1
     finished: Optional[str] = None          # "eos" | "length" | "cancelled"
     layers: list = field(default_factory=list)   # kept layers of each of its steps (step 0: the prompt)
-
-
-class StepPlan:
-    """Device buffers of the serving step, rewritten in place each step (graph-safe):
-    mask [L, B] (row b runs layer l), project {l: flags [L, B]} (rows whose skipped run starts at l,
-    marked over that run) and copy flags [L, B] (every layer a row skips), per the fill policy."""
-
-    def __init__(self, L: int, B: int, fill: str, device):
-        self.L, self.B, self.fill, self.device = L, B, fill, device
-        self.mask = torch.zeros(L, B, dtype=torch.uint8, device=device)
-        self._project_all = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
-            if fill == "project" else {}
-        self.project: dict = {}
-        self.copy = torch.zeros(L, B, dtype=torch.uint8, device=device) if fill == "copy" else None
-
-    def update(self, kept_sets: dict, union: tuple, never_skipped: set) -> None:
-        """kept_sets: slot -> that row's kept layers this step; union: their union."""
-        L, B = self.L, self.B
-        mask = torch.zeros(L, B, dtype=torch.uint8)
-        for b, kept in kept_sets.items():
-            mask[list(kept), b] = 1
-        self.mask.copy_(mask)
-        if self.fill == "copy":
-            skip = torch.zeros(L, B, dtype=torch.uint8)
-            for b in kept_sets:
-                skip[:, b] = 1 - mask[:, b]
-            self.copy.copy_(skip)
-        elif self.fill == "project":
-            # The launch structure depends only on the union: a write_kv at every union layer some row may
-            # skip, and at the start of every run the union skips. Flags say which rows start a run there.
-            starts = [l for l in range(L) if l in union and l not in never_skipped] + \
-                     [l for l in range(L) if l not in union and (l == 0 or l - 1 in union)]
-            flags = {l: torch.zeros(L, B, dtype=torch.uint8) for l in starts}
-            for b, kept in kept_sets.items():
-                ks = set(kept)
-                for l in range(L):
-                    if l in ks or (l > 0 and l - 1 not in ks):
-                        continue
-                    end = l
-                    while end < L and end not in ks:
-                        end += 1
-                    flags[l][l:end, b] = 1
-            self.project = {}
-            for l in sorted(starts):
-                self._project_all[l].copy_(flags[l])
-                self.project[l] = self._project_all[l]
 
 
 class Server:
@@ -117,8 +73,8 @@ class Server:
         if temperature > 0:
             self.generator = torch.Generator(device=dec.device)
             self.generator.manual_seed(seed if seed is not None else torch.seed())
-        self.plan = StepPlan(model.config.num_layers, max_batch, fill, dec.device)
-        self._never_skipped = set(self.schedule.kept_layers(10 ** 9))
+        self.fill = fill
+        self.buffers = engine.Buffers(model.config.num_layers, max_batch, fill, dec.device, self.schedule)
         self._slots: list = [None] * max_batch
         self._ids = itertools.count()
         self.requests: dict = {}
@@ -179,10 +135,13 @@ class Server:
         if not live:
             return {}
         dec = self.decoder
+        steps = [None] * len(self._slots)
+        for r in live:
+            steps[r.slot] = r.i
+        p = engine.plan(self.schedule, steps, self.fill)
+        dec._rows_step(p.kept, self.buffers.load(p))
         kept_sets = {r.slot: self.schedule.kept_layers(r.i) for r in live}
-        union = tuple(sorted(set().union(*kept_sets.values())))
-        self.plan.update(kept_sets, union, self._never_skipped)
-        dec._rows_step(union, self.plan)
+        union = p.kept
         toks = self._sample()
         self.step_depths.append(len(union))
         self.row_depths.append(sum(len(k) for k in kept_sets.values()) / len(kept_sets))

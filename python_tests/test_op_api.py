@@ -354,7 +354,7 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
     ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "reference"),  # torch and the standard library
-    ("cache", "speed", "triton"),
+    ("cache", "speed", "triton", "engine"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu
     ("backends",),     # the backend table
     ("ops",),          # the public op API

@@ -1,0 +1,147 @@
+"""The engine-facing API, split like FlashInfer's plan / run.
+
+    p = engine.plan(schedule, steps, fill)        # host: union kept set, [L, B] row mask, write flags
+    bufs.load(p)                                   # into engine-owned device buffers (no allocation)
+    engine.run_layers(torch.ops.d3k, p.kept, weights, k, v, kv_valid, h, tmp, pos, cos, sin, active,
+                      eps, mask=bufs.mask, project=bufs.project_for(p), copy=bufs.copy)
+
+`plan` is pure host work: from each row's D3 step index (None for an empty slot) it computes the layers
+the step runs (the union of the rows' kept sets: the youngest row's, since the sets are nested), which
+rows run each of them, and what the rows that skip a layer write under the fill policy. `run_layers`
+issues only the ops, on buffers the engine owns: no host sync and no allocation, so an engine can capture
+it in its own CUDA graph (one per union kept set: the launch structure depends on nothing else) or
+compile it with torch.compile(fullgraph=True). d3kernels.serving.Server is built on the same two.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .schedule import D3Schedule
+
+
+@dataclass
+class Plan:
+    """One step's plan (host tensors). kept: the layers the step runs; mask [L, B] uint8: row b runs
+    layer l; project: {layer: flags [L, B]} launches of write_kv "project" (the rows whose own skipped
+    run starts at that layer, marked over the run); copy: flags [L, B] of write_kv "copy" (every layer a
+    row skips) or None."""
+    kept: tuple
+    mask: torch.Tensor
+    project: dict
+    copy: Optional[torch.Tensor]
+
+
+def _project_layers(kept: tuple, never_skipped: set, L: int) -> list:
+    """The write_kv "project" launches of a step that runs `kept`: every kept layer some row may skip, and
+    the first layer of every run the union skips. Depends only on `kept`, so it is graph-safe."""
+    ks = set(kept)
+    return [l for l in range(L) if (l in ks and l not in never_skipped) or (l not in ks and (l == 0 or l - 1 in ks))]
+
+
+def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask") -> Plan:
+    """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1), or None for a row
+    that does not run (an empty slot)."""
+    if fill not in ("mask", "project", "copy"):
+        raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
+    L, B = schedule.num_layers, len(steps)
+    rows = {b: schedule.kept_layers(i) for b, i in enumerate(steps) if i is not None}
+    for b, i in enumerate(steps):
+        if i is not None and (not isinstance(i, int) or i < 1):
+            raise ValueError(f"row {b}: step index {i!r} must be an integer >= 1 (step 0 is the prompt pass)")
+    kept = tuple(sorted(set().union(*rows.values()))) if rows else ()
+    mask = torch.zeros(L, B, dtype=torch.uint8)
+    for b, k in rows.items():
+        mask[list(k), b] = 1
+    project, copy = {}, None
+    if fill == "copy":
+        copy = torch.zeros(L, B, dtype=torch.uint8)
+        for b in rows:
+            copy[:, b] = 1 - mask[:, b]
+    elif fill == "project" and rows:
+        never = set(schedule.kept_layers(10 ** 9))
+        for l in _project_layers(kept, never, L):
+            f = torch.zeros(L, B, dtype=torch.uint8)
+            for b, k in rows.items():
+                ks = set(k)
+                if l in ks or (l > 0 and l - 1 not in ks):
+                    continue                    # row b's skipped run does not start at l
+                end = l
+                while end < L and end not in ks:
+                    end += 1
+                f[l:end, b] = 1
+            project[l] = f
+    return Plan(kept, mask, project, copy)
+
+
+class Buffers:
+    """Engine-owned device buffers for plans of L layers and B rows, allocated once: load() copies a plan
+    into them in place (a captured graph or compiled step keeps seeing the same storage)."""
+
+    def __init__(self, L: int, B: int, fill: str, device, schedule: Optional[D3Schedule] = None):
+        """schedule: needed for fill "project" (the layers no row ever skips launch no write)."""
+        if fill == "project" and schedule is None:
+            raise ValueError("Buffers for fill 'project' need the schedule")
+        self.fill = fill
+        self._never = set(schedule.kept_layers(10 ** 9)) if schedule is not None else set()
+        self.mask = torch.zeros(L, B, dtype=torch.uint8, device=device)
+        self._project = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
+            if fill == "project" else {}
+        self.copy = torch.zeros(L, B, dtype=torch.uint8, device=device) if fill == "copy" else None
+
+    def load(self, p: Plan) -> "Buffers":
+        """Copy plan `p` in (host to device, no allocation on the device)."""
+        self.mask.copy_(p.mask, non_blocking=True)
+        for l, f in p.project.items():
+            self._project[l].copy_(f, non_blocking=True)
+        if self.copy is not None and p.copy is not None:
+            self.copy.copy_(p.copy, non_blocking=True)
+        return self
+
+    def project_for(self, p: Plan) -> dict:
+        """The project flags of plan p's launches, as views of these buffers."""
+        return self.project_for_kept(p.kept)
+
+    def project_for_kept(self, kept: tuple) -> dict:
+        """The project flags of a step that runs `kept` (the launches depend only on it)."""
+        if self.fill != "project" or not kept:
+            return {}
+        return {l: self._project[l] for l in _project_layers(kept, self._never, len(self._project))}
+
+
+def run_layers(ops, kept: tuple, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tensor,
+               h: torch.Tensor, tmp: torch.Tensor, pos: torch.Tensor, rope_cos: torch.Tensor,
+               rope_sin: torch.Tensor, active: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None,
+               project: Optional[dict] = None, copy: Optional[torch.Tensor] = None,
+               counts: Optional[Counter] = None) -> None:
+    """The decoder layers of one step, in place: h [B, d] (tmp [B, d] is scratch) goes through the layers
+    in `kept`; K/V at pos [B] go to k_cache / v_cache [L, B, H_kv, S, D] and kv_valid [L, B, S].
+    ops: a backend module (backends.get(...)) or torch.ops.d3k. mask [L, B] uint8 (device): the rows
+    that run each layer (default: `active` [B] for every layer); project {layer: flags [L, B]} and copy
+    flags [L, B]: the fill writes (see plan()). Issues only ops: no host sync, no allocation."""
+    w = weights
+    project = project or {}
+    kept_set = set(kept)
+    for l in range(k_cache.shape[0]):
+        if l in project:            # the state entering a skipped run also leaves it unchanged
+            ops.write_kv(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, pos, rope_cos, rope_sin,
+                         project[l], "project", eps)
+            if counts is not None:
+                counts["write_kv"] += 1
+        if l not in kept_set:
+            continue
+        lw, rows = w.layers[l], active if mask is None else mask[l]
+        ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k_cache[l], v_cache[l], kv_valid[l], pos,
+                       rope_cos, rope_sin, rows, eps)
+        ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, rows, eps)
+        if counts is not None:
+            counts["attn_block"] += 1
+            counts["mlp_block"] += 1
+    if copy is not None:
+        ops.write_kv(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, pos, rope_cos, rope_sin, copy,
+                     "copy", eps)
+        if counts is not None:
+            counts["write_kv"] += 1
