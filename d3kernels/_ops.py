@@ -10,11 +10,13 @@ It also provides:
 - ``arch_problem(device)``: None when _C holds code for the device's compute
   capability, else a message naming D3K_CUDA_ARCHS.
 - ``cuda_ops``: the CUDA backend, a ``CudaKernels`` over _C (attn_block,
-  mlp_block, write_kv, lm_head, sample with the reference signatures) on CUDA
+  mlp_block, write_kv, attn_block_paged, write_kv_paged, lm_head, sample with
+  the reference signatures) on CUDA
   tensors; ``cuda_emu_ops``: the "cuda-emu" backend, the same over _C_emu on
   CPU tensors. See ``CudaKernels`` for scratch handling.
 - ``torch.ops.d3k.*``, the low-level API (README, "Low-level API"): attn_block,
-  mlp_block, write_kv, lm_head, sample_greedy and sample, torch.library ops that
+  mlp_block, write_kv, attn_block_paged, write_kv_paged (a paged KV cache),
+  lm_head, sample_greedy and sample, torch.library ops that
   mutate their annotated arguments and return nothing. CPU kernel: the
   argument checks, then the reference; CUDA kernel: the CUDA kernels (sample
   with temperature > 0: the reference's pure-torch code, no host sync); fake
@@ -135,7 +137,7 @@ def _stream(index: int) -> int:
 
 class CudaKernels:
     """The kernels of one compiled module with the reference ops' signatures (attn_block, mlp_block,
-    write_kv, lm_head, sample). Each call checks its arguments (checks.check_*), passes raw pointers, sizes
+    write_kv, attn_block_paged, write_kv_paged, lm_head, sample). Each call checks its arguments (checks.check_*), passes raw pointers, sizes
     and a stream to the module, and raises RuntimeError with the launcher's message on failure.
 
     Two instances exist: `cuda_ops` runs d3kernels._C on CUDA tensors; `cuda_emu_ops` runs
@@ -258,6 +260,52 @@ class CudaKernels:
                    rope_cos.data_ptr(), rope_sin.data_ptr(), flags.data_ptr(), FILL_MODE_CODES[mode], L, B, d, H, H_kv,
                    D, S, T, rope_ld, float(eps), code, idx, self._stream(idx))
 
+    def attn_block_paged(self, out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table,
+                         pos, slot_mapping, rope_cos, rope_sin, row_active, eps) -> None:
+        """attn_block_paged (reference signature). page_size must be a multiple of 16. The kernels cannot raise
+        without a host sync, so: a running row (row_active = 1, slot_mapping >= 0) whose pos is outside
+        [0, min(max_pages * page_size, rope rows)) or whose slot is past the pool gets NaN in out and writes
+        nothing; a block_table entry outside [0, num_pages) among the pages a running row reads makes that
+        row's out NaN (its K/V are still written); K/V are written at slot_mapping and read through
+        block_table, whether or not the two agree."""
+        idx = self._device(h)
+        code = _dtype_code(h.dtype)
+        if k_pages.dim() == 4:
+            _head_dim(k_pages.shape[3])
+        B, d, H, H_kv, D, P, ps, M = _checks.check_attn_block_paged(
+            out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos, slot_mapping,
+            rope_cos, rope_sin, row_active)
+        if ps % 16:
+            raise RuntimeError(f"page_size {ps} is not supported by the CUDA attention kernel (a multiple of 16)")
+        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
+        ws = self._attn_scratch(idx, B, H, H_kv, D, M * ps)   # the split plan of a cache of max_pages pages
+        self._call(self.C.attn_block_paged, out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
+                   0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(),
+                   kv_valid_pages.data_ptr(), block_table.data_ptr(), pos.data_ptr(), slot_mapping.data_ptr(),
+                   rope_cos.data_ptr(), rope_sin.data_ptr(), row_active.data_ptr(), ws["q"].data_ptr(),
+                   ws["o"].data_ptr(), ws["ml"].data_ptr(), ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d,
+                   H, H_kv, D, P, ps, M, T, rope_ld, ws["plan"]["num_splits"], float(eps), code, idx,
+                   self._stream(idx))
+
+    def write_kv_paged(self, k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                       slot_mapping, rope_cos, rope_sin, flags, mode, eps) -> None:
+        """write_kv_paged (reference signature). Rows with slot_mapping < 0 write nothing; a flagged row whose
+        slot is past the pool or whose pos is outside [0, min(max_pages * page_size, rope rows)) is left
+        untouched (the kernels cannot raise without a host sync). block_table is not read."""
+        idx = self._device(k_pages)
+        code = _dtype_code(k_pages.dtype)
+        if k_pages.dim() == 5:
+            _head_dim(k_pages.shape[4])
+        L, B, d, H, H_kv, D, P, ps, M = _checks.check_write_kv_paged(
+            k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos, slot_mapping, rope_cos,
+            rope_sin, flags, mode)
+        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
+        self._call(self.C.write_kv_paged, k_pages.data_ptr(), v_pages.data_ptr(), kv_valid_pages.data_ptr(),
+                   src_h.data_ptr(), norms.data_ptr(), wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(),
+                   pos.data_ptr(), slot_mapping.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
+                   flags.data_ptr(), FILL_MODE_CODES[mode], L, B, d, H, H_kv, D, P, ps, M, T, rope_ld, float(eps),
+                   code, idx, self._stream(idx))
+
     def lm_head(self, logits, h, final_norm, w_lm, eps) -> None:
         """lm_head (reference signature)."""
         idx = self._device(h)
@@ -300,6 +348,16 @@ SCHEMAS = {
     "write_kv": "write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) kv_valid, Tensor src_h, "
                 "Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor pos, Tensor rope_cos, Tensor rope_sin, "
                 "Tensor flags, str fill_mode, float eps) -> ()",
+    # Paged KV cache (one layer's pages for attn_block_paged, the [L, ...] stack for write_kv_paged);
+    # slot_mapping is int64, -1 = write (and run) nothing.
+    "attn_block_paged": "attn_block_paged(Tensor(a!) out, Tensor h, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, "
+                        "Tensor wo, Tensor(b!) k_pages, Tensor(c!) v_pages, Tensor(d!) kv_valid_pages, "
+                        "Tensor block_table, Tensor pos, Tensor slot_mapping, Tensor rope_cos, Tensor rope_sin, "
+                        "Tensor row_active, float eps) -> ()",
+    "write_kv_paged": "write_kv_paged(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) kv_valid_pages, "
+                      "Tensor src_h, Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor block_table, Tensor pos, "
+                      "Tensor slot_mapping, Tensor rope_cos, Tensor rope_sin, Tensor flags, str fill_mode, "
+                      "float eps) -> ()",
     "lm_head": "lm_head(Tensor(a!) logits, Tensor h, Tensor final_norm, Tensor w_lm, float eps) -> ()",
     # Sampling takes no generator (a schema cannot hold one): sample_greedy is the argmax, and sample takes
     # its randomness as a tensor, noise [B, V] float32 of Exp(1) draws, filled by the caller
@@ -330,6 +388,18 @@ def _check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, r
                            fill_mode)
 
 
+def _check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
+                            slot_mapping, rope_cos, rope_sin, row_active, eps) -> None:
+    _checks.check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table,
+                                   pos, slot_mapping, rope_cos, rope_sin, row_active)
+
+
+def _check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                          slot_mapping, rope_cos, rope_sin, flags, fill_mode, eps) -> None:
+    _checks.check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                                 slot_mapping, rope_cos, rope_sin, flags, fill_mode)
+
+
 def _check_lm_head(logits, h, final_norm, w_lm, eps) -> None:
     _checks.check_lm_head(logits, h, final_norm, w_lm)
 
@@ -344,6 +414,7 @@ def _check_sample(tokens, logits, noise, temperature, top_k, top_p) -> None:
 
 
 _CHECKS = {"attn_block": _check_attn_block, "mlp_block": _check_mlp_block, "write_kv": _check_write_kv,
+           "attn_block_paged": _check_attn_block_paged, "write_kv_paged": _check_write_kv_paged,
            "lm_head": _check_lm_head, "sample_greedy": _check_sample_greedy, "sample": _check_sample}
 
 
@@ -360,8 +431,10 @@ def _cuda_sample_greedy(tokens, logits) -> None:
 
 
 _REF_IMPLS = {"attn_block": _ref.attn_block, "mlp_block": _ref.mlp_block, "write_kv": _ref.write_kv,
+              "attn_block_paged": _ref.attn_block_paged, "write_kv_paged": _ref.write_kv_paged,
               "lm_head": _ref.lm_head, "sample_greedy": _sample_greedy, "sample": _sample}
 _CUDA_IMPLS = {"attn_block": cuda_ops.attn_block, "mlp_block": cuda_ops.mlp_block, "write_kv": cuda_ops.write_kv,
+               "attn_block_paged": cuda_ops.attn_block_paged, "write_kv_paged": cuda_ops.write_kv_paged,
                "lm_head": cuda_ops.lm_head, "sample_greedy": _cuda_sample_greedy}
 _CUDA_TORCH = ("sample",)       # pure torch on CUDA tensors too (no CUDA kernel; no host sync)
 

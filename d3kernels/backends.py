@@ -38,8 +38,10 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None) -> Optional[str]:
-    """None if `backend` can run ops on (device, dtype, head_dim), else the reason it cannot."""
+def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None,
+            page_size: Optional[int] = None) -> Optional[str]:
+    """None if `backend` can run ops on (device, dtype, head_dim), else the reason it cannot. page_size: the
+    page size of a paged KV cache that attn_block_paged reads (the CUDA kernels need a multiple of 16)."""
     device = torch.device(device)
     if backend == "reference":
         return None
@@ -71,6 +73,8 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
             return f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16)"
         if head_dim is not None and head_dim not in (64, 128):
             return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
+        if page_size is not None and page_size % 16:
+            return f"page_size {page_size} is not supported by the CUDA attention kernel (a multiple of 16)"
         return _ops.arch_problem(device)
     if backend == "cuda-emu":
         if not _ops.cuda_emu_ops.available:
@@ -81,11 +85,14 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
             return f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16)"
         if head_dim is not None and head_dim not in (64, 128):
             return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
+        if page_size is not None and page_size % 16:
+            return f"page_size {page_size} is not supported by the CUDA attention kernel (a multiple of 16)"
         return None
     raise ValueError(f"backend must be one of {('auto',) + ALL_BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None) -> str:
+def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None,
+            page_size: Optional[int] = None) -> str:
     """The concrete backend name for a request; raises if a named backend cannot run."""
     if backend == "auto":
         backend = os.environ.get("D3K_BACKEND", "auto") or "auto"
@@ -93,10 +100,10 @@ def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
         if torch.device(device).type == "cpu":
             return "reference"
         for b in BACKENDS:
-            if VERIFIED_ON_GPU.get(b, True) and why_not(b, device, dtype, head_dim) is None:
+            if VERIFIED_ON_GPU.get(b, True) and why_not(b, device, dtype, head_dim, page_size) is None:
                 return b
         return "reference"
-    reason = why_not(backend, device, dtype, head_dim)
+    reason = why_not(backend, device, dtype, head_dim, page_size)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
     return backend

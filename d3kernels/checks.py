@@ -115,6 +115,88 @@ def check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, ro
     return L, B, d, H, H_kv, D, S
 
 
+def _paged_common(block_table, pos, slot_mapping, B: int, D: int, dev) -> int:
+    """block_table [B, max_pages] int32, pos [B] int32, slot_mapping [B] int64; return max_pages."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[1] < 1:
+        raise ValueError(f"expected block_table of shape (B, max_pages >= 1), got "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    _expect("block_table", block_table, (B, block_table.shape[1]), torch.int32, dev)
+    _expect("pos", pos, (B,), torch.int32, dev)
+    _expect("slot_mapping", slot_mapping, (B,), torch.int64, dev)
+    return block_table.shape[1]
+
+
+def _paged_rope(rope_cos, rope_sin, D: int, dev) -> None:
+    """Paged caches take RoPE tables of any length >= 1: a position past them is out of range (the reference
+    raises, the kernels treat the row as out of range)."""
+    if not isinstance(rope_cos, torch.Tensor) or rope_cos.dim() != 2 or rope_cos.shape[0] < 1:
+        raise ValueError(f"expected rope_cos of shape (>= 1, D/2), got {tuple(getattr(rope_cos, 'shape', ()))}")
+    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+
+
+def check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
+                           slot_mapping, rope_cos, rope_sin, row_active) -> tuple:
+    """Validate attn_block_paged arguments (shapes, dtypes, devices, contiguity); return
+    (B, d, H, H_kv, D, num_pages, page_size, max_pages). block_table entries and slot_mapping values are data:
+    only the reference checks them (on the host)."""
+    if h.dim() != 2 or k_pages.dim() != 4 or wqkv.dim() != 2:
+        raise ValueError(f"expected h (B, d), k_pages (num_pages, page_size, H_kv, D) and wqkv "
+                         f"((H + 2*H_kv) * D, d), got {tuple(h.shape)}, {tuple(k_pages.shape)} and "
+                         f"{tuple(wqkv.shape)}")
+    B, d = h.shape
+    dt, dev = h.dtype, h.device
+    P, ps, H_kv, D = k_pages.shape
+    if P < 1 or ps < 1:
+        raise ValueError(f"expected k_pages with num_pages >= 1 and page_size >= 1, got {tuple(k_pages.shape)}")
+    H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
+    R = (H + 2 * H_kv) * D
+    _expect("out", out, (B, d), dt, dev)
+    _expect("h", h, (B, d), dt, dev)
+    _expect("attn_norm", attn_norm, (d,), dt, dev)
+    _expect("wqkv", wqkv, (R, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (R,), dt, dev)
+    _expect("wo", wo, (d, H * D), dt, dev)
+    _expect("k_pages", k_pages, (P, ps, H_kv, D), dt, dev)
+    _expect("v_pages", v_pages, (P, ps, H_kv, D), dt, dev)
+    _expect("kv_valid_pages", kv_valid_pages, (P, ps), torch.uint8, dev)
+    M = _paged_common(block_table, pos, slot_mapping, B, D, dev)
+    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    _paged_rope(rope_cos, rope_sin, D, dev)
+    return B, d, H, H_kv, D, P, ps, M
+
+
+def check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                         slot_mapping, rope_cos, rope_sin, flags, mode) -> tuple:
+    """Validate write_kv_paged arguments; return (L, B, d, H, H_kv, D, num_pages, page_size, max_pages)."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    if k_pages.dim() != 5 or src_h.dim() != 2 or wqkv.dim() != 3:
+        raise ValueError(f"expected k_pages (L, num_pages, page_size, H_kv, D), src_h (B, d) and wqkv "
+                         f"(L, (H + 2*H_kv) * D, d), got {tuple(k_pages.shape)}, {tuple(src_h.shape)} and "
+                         f"{tuple(wqkv.shape)}")
+    L, P, ps, H_kv, D = k_pages.shape
+    if P < 1 or ps < 1:
+        raise ValueError(f"expected k_pages with num_pages >= 1 and page_size >= 1, got {tuple(k_pages.shape)}")
+    B, d = src_h.shape
+    dt, dev = k_pages.dtype, k_pages.device
+    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
+    R = (H + 2 * H_kv) * D
+    _expect("k_pages", k_pages, (L, P, ps, H_kv, D), dt, dev)
+    _expect("v_pages", v_pages, (L, P, ps, H_kv, D), dt, dev)
+    _expect("kv_valid_pages", kv_valid_pages, (L, P, ps), torch.uint8, dev)
+    _expect("src_h", src_h, (B, d), dt, dev)
+    _expect("norms", norms, (L, d), dt, dev)
+    _expect("wqkv", wqkv, (L, R, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (L, R), dt, dev)
+    M = _paged_common(block_table, pos, slot_mapping, B, D, dev)
+    _expect("flags", flags, (L, B), torch.uint8, dev)
+    _paged_rope(rope_cos, rope_sin, D, dev)
+    return L, B, d, H, H_kv, D, P, ps, M
+
+
 def check_lm_head(logits, h, final_norm, w_lm) -> tuple:
     """Validate lm_head arguments; return (B, d, V)."""
     if h.dim() != 2 or w_lm.dim() != 2:

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from . import backends
-from .checks import (FILL_MODES, _expect, check_attn_block, check_lm_head, check_mlp_block,  # noqa: F401
-                     check_sample, check_sampling, check_write_kv)
+from .checks import (FILL_MODES, _expect, check_attn_block, check_attn_block_paged, check_lm_head,  # noqa: F401
+                     check_mlp_block, check_sample, check_sampling, check_write_kv, check_write_kv_paged)
 
 def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
                bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -50,6 +50,40 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
     impl = backends.get(backends.resolve(backend, k_cache.device, k_cache.dtype, k_cache.shape[-1]))
     impl.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
                   float(eps))
+
+
+def attn_block_paged(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
+                     bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                     kv_valid_pages: torch.Tensor, block_table: torch.Tensor, pos: torch.Tensor,
+                     slot_mapping: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                     row_active: torch.Tensor, eps: float, backend: str = "auto") -> None:
+    """attn_block on one layer of a paged KV cache: k_pages / v_pages [num_pages, page_size, H_kv, D],
+    kv_valid_pages [num_pages, page_size] uint8, block_table [B, max_pages] int32 (row b's position p is
+    slot block_table[b, p // page_size] * page_size + p % page_size), pos [B] int32, slot_mapping [B] int64
+    (the new K/V's slot; -1: the row runs nothing). Rows with row_active = 1 and slot_mapping >= 0 write
+    K/V and kv_valid = 1 at their slot and attend to their positions p <= pos with kv_valid = 1; the others
+    get out = h. block_table and slot values are checked on the host by the reference only (see
+    d3kernels.reference.attn_block_paged)."""
+    check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
+                           slot_mapping, rope_cos, rope_sin, row_active)
+    impl = backends.get(backends.resolve(backend, h.device, h.dtype, k_pages.shape[-1], k_pages.shape[1]))
+    impl.attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
+                          slot_mapping, rope_cos, rope_sin, row_active, float(eps))
+
+
+def write_kv_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, kv_valid_pages: torch.Tensor,
+                   src_h: torch.Tensor, norms: torch.Tensor, wqkv: torch.Tensor, bqkv: Optional[torch.Tensor],
+                   block_table: torch.Tensor, pos: torch.Tensor, slot_mapping: torch.Tensor,
+                   rope_cos: torch.Tensor, rope_sin: torch.Tensor, flags: torch.Tensor, mode: str, eps: float,
+                   backend: str = "auto") -> None:
+    """write_kv on a paged KV cache: k_pages / v_pages [L, num_pages, page_size, H_kv, D] and kv_valid_pages
+    [L, num_pages, page_size] updated in place at slot_mapping[b] (>= 0) for every (l, b) with flags = 1;
+    pos[b] is the RoPE position. mode: "mask" | "project" | "copy" (DESIGN.md section 2)."""
+    check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                         slot_mapping, rope_cos, rope_sin, flags, mode)
+    impl = backends.get(backends.resolve(backend, k_pages.device, k_pages.dtype, k_pages.shape[-1]))
+    impl.write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
+                        slot_mapping, rope_cos, rope_sin, flags, mode, float(eps))
 
 
 def lm_head(logits: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, w_lm: torch.Tensor, eps: float,

@@ -34,10 +34,13 @@ from d3kernels.model import rope_tables
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "d3kernels")
 EPS = 1e-5
-OP_NAMES = ["attn_block", "mlp_block", "write_kv", "lm_head", "sample_greedy", "sample"]
+OP_NAMES = ["attn_block", "mlp_block", "write_kv", "attn_block_paged", "write_kv_paged", "lm_head", "sample_greedy",
+            "sample"]
 MUTATES = {"attn_block": ["out", "k_cache", "v_cache", "kv_valid"], "mlp_block": ["out"],
-           "write_kv": ["k_cache", "v_cache", "kv_valid"], "lm_head": ["logits"], "sample_greedy": ["tokens"],
-           "sample": ["tokens"]}
+           "write_kv": ["k_cache", "v_cache", "kv_valid"],
+           "attn_block_paged": ["out", "k_pages", "v_pages", "kv_valid_pages"],
+           "write_kv_paged": ["k_pages", "v_pages", "kv_valid_pages"], "lm_head": ["logits"],
+           "sample_greedy": ["tokens"], "sample": ["tokens"]}
 
 
 def _clone(t):
@@ -71,6 +74,21 @@ def cpu_args(name, variant=0):
         return (r(L, B, Hkv, S, D), r(L, B, Hkv, S, D), torch.ones(L, B, S, dtype=torch.uint8), r(B, d),
                 1 + 0.1 * r(L, d), r(L, R, d) * 0.3, None if variant else r(L, R) * 0.1,
                 torch.tensor([2, 5], dtype=torch.int32), cos, sin,
+                torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.uint8), "copy" if variant else "project", EPS)
+    if name in ("attn_block_paged", "write_kv_paged"):
+        # pages of 4 slots; row 0's positions live in pages 3, 0, row 1's in pages 1, 4 (page 2 unused);
+        # variant 1: row 1 writes nothing (slot -1)
+        P, ps = 5, 4
+        bt = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+        slots = torch.tensor([3 * ps + 3, -1 if variant else 4 * ps + 0], dtype=torch.int64)
+        pos = torch.tensor([3, 4], dtype=torch.int32)
+        if name == "attn_block_paged":
+            valid = (torch.rand(P, ps, generator=g) < 0.7).to(torch.uint8)
+            return (torch.empty(B, d), r(B, d), 1 + 0.1 * r(d), r(R, d) * 0.3, None if variant else r(R) * 0.1,
+                    r(d, H * D) * 0.3, r(P, ps, Hkv, D), r(P, ps, Hkv, D), valid, bt, pos, slots, cos, sin,
+                    torch.tensor([1, 0 if variant else 1], dtype=torch.uint8), EPS)
+        return (r(L, P, ps, Hkv, D), r(L, P, ps, Hkv, D), torch.ones(L, P, ps, dtype=torch.uint8), r(B, d),
+                1 + 0.1 * r(L, d), r(L, R, d) * 0.3, None if variant else r(L, R) * 0.1, bt, pos, slots, cos, sin,
                 torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.uint8), "copy" if variant else "project", EPS)
     if name == "lm_head":
         return (torch.empty(B, V), r(B, d), 1 + 0.1 * r(d), r(V, d) * 0.3, EPS)
@@ -182,6 +200,8 @@ BAD = [
     ("mlp_block", 5, torch.ones(2, dtype=torch.int32), "expected row_active of dtype torch.uint8"),
     ("attn_block", 9, torch.tensor([3, 4]), "expected pos of dtype torch.int32"),
     ("write_kv", 11, "fill", "mode must be one of"),
+    ("attn_block_paged", 11, torch.tensor([15, 16], dtype=torch.int32), "expected slot_mapping of dtype torch.int64"),
+    ("write_kv_paged", 7, torch.zeros(2, 2, dtype=torch.int64), "expected block_table of dtype torch.int32"),
     ("lm_head", 0, torch.empty(2, 11, dtype=torch.float16), "expected logits of dtype torch.float32"),
     ("sample_greedy", 0, torch.empty(3, dtype=torch.int64), r"expected tokens of shape \(2,\)"),
     ("sample", 3, -1.0, "temperature must be >= 0"),

@@ -275,3 +275,143 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
             gu = rms_norm(x, lw.mlp_norm, eps) @ _f(lw.w_gate_up).t()
             x = _f((x + (torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]) @ _f(lw.w_down).t()).to(dt))
         hidden_out[b] = x[-1].to(hidden_out.dtype)
+
+
+# --------------------------------------------------------------------------- paged KV cache
+# A pool of fixed-size pages per layer: k_pages / v_pages [(L,) num_pages, page_size, H_kv, D], validity
+# kv_valid_pages [(L,) num_pages, page_size] uint8. Row b's logical position p lives in physical slot
+# block_table[b, p // page_size] * page_size + p % page_size (slot s = page s // page_size, entry
+# s % page_size). slot_mapping [B] int64: the slot where row b's new K/V go; -1 = write nothing (and, in
+# attn_block_paged, run nothing: out = h). The kernels cannot check block_table or slot values without a
+# host sync; the reference reads them on the host and raises (_check_paged).
+
+def paged_slots(block_table: torch.Tensor, b: int, n: int, page_size: int) -> torch.Tensor:
+    """The physical slots [n] (int64) of row b's logical positions 0..n-1."""
+    p = torch.arange(n, device=block_table.device)
+    return block_table[b].long()[p // page_size] * page_size + p % page_size
+
+
+def _check_paged(op: str, rows: list, positions: list, slots: list, block_table: torch.Tensor, page_size: int,
+                 num_pages: int, limit: int) -> None:
+    """Host checks of the rows that write (and, in attn_block_paged, read): position in [0, limit), slot in
+    the pool, every block_table entry of positions 0..pos a page of the pool, the slot being the one
+    block_table gives pos, and no two rows writing the same slot."""
+    bt = block_table.tolist()
+    seen = {}
+    for b in rows:
+        p, s = positions[b], slots[b]
+        if not 0 <= p < limit:
+            raise ValueError(f"{op}: row {b} has position {p}, outside [0, {limit}) (block_table pages x "
+                             f"page_size and the RoPE tables)")
+        if not 0 <= s < num_pages * page_size:
+            raise ValueError(f"{op}: row {b} has slot_mapping {s}, outside [0, {num_pages * page_size}) "
+                             f"(num_pages x page_size)")
+        for i in range(p // page_size + 1):
+            if not 0 <= bt[b][i] < num_pages:
+                raise ValueError(f"{op}: block_table[{b}, {i}] = {bt[b][i]} is not a page of the pool "
+                                 f"[0, {num_pages})")
+        want = bt[b][p // page_size] * page_size + p % page_size
+        if s != want:
+            raise ValueError(f"{op}: row {b} writes slot {s}, but block_table puts its position {p} in slot "
+                             f"{want}")
+        if s in seen:
+            raise ValueError(f"{op}: rows {seen[s]} and {b} both write slot {s}")
+        seen[s] = b
+
+
+def attn_block_paged(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
+                     bqkv: Optional[torch.Tensor], wo: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                     kv_valid_pages: torch.Tensor, block_table: torch.Tensor, pos: torch.Tensor,
+                     slot_mapping: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                     row_active: torch.Tensor, eps: float) -> None:
+    """attn_block on one layer of a paged KV cache.
+
+    k_pages / v_pages [num_pages, page_size, H_kv, D] and kv_valid_pages [num_pages, page_size] uint8 (updated
+    in place at the rows' slots), block_table [B, max_pages] int32, pos [B] int32 (the new token's position:
+    RoPE, and attention covers logical positions p <= pos), slot_mapping [B] int64 (where the new K/V go,
+    -1 = nothing). Other arguments as in attn_block.
+
+    A row runs iff row_active = 1 and slot_mapping >= 0; other rows get out = h and write nothing. Every
+    running row first writes k, v and kv_valid = 1 at its slot; then each attends to its logical positions
+    p <= pos whose slot (through block_table) has kv_valid = 1. slot_mapping[b] must be the slot
+    block_table gives pos[b], and no two running rows may write one slot: checked here, on the host (the
+    kernels cannot; they write at slot_mapping and read through block_table).
+    """
+    B, d = h.shape
+    P, ps, H_kv, D = k_pages.shape
+    H = wqkv.shape[0] // D - 2 * H_kv
+    active = row_active.bool().tolist()
+    positions, slots = pos.tolist(), slot_mapping.tolist()
+    rows = [b for b in range(B) if active[b] and slots[b] >= 0]
+    _check_paged("attn_block_paged", rows, positions, slots, block_table, ps, P,
+                 min(block_table.shape[1] * ps, rope_cos.shape[0]))
+    x = rms_norm(h, attn_norm, eps)
+    qkv = x @ _f(wqkv).t()
+    if bqkv is not None:
+        qkv = qkv + _f(bqkv)
+    q = qkv[:, : H * D].view(B, H, D)
+    k = qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D)
+    v = qkv[:, (H + H_kv) * D:].view(B, H_kv, D)
+    kf, vf, validf = k_pages.view(P * ps, H_kv, D), v_pages.view(P * ps, H_kv, D), kv_valid_pages.view(P * ps)
+    qs = {}
+    for b in rows:                                # every write, then every read (as the kernels order them)
+        p, s = positions[b], slots[b]
+        cos, sin = _f(rope_cos[p]), _f(rope_sin[p])
+        qs[b] = apply_rope(q[b], cos, sin)
+        kf[s] = apply_rope(k[b], cos, sin).to(k_pages.dtype)
+        vf[s] = v[b].to(v_pages.dtype)
+        validf[s] = 1
+    res = _f(h).clone()
+    for b in rows:
+        sl = paged_slots(block_table, b, positions[b] + 1, ps)
+        o = _attend(qs[b], kf[sl].transpose(0, 1), vf[sl].transpose(0, 1), validf[sl].bool())
+        res[b] += o.reshape(H * D) @ _f(wo).t()
+    out.copy_(res.to(out.dtype))
+
+
+def write_kv_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, kv_valid_pages: torch.Tensor,
+                   src_h: torch.Tensor, norms: torch.Tensor, wqkv: torch.Tensor, bqkv: Optional[torch.Tensor],
+                   block_table: torch.Tensor, pos: torch.Tensor, slot_mapping: torch.Tensor,
+                   rope_cos: torch.Tensor, rope_sin: torch.Tensor, flags: torch.Tensor, mode: str,
+                   eps: float) -> None:
+    """write_kv on a paged KV cache: k_pages / v_pages [L, num_pages, page_size, H_kv, D] and kv_valid_pages
+    [L, num_pages, page_size] are updated in place at slot_mapping[b] for every (l, b) with flags[l, b] = 1
+    and slot_mapping[b] >= 0. pos [B] is the RoPE position ("project"); block_table [B, max_pages] int32 is
+    only checked (slot_mapping[b] must be the slot it gives pos[b]; no two written rows share a slot).
+    Modes as in write_kv; "copy" copies the same slot of the nearest lower layer with flags = 0."""
+    if mode not in FILL_MODES:
+        raise ValueError(f"mode must be one of {FILL_MODES}, got {mode!r}")
+    L, P, ps, H_kv, D = k_pages.shape
+    B = src_h.shape[0]
+    H = wqkv.shape[1] // D - 2 * H_kv
+    positions, slots = pos.tolist(), slot_mapping.tolist()
+    fl = flags.bool().tolist()
+    rows = [b for b in range(B) if slots[b] >= 0 and any(fl[l][b] for l in range(L))]
+    _check_paged("write_kv_paged", rows, positions, slots, block_table, ps, P,
+                 min(block_table.shape[1] * ps, rope_cos.shape[0]))
+    kf, vf = k_pages.view(L, P * ps, H_kv, D), v_pages.view(L, P * ps, H_kv, D)
+    validf = kv_valid_pages.view(L, P * ps)
+    for b in rows:
+        p, s = positions[b], slots[b]
+        for l in range(L):
+            if not fl[l][b]:
+                continue
+            if mode == "mask":
+                validf[l, s] = 0
+            elif mode == "project":
+                x = rms_norm(src_h[b], norms[l], eps)
+                kv = x @ _f(wqkv[l, H * D:]).t()
+                if bqkv is not None:
+                    kv = kv + _f(bqkv[l, H * D:])
+                kf[l, s] = apply_rope(kv[: H_kv * D].view(H_kv, D), _f(rope_cos[p]),
+                                      _f(rope_sin[p])).to(k_pages.dtype)
+                vf[l, s] = kv[H_kv * D:].view(H_kv, D).to(v_pages.dtype)
+                validf[l, s] = 1
+            else:  # copy
+                src = next((j for j in range(l - 1, -1, -1) if not fl[j][b]), None)
+                if src is None:
+                    validf[l, s] = 0
+                else:
+                    kf[l, s] = kf[src, s]
+                    vf[l, s] = vf[src, s]
+                    validf[l, s] = validf[src, s]
