@@ -19,6 +19,17 @@ its own cache row), `streamer`, and `return_dict_in_generate` with
 `output_scores` / `output_logits` (a GenerateDecoderOnlyOutput whose
 `sequences` are the input ids, padding included, followed by the new tokens).
 
+Multi-turn: with `return_dict_in_generate=True` the output's `cache` (`past_key_values`) is a D3KCache, a
+handle on the conversation held in d3kernels' KV cache on the device (nothing is copied). Passing it back
+with `input_ids` = the whole conversation so far plus the new message continues it: per row, the longest
+common prefix of the cached conversation and the new input (padding stripped) is kept, and only the rest
+is prefilled (at full depth, as Decoder.generate(..., continue_=True) does), so earlier turns are not
+recomputed. `D3KCache()` can also be created empty and passed to the first call; it is updated in place,
+like a transformers DynamicCache. d3kernels keeps one KV cache per model, so a handle is only valid
+until the next generate() call on that model that does not continue it: reusing a stale handle (or one
+from another model, another batch size, another d3_fill / d3_backend) raises an error before anything
+runs; start again without past_key_values. Other cache objects (DynamicCache, ...) are rejected.
+
 D3 settings: keyword arguments d3_alpha, d3_start, d3_tail, d3_order, d3_fill,
 d3_backend, d3_decay_start, or a dict `d3={"alpha": ..., ...}` given to
 generate() or set on the generation config (`generation_config.d3`).
@@ -38,6 +49,7 @@ import functools
 import inspect
 import logging
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -71,6 +83,7 @@ class _State:
     def __init__(self, model: Model, key: tuple, memory: dict):
         self.model, self.key, self.memory = model, key, memory
         self.decoder: Optional[Decoder] = None
+        self.epoch = 0          # +1 per call that runs: a D3KCache is valid while it holds the current one
 
 
 def _fingerprint(hf_model) -> tuple:
@@ -128,6 +141,15 @@ def release(hf_model) -> None:
         object.__setattr__(hf_model, "d3kernels_memory", None)
 
 
+def _capacity(m: Model, seq_len: int, at_least: int = 0) -> int:
+    """Cache length for a request of seq_len positions: rounded up, but within a sliding window."""
+    S = -(-max(seq_len, at_least) // _SEQ_ROUND) * _SEQ_ROUND
+    window = m.config.sliding_window
+    if window is not None and seq_len <= window:
+        S = min(S, window)
+    return max(S, seq_len, 2)
+
+
 def _decoder(hf_model, schedule: D3Schedule, fill: str, backend: str, rows: int, seq_len: int) -> Decoder:
     """The Decoder cached on the model, rebuilt when the batch size, fill or backend differ or the
     request does not fit its cache. Its schedule is swapped per call (CUDA graphs are kept per kept-layer set)."""
@@ -138,19 +160,136 @@ def _decoder(hf_model, schedule: D3Schedule, fill: str, backend: str, rows: int,
     # a step computes every cache row, so the batch must match; a longer cache only costs memory
     if (dec is None or dec.fill != fill or dec.backend != resolved or dec.cache.max_batch != rows
             or dec.cache.max_seq_len < seq_len):
-        S = max(seq_len, dec.cache.max_seq_len if dec is not None else 0)
-        S = -(-S // _SEQ_ROUND) * _SEQ_ROUND
-        window = m.config.sliding_window
-        if window is not None and seq_len <= window:
-            S = min(S, window)
+        S = _capacity(m, seq_len, dec.cache.max_seq_len if dec is not None else 0)
         state.decoder = None                                   # free the old cache before allocating
-        dec = Decoder(m, schedule, max_batch=rows, max_seq_len=max(S, seq_len, 2), backend=backend, fill=fill,
-                      log=logger.info)
+        dec = Decoder(m, schedule, max_batch=rows, max_seq_len=S, backend=backend, fill=fill, log=logger.info)
         state.decoder = dec
         state.memory["kv_cache_bytes"] = dec.cache.nbytes
     else:
         dec.set_schedule(schedule)
     return dec
+
+
+def _grown_decoder(state: _State, schedule: D3Schedule, seq_len: int) -> Decoder:
+    """The state's Decoder with room for seq_len positions, its request kept: a conversation continued
+    past the cache's length moves into a longer cache (at least twice as long), K/V and depth mask
+    copied on the device, positions and rows as they were."""
+    dec = state.decoder
+    dec.set_schedule(schedule)
+    n = dec.cache.max_seq_len
+    if n >= seq_len:
+        return dec
+    new = Decoder(dec.model, schedule, max_batch=dec.cache.max_batch, max_seq_len=_capacity(dec.model, seq_len, 2 * n),
+                  backend=dec.backend, fill=dec.fill, log=logger.info)
+    new.cache.k[:, :, :, :n].copy_(dec.cache.k)                # [L, B, H_kv, S, D]
+    new.cache.v[:, :, :, :n].copy_(dec.cache.v)
+    new.cache.kv_valid[:, :, :n].copy_(dec.cache.kv_valid)     # [L, B, S]
+    new._pos.copy_(dec._pos)
+    new._active.copy_(dec._active)
+    new._seq_len = list(dec._seq_len)
+    new.batch, new.i = dec.batch, dec.i
+    new._refresh_flags()
+    state.decoder = new
+    state.memory["kv_cache_bytes"] = new.cache.nbytes
+    return new
+
+
+class D3KCache:
+    """What `past_key_values` / `cache` is for d3kernels.hf.generate: a handle on the conversation that
+    d3kernels' KV cache holds for a model (the K/V stay in the Decoder on the device; nothing is copied).
+
+    Returned as the output's `cache` (`past_key_values`) when return_dict_in_generate=True, or created
+    empty, `D3KCache()`, and passed to the first call; a call that gets it updates it in place. Passed
+    back with input_ids = the conversation so far plus the new tokens, the call keeps, per row, the
+    longest common prefix of `conversation` and the new input (padding stripped) and prefills only the
+    rest. d3kernels keeps one KV cache per model: the handle is valid until another generate() call
+    on the model runs without it; using it after that raises an error.
+
+    conversation: per row, the token ids so far (input without padding, then the generated tokens up to
+        the row's last one, its EOS included; pads after it are not part of it); None before first use.
+    prefilled: per row, how many tokens the last call prefilled: on a continued turn the new ones, plus
+        the last generated token of the turn before (it was generated but not fed yet).
+    """
+
+    def __init__(self):
+        self._model_ref = None      # weakrefs to the transformers model and its d3kernels state
+        self._state_ref = None
+        self._epoch = None
+        self._conv = None
+        self._fill = self._backend = None
+        self.prefilled = None
+
+    @property
+    def conversation(self) -> Optional[list]:
+        return None if self._conv is None else [list(c) for c in self._conv]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions the longest row's cache holds (its conversation without the last generated token,
+        which has not been fed yet); 0 before first use."""
+        return 0 if self._conv is None else max(len(c) - 1 for c in self._conv)
+
+    def __len__(self) -> int:
+        return 0 if self._conv is None else len(self._conv)
+
+    def __repr__(self) -> str:
+        if self._state_ref is None:
+            return "D3KCache(unused)"
+        return f"D3KCache(rows={len(self)}, lengths={[len(c) for c in self._conv or []]}, fill={self._fill!r})"
+
+    def __getattr__(self, name):
+        # reached only for attributes it does not have: what a model's forward asks of a transformers Cache
+        raise AttributeError(f"D3KCache has no attribute {name!r}: it is a handle on d3kernels' KV cache, for "
+                             "model.generate(..., custom_generate=d3kernels.hf.generate) only, not a transformers "
+                             "Cache for the model's own forward")
+
+    def _check(self, hf_model, rows: int, fill: str, backend: str) -> Optional[_State]:
+        """The state this handle continues (None: unused, start a new request); raises if it is stale.
+        Changes nothing."""
+        if self._state_ref is None:
+            return None
+        state = self._state_ref()
+        again = "start again without past_key_values (and pass the whole conversation as input_ids)"
+        if self._model_ref() is not hf_model:
+            raise ValueError("past_key_values is a D3KCache made by generate() on another model; " + again)
+        if state is None or getattr(hf_model, _STATE_ATTR, None) is not state or state.key != _fingerprint(hf_model):
+            raise ValueError("past_key_values is a D3KCache whose KV cache is gone (d3kernels.hf.release(model), or "
+                             "the model's weights changed since); " + again)
+        if self._conv is None:
+            raise ValueError("past_key_values is a D3KCache whose last generate() call did not finish; " + again)
+        if self._epoch != state.epoch or state.decoder is None or state.decoder.batch != len(self._conv):
+            raise ValueError("past_key_values is a stale D3KCache: a later generate() call on this model replaced "
+                             "its conversation (d3kernels keeps one KV cache per model; continue from the cache of "
+                             "the latest call); " + again)
+        if rows != len(self._conv):
+            raise ValueError(f"past_key_values holds a conversation of {len(self._conv)} rows, input_ids has {rows}: "
+                             "pass every row's conversation so far plus its new tokens, or " + again)
+        if fill != self._fill or backend != self._backend:
+            raise ValueError(f"past_key_values was filled with d3_fill={self._fill!r}, backend {self._backend!r}; "
+                             f"this call asks for d3_fill={fill!r}, backend {backend!r}: continue with the same "
+                             "ones, or " + again)
+        return state
+
+
+def _user_cache(model_kwargs) -> Optional[D3KCache]:
+    """The D3KCache passed as past_key_values / cache, or None; other caches are rejected."""
+    for name in ("cache", "past_key_values"):
+        c = model_kwargs.get(name)
+        if isinstance(c, D3KCache):
+            return c
+        if c is not None and (getattr(c, "_is_user_defined", False) or isinstance(c, (tuple, list))):
+            raise ValueError(f"a cache passed to generate() (past_key_values / cache) must be a "
+                             f"d3kernels.hf.D3KCache, got {type(c).__name__}: d3kernels.hf.generate keeps its own "
+                             "KV cache (pass the D3KCache of an earlier call's output to continue its conversation)")
+    return None
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- arguments
@@ -230,11 +369,7 @@ def _check_supported(hf_model, generation_config, synced_gpus, model_kwargs, cal
                          "(the D3 loop runs fused kernels, not the HF layers); output_scores and output_logits are")
     if synced_gpus:
         raise ValueError("synced_gpus (DeepSpeed ZeRO-3 / FSDP) is not supported with d3kernels.hf.generate")
-    for name in ("cache", "past_key_values"):
-        c = model_kwargs.get(name)
-        if c is not None and (getattr(c, "_is_user_defined", False) or isinstance(c, (tuple, list))):
-            raise ValueError("a cache passed to generate() (past_key_values / cache) is not supported: "
-                             "d3kernels.hf.generate keeps its own KV cache and starts every call from the prompt")
+    _user_cache(model_kwargs)
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("inputs_embeds is not supported with d3kernels.hf.generate: pass input_ids")
     extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _PREPARED_KWARGS)
@@ -279,9 +414,14 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     ("mask" | "project" | "copy"), d3_backend ("auto" | "reference" | "triton" | "cuda"), d3_decay_start,
     or the same keys in a dict `d3` / `generation_config.d3`.
 
+    past_key_values / cache: a D3KCache (from an earlier call's output, or D3KCache() to start one):
+        input_ids are then the conversation so far plus the new tokens; per row, the part that the cached
+        conversation shares with them is kept and only the rest is prefilled. Checked before anything runs.
+
     Returns what plain generate() returns: LongTensor [B, T + n] (input ids, then the new tokens; rows
     that finish early are filled with pad_token_id), or GenerateDecoderOnlyOutput with sequences,
-    scores and logits when return_dict_in_generate=True (its cache is None: the D3 cache is d3kernels').
+    scores, logits and `cache` (`past_key_values`), a D3KCache to continue the conversation with (the
+    one passed in, updated; None with use_cache=False and none passed), when return_dict_in_generate=True.
     """
     from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 
@@ -299,8 +439,8 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
                           tail=settings["tail"], skip_order=settings["order"],
                           decay_start=settings["decay_start"])
     cfg = model.config
-    backends.resolve(settings["backend"], model.device, next(model.parameters()).dtype,
-                     getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    resolved = backends.resolve(settings["backend"], model.device, next(model.parameters()).dtype,
+                                getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     rows = _rows(input_ids, model_kwargs.get("attention_mask"))
@@ -312,17 +452,47 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos and pad is None:
         raise ValueError("an EOS stopping criterion needs pad_token_id to fill finished rows: pass pad_token_id")
-    dec = _decoder(model, schedule, settings["fill"], settings["backend"], B, max(len(r) for r in rows) + max_new)
+    bad = sorted({t for r in rows for t in r if not 0 <= t < cfg.vocab_size})
+    if bad:
+        raise ValueError(f"input_ids has token ids outside [0, {cfg.vocab_size}) where attention_mask is 1: {bad[:5]}")
+    handle = _user_cache(model_kwargs)
+    state = handle._check(model, B, settings["fill"], resolved) if handle is not None else None
+    keep = None
+    if state is not None:
+        # per row: the positions to keep, those the cache holds for the shared prefix, leaving at least the
+        # input's last token to feed (its logits give the first new token)
+        keep = [min(_common_prefix(c, r), len(c) - 1, len(r) - 1) for c, r in zip(handle._conv, rows)]
+        if not any(keep):
+            keep = None                                  # nothing shared: a new request
+    seq_len = max(len(r) for r in rows) + max_new      # positions a row may reach, continued or not
+    if keep is not None:
+        dec = _grown_decoder(state, schedule, seq_len)
+    else:
+        dec = _decoder(model, schedule, settings["fill"], settings["backend"], B, seq_len)
+    state = getattr(model, _STATE_ATTR)
+    state.epoch += 1                                   # from here on the cache's content changes
+    want = bool(gc.return_dict_in_generate)
+    if handle is None and want and gc.use_cache is not False:
+        handle = D3KCache()                            # returned as the output's cache, as generate() does
+    if handle is not None:                             # bound now, valid once the loop has finished
+        handle._model_ref, handle._state_ref = weakref.ref(model), weakref.ref(state)
+        handle._epoch, handle._conv = state.epoch, None
+        handle._fill, handle._backend = dec.fill, dec.backend
+        handle.prefilled = [len(r) - (keep[b] if keep else 0) for b, r in enumerate(rows)]
 
     # --- the loop: the same steps as transformers' sampling loop, with D3 logits
-    want = bool(gc.return_dict_in_generate)
     scores = () if want and gc.output_scores else None
     raw_logits = () if want and gc.output_logits else None
     device = input_ids.device
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     if pad is not None:
         pad = pad.to(device)
-    logits = dec.prefill(rows)
+    if keep is not None:
+        dec.truncate(keep)                             # also drops what finished rows were fed after their end
+        logits = dec.prefill([r[k:] for r, k in zip(rows, keep)], continue_=True)
+    else:
+        logits = dec.prefill(rows)
+    generated = torch.zeros(B, dtype=torch.long, device=device)   # per row: tokens before it finished
     while True:
         next_logits = logits.to(copy=True, dtype=torch.float32, device=device)
         next_scores = logits_processor(input_ids, next_logits)
@@ -337,6 +507,7 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         if has_eos:
             next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        generated += unfinished
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         unfinished = unfinished & ~stopping_criteria(input_ids, scores)
@@ -346,8 +517,12 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         logits = dec.step(torch.where(unfinished.bool(), next_tokens, torch.zeros_like(next_tokens)))
     if streamer is not None:
         streamer.end()
+    if handle is not None:
+        new = input_ids[:, T:].tolist()
+        handle._conv = [r + new[b][:n] for b, (r, n) in enumerate(zip(rows, generated.tolist()))]
     if want:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits)
+        field = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **{field: handle})
     return input_ids
 
 

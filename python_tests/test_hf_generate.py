@@ -239,6 +239,180 @@ def test_defaults_are_the_librarys():
                                                                           ref.order_name, "mask")
 
 
+# --------------------------------------------------------------------------- multi-turn: the cache passed back
+
+class PrefillSpy:
+    """Wraps Decoder.prefill: records, per call, the tokens prefilled per row and continue_."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = Decoder.prefill
+
+        def prefill(dec, input_ids, continue_=False):
+            self.calls.append(([len(r) for r in input_ids], continue_))
+            return real(dec, input_ids, continue_=continue_)
+        monkeypatch.setattr(Decoder, "prefill", prefill)
+
+
+def _fresh_state(model):
+    d3hf.release(model)           # every test starts from a new converted model and cache
+
+
+def test_multi_turn_cache_matches_plain_generate(hf, monkeypatch):
+    """At alpha=1, three turns that pass back the output's cache with the whole conversation plus a new
+    message give plain generate()'s tokens over the whole conversation; turns 2 and 3 prefill only the new
+    tokens (and the last generated one, not fed yet); the conversation outgrows the first cache."""
+    _fresh_state(hf)
+    spy = PrefillSpy(monkeypatch)
+    kw = dict(max_new_tokens=24, return_dict_in_generate=True, **GREEDY, **FULL)
+    out = hf.generate(torch.tensor([PROMPT]), **kw)
+    cache = out.cache
+    assert isinstance(cache, d3hf.D3KCache) and out.past_key_values is cache
+    assert cache.conversation == out.sequences.tolist() and cache.get_seq_length() == len(PROMPT) + 23
+    first_len = hf._d3kernels_state.decoder.cache.max_seq_len
+    for turn, new in enumerate([[7, 8, 9, 10], [150, 3, 77, 21, 9, 60]], start=2):
+        ids = torch.cat([out.sequences, torch.tensor([new])], dim=-1)
+        plain = hf.generate(ids, max_new_tokens=24, **GREEDY)
+        out = hf.generate(ids, cache=out.cache, **kw)
+        assert torch.equal(out.sequences, plain), turn
+        assert out.cache is cache and cache.prefilled == [1 + len(new)]
+        assert spy.calls[-1] == ([1 + len(new)], True), turn
+        assert cache.conversation == out.sequences.tolist()
+    assert spy.calls[0] == ([len(PROMPT)], False) and len(spy.calls) == 3
+    again = hf.generate(ids, cache=cache, **kw)           # the last input again (a shorter one): rewound to it
+    assert torch.equal(again.sequences, plain) and cache.prefilled == [1]
+    assert hf._d3kernels_state.decoder.cache.max_seq_len > first_len, "the conversation must outgrow the cache"
+
+
+def test_multi_turn_left_padded_batch_with_eos(llama, monkeypatch):
+    """A left-padded batch over three turns where one row stops at EOS: turn 2 passes back the output's
+    sequences plus new tokens (the pads after the EOS masked out), turn 3 re-pads the conversations (the
+    padding changes); each turn equals plain generate() on the same input, and only new tokens are prefilled."""
+    _fresh_state(llama)
+    spy = PrefillSpy(monkeypatch)
+    ids, mask = _padded(BATCH, "left")
+    free = llama.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)[:, ids.shape[1]:]
+    eos = int(free[0, 3])                                                 # row 0 stops at its 4th token
+    assert eos not in free[1].tolist() + free[2].tolist() + free[0, :3].tolist()
+    plain_kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = llama.generate(ids, attention_mask=mask, return_dict_in_generate=True, **plain_kw, **FULL)
+    assert torch.equal(out.sequences, llama.generate(ids, attention_mask=mask, **plain_kw))
+    conv = out.cache.conversation
+    assert conv[0] == BATCH[0] + free[0, :4].tolist()                     # ends with its EOS, no pads
+    assert conv[1:] == [BATCH[b] + free[b].tolist() for b in (1, 2)]
+    # turn 2: the sequences as returned, then 3 new tokens per row; the pads after row 0's EOS are masked
+    plain_kw["eos_token_id"] = None
+    gen_mask = torch.ones_like(out.sequences[:, ids.shape[1]:])
+    gen_mask[0, 4:] = 0
+    new = torch.tensor([[31, 32, 33], [41, 42, 43], [51, 52, 53]])
+    ids2 = torch.cat([out.sequences, new], dim=-1)
+    mask2 = torch.cat([mask, gen_mask, torch.ones_like(new)], dim=-1)
+    plain = llama.generate(ids2, attention_mask=mask2, **plain_kw)
+    out = llama.generate(ids2, attention_mask=mask2, cache=out.cache, return_dict_in_generate=True, **plain_kw,
+                         **FULL)
+    assert torch.equal(out.sequences, plain)
+    assert spy.calls[-1] == ([4, 4, 4], True)
+    # turn 3: the conversations re-padded, with new tokens of different lengths
+    rows = [c + n for c, n in zip(out.cache.conversation, [[9], [8, 7, 6, 5, 4], [3, 2]])]
+    ids3, mask3 = _padded(rows, "left")
+    plain = llama.generate(ids3, attention_mask=mask3, **plain_kw)
+    out = llama.generate(ids3, attention_mask=mask3, cache=out.cache, return_dict_in_generate=True, **plain_kw,
+                         **FULL)
+    assert torch.equal(out.sequences, plain)
+    assert spy.calls[-1] == ([2, 6, 3], True)
+
+
+@pytest.mark.parametrize("fill", ["mask", "project"])
+def test_multi_turn_d3_matches_decoder_continue(fill):
+    """At alpha<1 the turns continued through the cache are Decoder.generate(..., continue_=True)'s, not a
+    fresh D3 request over the whole conversation (the earlier replies keep the depth they ran at)."""
+    hf, twin = _tiny("llama", layers=8, seed=3), _tiny("llama", layers=8, seed=3)
+    d3 = dict(d3_alpha=0.85, d3_start=0.2, d3_tail=1, d3_order="bottom", d3_fill=fill, d3_backend="reference")
+    kw = dict(max_new_tokens=12, custom_generate=d3hf.generate, return_dict_in_generate=True, **d3, **GREEDY)
+    sched = D3Schedule(8, alpha=0.85, start=0.2, tail=1, skip_order="bottom")
+    dec = Decoder(load_model(hf, device="cpu", dtype=torch.float32), sched, max_batch=2, max_seq_len=128,
+                  backend="reference", fill=fill)
+    prompts = BATCH[:2]
+    ids, mask = _padded(prompts, "left")
+    out = hf.generate(ids, attention_mask=mask, **kw)
+    g = dec.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert min(len(k) for k in g.layers) < 8, "the schedule must skip layers"
+    assert out.sequences[:, ids.shape[1]:].tolist() == g.tokens.tolist()
+    differs = False
+    for new in ([[7, 8, 9], [60]], [[1, 2], [3, 4, 5, 6]]):
+        rows = [c + n for c, n in zip(out.cache.conversation, new)]
+        ids, mask = _padded(rows, "left")
+        out = hf.generate(ids, attention_mask=mask, cache=out.cache, **kw)
+        g = dec.generate(new, max_new_tokens=12, ignore_eos=True, continue_=True)
+        assert out.sequences[:, ids.shape[1]:].tolist() == g.tokens.tolist()
+        assert out.cache.conversation == dec.conversation
+        fresh = twin.generate(ids, attention_mask=mask, max_new_tokens=12, custom_generate=d3hf.generate, **d3,
+                              **GREEDY)         # on another copy: a call on hf would replace its conversation
+        differs |= not torch.equal(fresh, out.sequences)
+    assert differs, "continuing must differ from recomputing the earlier replies at full depth"
+
+
+def test_empty_cache_updated_in_place_and_through_the_folder(llama):
+    """D3KCache() passed to the first call, no return_dict: the object is updated in place and continues the
+    conversation on the next call, also through the custom_generate/ folder."""
+    _fresh_state(llama)
+    cache = d3hf.D3KCache()
+    assert cache.conversation is None and cache.get_seq_length() == 0
+    ids = torch.tensor([PROMPT])
+    seq = llama.generate(ids, max_new_tokens=8, cache=cache, **GREEDY, **FULL)
+    assert cache.conversation == seq.tolist() and cache.prefilled == [len(PROMPT)]
+    ids2 = torch.cat([seq, torch.tensor([[4, 5]])], dim=-1)
+    ours = llama.generate(ids2, max_new_tokens=8, cache=cache, custom_generate=ROOT, trust_remote_code=True,
+                          d3_alpha=1.0, d3_backend="reference", **GREEDY)
+    assert torch.equal(ours, llama.generate(ids2, max_new_tokens=8, **GREEDY))
+    assert cache.prefilled == [3] and cache.conversation == ours.tolist()
+
+
+def test_stale_or_foreign_cache_rejected_before_running(llama, monkeypatch):
+    """A cache whose conversation another call replaced, one from another model, a released one, another
+    batch size or fill, a transformers cache, a bad token id: each raises before anything runs, and a
+    rejected call leaves a valid cache usable."""
+    from transformers.cache_utils import DynamicCache
+    _fresh_state(llama)
+    kw = dict(max_new_tokens=4, return_dict_in_generate=True, **GREEDY, **FULL)
+    ids = torch.tensor([PROMPT])
+    stale = llama.generate(ids, **kw).cache
+    out = llama.generate(ids, **kw)                       # replaces the conversation `stale` refers to
+    other = _tiny("llama", seed=11)
+    foreign = other.generate(ids, **kw).cache
+    state = llama._d3kernels_state
+
+    def boom(*a, **k):
+        raise AssertionError("ran before rejecting")
+    monkeypatch.setattr(Decoder, "prefill", boom)
+    monkeypatch.setattr(d3hf, "load_model", boom)
+    monkeypatch.setattr(d3hf, "Decoder", boom)
+    handle = llama.register_forward_pre_hook(boom)
+    seq2 = torch.cat([out.sequences, torch.tensor([[1, 2]])], dim=-1)
+    for cache, inputs, extra, match in [
+            (stale, seq2, {}, "stale D3KCache: a later generate"),
+            (foreign, seq2, {}, "another model"),
+            (out.cache, seq2.repeat(2, 1), {}, "conversation of 1 rows, input_ids has 2"),
+            (out.cache, seq2, {"d3_fill": "project"}, "d3_fill='mask'"),
+            (DynamicCache(config=llama.config), seq2, {}, "must be a d3kernels.hf.D3KCache, got DynamicCache"),
+            (out.cache, torch.cat([seq2, torch.tensor([[500]])], dim=-1), {}, "outside \\[0, 211\\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            llama.generate(inputs, cache=cache, **{**kw, **extra})
+    assert llama._d3kernels_state is state and state.decoder is not None
+    with pytest.raises(AttributeError, match="custom_generate=d3kernels.hf.generate"):
+        llama.generate(seq2, cache=out.cache, max_new_tokens=2, **GREEDY)       # the model's own forward
+    handle.remove()
+    monkeypatch.undo()
+    ours = llama.generate(seq2, cache=out.cache, **kw)          # the rejected calls changed nothing
+    assert torch.equal(ours.sequences, llama.generate(seq2, max_new_tokens=4, **GREEDY))
+    assert ours.cache.prefilled == [3]
+    d3hf.release(llama)
+    with pytest.raises(ValueError, match="release"):
+        llama.generate(seq2, cache=ours.cache, **kw)
+    d3hf.release(other)
+
+
 # --------------------------------------------------------------------------- weights, memory, the folder
 
 def test_weights_converted_once_and_reported(caplog):
@@ -320,7 +494,7 @@ def test_assistant_and_cache_rejected_before_running(no_run):
     ids = torch.tensor([PROMPT])
     with pytest.raises(ValueError, match="assisted"):
         no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate, assistant_model=_tiny("llama"))
-    with pytest.raises(ValueError, match="cache passed to generate"):
+    with pytest.raises(ValueError, match="cache passed to generate.*D3KCache"):
         no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate,
                         cache=DynamicCache(config=no_run.config))
     with pytest.raises(ValueError, match="assisted"):
