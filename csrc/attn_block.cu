@@ -68,12 +68,25 @@ std::string attn_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t
   w.ml_elems = B * H * pl.NS * 2;
   w.acc_elems = B * H * pl.NS * D;
   w.counters = B * Hkv * pl.NG;
+  w.rows_elems = 2 * B;
   *out = w;
   return "";
 }
 
 std::string attn_block(const AttnBlockArgs& a) {
-  const std::string op = kOp;
+  const bool paged = a.slot_mapping != 0;
+  const std::string op = paged ? "d3k.attn_block_paged: " : kOp;
+  if (paged) {
+    D3K_CHECK(a.page_size >= 16 && a.page_size % 16 == 0 && a.page_size <= (1 << 20),
+              op + "page_size " + std::to_string(a.page_size) +
+                  " is not supported by the CUDA attention kernel (a multiple of 16)");
+    D3K_CHECK(a.num_pages >= 1 && a.num_pages <= INT_MAX,
+              op + "num_pages=" + std::to_string(a.num_pages) + " out of range [1, 2^31)");
+    D3K_CHECK(a.max_pages >= 1 && a.max_pages <= INT_MAX / a.page_size,
+              op + "max_pages=" + std::to_string(a.max_pages) + " out of range");
+    D3K_CHECK(a.S == a.max_pages * a.page_size, op + "S must be max_pages * page_size");
+    D3K_CHECK(a.block_table != 0 && a.rows_ws != 0, op + "null pointer argument");
+  }
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)
     return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
   std::string e = check_shapes(a.B, a.H, a.Hkv, a.D, a.S);
@@ -125,7 +138,13 @@ std::string attn_block(const AttnBlockArgs& a) {
   float* pml = reinterpret_cast<float*>(a.part_ml);
   float* pacc = reinterpret_cast<float*>(a.part_acc);
   int* counters = reinterpret_cast<int*>(a.counters);
-  const int64_t cache_row = static_cast<int64_t>(Hkv) * S * D;  // elements per batch row
+  const int64_t cache_row = paged ? 0 : static_cast<int64_t>(Hkv) * S * D;  // elements per batch row
+  const int64_t valid_row = paged ? 0 : S;                                    // (paged: one pool)
+  const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
+  const int* btab = reinterpret_cast<const int*>(a.block_table);
+  const int64_t num_slots = paged ? a.num_pages * a.page_size : 0;
+  int* rows_pos = reinterpret_cast<int*>(a.rows_ws);                                 // [B] int32
+  uint8_t* rows_run = reinterpret_cast<uint8_t*>(a.rows_ws) + 4 * a.B;               // then [B] uint8
   const float scale_log2 = static_cast<float>(kLog2e / std::sqrt(static_cast<double>(D)));
 
   for (int b0 = 0; b0 < B; b0 += kMaxRows) {
@@ -142,9 +161,13 @@ std::string attn_block(const AttnBlockArgs& a) {
     k1.bias = reinterpret_cast<const void*>(a.bqkv);
     k1.k_cache = kcache + static_cast<int64_t>(b0) * cache_row * es;
     k1.v_cache = vcache + static_cast<int64_t>(b0) * cache_row * es;
-    k1.kv_valid = valid + static_cast<int64_t>(b0) * S;
+    k1.kv_valid = valid + static_cast<int64_t>(b0) * valid_row;
     k1.pos = pos + b0;
     k1.active = active + b0;
+    k1.slot = paged ? slots + b0 : nullptr;
+    k1.num_slots = num_slots;
+    k1.row_pos = paged ? rows_pos + b0 : nullptr;
+    k1.row_run = paged ? rows_run + b0 : nullptr;
     k1.rope_cos = reinterpret_cast<const float*>(a.rope_cos);
     k1.rope_sin = reinterpret_cast<const float*>(a.rope_sin);
     k1.rope_ld = a.rope_ld;
@@ -164,8 +187,12 @@ std::string attn_block(const AttnBlockArgs& a) {
     k2.k_cache = k1.k_cache;
     k2.v_cache = k1.v_cache;
     k2.kv_valid = k1.kv_valid;
-    k2.pos = k1.pos;
-    k2.active = k1.active;
+    k2.pos = paged ? k1.row_pos : k1.pos;  // paged: the effective row status k1 writes
+    k2.active = paged ? k1.row_run : k1.active;
+    k2.block_table = paged ? btab + static_cast<int64_t>(b0) * a.max_pages : nullptr;
+    k2.bt_ld = a.max_pages;
+    k2.num_pages = static_cast<int>(a.num_pages);
+    k2.page_size = static_cast<int>(a.page_size);
     k2.pos_limit = pos_limit;
     k2.part_ml = pml + static_cast<int64_t>(b0) * H * pl.NS * 2;
     k2.part_acc = pacc + static_cast<int64_t>(b0) * H * pl.NS * D;
@@ -194,8 +221,8 @@ std::string attn_block(const AttnBlockArgs& a) {
     k3.ldh = d;
     k3.out = out + static_cast<int64_t>(b0) * d * es;
     k3.ld_out = d;
-    k3.pos = k1.pos;
-    k3.active = k1.active;
+    k3.pos = k2.pos;
+    k3.active = k2.active;
     k3.pos_limit = pos_limit;
     e = run_o_proj(k3, a.dtype, caps, vec8_o, st);
     if (!e.empty()) return e;

@@ -5,20 +5,28 @@ namespace d3k {
 
 namespace {
 
-template <typename T, int D>
+template <typename T, int D, bool kPaged>
 cudaError_t launch_decode(const AttnParams& p, int gmax, dim3 grid, cudaStream_t st, bool pdl) {
   const dim3 block(kAttnThreads);
   switch (gmax) {
-    case 1: return launch(attn_decode_kernel<T, D, 1>, grid, block, 0, st, pdl, p);
-    case 2: return launch(attn_decode_kernel<T, D, 2>, grid, block, 0, st, pdl, p);
-    case 4: return launch(attn_decode_kernel<T, D, 4>, grid, block, 0, st, pdl, p);
-    default: return launch(attn_decode_kernel<T, D, 8>, grid, block, 0, st, pdl, p);
+    case 1: return launch(attn_decode_kernel<T, D, 1, kPaged>, grid, block, 0, st, pdl, p);
+    case 2: return launch(attn_decode_kernel<T, D, 2, kPaged>, grid, block, 0, st, pdl, p);
+    case 4: return launch(attn_decode_kernel<T, D, 4, kPaged>, grid, block, 0, st, pdl, p);
+    default: return launch(attn_decode_kernel<T, D, 8, kPaged>, grid, block, 0, st, pdl, p);
   }
 }
 
+template <typename T, bool kPaged>
+cudaError_t launch_decode_d(const AttnParams& p, int D, int gmax, dim3 grid, cudaStream_t st, bool pdl) {
+  return D == 64 ? launch_decode<T, 64, kPaged>(p, gmax, grid, st, pdl)
+                 : launch_decode<T, 128, kPaged>(p, gmax, grid, st, pdl);
+}
+
+// Paged caches (p.block_table != nullptr) run the kPaged instantiation of the same kernel.
 template <typename T>
 cudaError_t launch_decode_t(const AttnParams& p, int D, int gmax, dim3 grid, cudaStream_t st, bool pdl) {
-  return D == 64 ? launch_decode<T, 64>(p, gmax, grid, st, pdl) : launch_decode<T, 128>(p, gmax, grid, st, pdl);
+  return p.block_table != nullptr ? launch_decode_d<T, true>(p, D, gmax, grid, st, pdl)
+                                  : launch_decode_d<T, false>(p, D, gmax, grid, st, pdl);
 }
 
 }  // namespace

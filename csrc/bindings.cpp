@@ -201,11 +201,12 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
         r["ml_elems"] = w.ml_elems;
         r["acc_elems"] = w.acc_elems;
         r["counters"] = w.counters;
+        r["rows_elems"] = w.rows_elems;
         return r;
       },
       py::arg("B"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("S"), py::arg("device"),
       "Scratch sizes of attn_block: {num_splits, split_len, head_groups, q_elems, o_elems, ml_elems "
-      "(fp32), acc_elems (fp32), counters (int32)}.");
+      "(fp32), acc_elems (fp32), counters (int32), rows_elems (int32, attn_block_paged only)}.");
   m.def(
       "attn_block",
       [](uintptr_t out, uintptr_t h, uintptr_t attn_norm, uintptr_t wqkv, uintptr_t bqkv, uintptr_t wo,
@@ -226,6 +227,33 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       "attn_block(out, h, attn_norm, wqkv, bqkv|0, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin, "
       "row_active, q_ws, o_ws, part_ml, part_acc, counters, B, d, H, H_kv, D, S, rope_len, rope_ld, "
       "num_splits, eps, dtype, device, stream)");
+  m.def(
+      "attn_block_paged",
+      [](uintptr_t out, uintptr_t h, uintptr_t attn_norm, uintptr_t wqkv, uintptr_t bqkv, uintptr_t wo,
+         uintptr_t k_pages, uintptr_t v_pages, uintptr_t kv_valid_pages, uintptr_t block_table, uintptr_t pos,
+         uintptr_t slot_mapping, uintptr_t rope_cos, uintptr_t rope_sin, uintptr_t row_active, uintptr_t q_ws,
+         uintptr_t o_ws, uintptr_t part_ml, uintptr_t part_acc, uintptr_t counters, uintptr_t rows_ws, int64_t B,
+         int64_t d,
+         int64_t H, int64_t Hkv, int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages,
+         int64_t rope_len, int64_t rope_ld, int64_t num_splits, double eps, int dtype, int device,
+         uintptr_t stream) {
+        if (slot_mapping == 0) throw std::runtime_error("d3k.attn_block_paged: null pointer argument");
+        d3k::AttnBlockArgs a;
+        a.out = out; a.h = h; a.attn_norm = attn_norm; a.wqkv = wqkv; a.bqkv = bqkv; a.wo = wo;
+        a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.pos = pos;
+        a.rope_cos = rope_cos; a.rope_sin = rope_sin; a.row_active = row_active;
+        a.q_ws = q_ws; a.o_ws = o_ws; a.part_ml = part_ml; a.part_acc = part_acc; a.counters = counters;
+        a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = max_pages * page_size; a.rope_len = rope_len;
+        a.rope_ld = rope_ld; a.num_splits = num_splits; a.eps = eps; a.dtype = dtype; a.device = device;
+        a.stream = stream;
+        a.block_table = block_table; a.slot_mapping = slot_mapping; a.num_pages = num_pages;
+        a.page_size = page_size; a.max_pages = max_pages; a.rows_ws = rows_ws;
+        check(d3k::attn_block(a));
+      },
+      "attn_block_paged(out, h, attn_norm, wqkv, bqkv|0, wo, k_pages, v_pages, kv_valid_pages, block_table "
+      "(int32), pos, slot_mapping (int64), rope_cos, rope_sin, row_active, q_ws, o_ws, part_ml, part_acc, "
+      "counters, rows_ws, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld, num_splits, eps, dtype, "
+      "device, stream); scratch sized by attn_workspace(B, H, H_kv, D, max_pages * page_size, device)");
   m.def(
       "mlp_block",
       [](uintptr_t out, uintptr_t h, uintptr_t mlp_norm, uintptr_t w_gate_up, uintptr_t w_down,
@@ -264,6 +292,26 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       },
       "write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv|0, pos, rope_cos, rope_sin, flags, "
       "mode (0 mask, 1 project, 2 copy), L, B, d, H, H_kv, D, S, rope_len, rope_ld, eps, dtype, device, stream)");
+  m.def(
+      "write_kv_paged",
+      [](uintptr_t k_pages, uintptr_t v_pages, uintptr_t kv_valid_pages, uintptr_t src_h, uintptr_t norms,
+         uintptr_t wqkv, uintptr_t bqkv, uintptr_t pos, uintptr_t slot_mapping, uintptr_t rope_cos,
+         uintptr_t rope_sin, uintptr_t flags, int mode, int64_t L, int64_t B, int64_t d, int64_t H, int64_t Hkv,
+         int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t rope_len, int64_t rope_ld,
+         double eps, int dtype, int device, uintptr_t stream) {
+        if (slot_mapping == 0) throw std::runtime_error("d3k.write_kv_paged: null pointer argument");
+        d3k::WriteKvArgs a;
+        a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.src_h = src_h; a.norms = norms;
+        a.wqkv = wqkv; a.bqkv = bqkv; a.pos = pos; a.rope_cos = rope_cos; a.rope_sin = rope_sin;
+        a.flags = flags; a.mode = mode; a.L = L; a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D;
+        a.S = max_pages * page_size; a.rope_len = rope_len; a.rope_ld = rope_ld; a.eps = eps; a.dtype = dtype;
+        a.device = device; a.stream = stream;
+        a.slot_mapping = slot_mapping; a.num_pages = num_pages; a.page_size = page_size; a.max_pages = max_pages;
+        check(d3k::write_kv(a));
+      },
+      "write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv|0, pos, slot_mapping (int64), "
+      "rope_cos, rope_sin, flags, mode (0 mask, 1 project, 2 copy), L, B, d, H, H_kv, D, num_pages, page_size, "
+      "max_pages, rope_len, rope_ld, eps, dtype, device, stream)");
   m.def(
       "argmax",
       [](uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int64_t ld, int device, uintptr_t stream) {

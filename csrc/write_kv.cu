@@ -20,7 +20,16 @@ cudaError_t launch_copy(const KvLayout& kv, cudaStream_t st, bool pdl) {
 }  // namespace
 
 std::string write_kv(const WriteKvArgs& a) {
-  const std::string op = "d3k.write_kv: ";
+  const bool paged = a.slot_mapping != 0;
+  const std::string op = paged ? "d3k.write_kv_paged: " : "d3k.write_kv: ";
+  if (paged) {
+    D3K_CHECK(a.page_size >= 1 && a.num_pages >= 1 && a.max_pages >= 1 && a.page_size <= INT_MAX / 2 &&
+                  a.max_pages <= (INT_MAX / 2) / a.page_size && a.num_pages <= (INT64_MAX / 4) / a.page_size,
+              op + "num_pages, page_size and max_pages must be >= 1 and max_pages * page_size < 2^30");
+    D3K_CHECK(a.S == a.max_pages * a.page_size, op + "S must be max_pages * page_size");
+    D3K_CHECK(a.rope_len >= 1 && a.rope_ld >= a.D / 2,
+              op + "rope tables must be [rope_len >= 1, D/2] with row stride >= D/2");
+  }
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)
     return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
   D3K_CHECK(a.mode >= 0 && a.mode <= 2, op + "mode code " + std::to_string(a.mode) + " is not 0 (mask), 1 (project) or 2 (copy)");
@@ -50,9 +59,14 @@ std::string write_kv(const WriteKvArgs& a) {
   KvLayout kv = {};
   kv.k_cache = reinterpret_cast<void*>(a.k_cache);
   kv.v_cache = reinterpret_cast<void*>(a.v_cache);
-  kv.cache_layer_stride = a.B * a.Hkv * a.S * a.D;
+  const int64_t num_slots = paged ? a.num_pages * a.page_size : 0;
+  kv.cache_layer_stride = (paged ? num_slots : a.B * a.S) * a.Hkv * a.D;
   kv.kv_valid = reinterpret_cast<uint8_t*>(a.kv_valid);
-  kv.valid_layer_stride = a.B * a.S;
+  kv.valid_layer_stride = paged ? num_slots : a.B * a.S;
+  kv.slot = paged ? reinterpret_cast<const int64_t*>(a.slot_mapping) : nullptr;
+  kv.num_slots = num_slots;
+  // contiguous mask / copy: pos in [0, S); paged: also within the RoPE tables, as the reference checks
+  kv.pos_limit = static_cast<int>(paged ? std::min<int64_t>(a.S, a.rope_len) : a.S);
   kv.flags = reinterpret_cast<const uint8_t*>(a.flags);
   kv.flags_ld = a.B;
   kv.pos = reinterpret_cast<const int*>(a.pos);
@@ -81,7 +95,8 @@ std::string write_kv(const WriteKvArgs& a) {
   const int64_t R = (a.H + 2 * a.Hkv) * a.D;
   const bool vec8 = d % 8 == 0 && aligned16(reinterpret_cast<void*>(a.src_h)) &&
                     aligned16(reinterpret_cast<void*>(a.norms)) && aligned16(reinterpret_cast<void*>(a.wqkv));
-  const int64_t cache_row = a.Hkv * a.S * a.D;
+  const int64_t cache_row = paged ? 0 : a.Hkv * a.S * a.D;
+  const int64_t valid_row = paged ? 0 : a.S;
   for (int b0 = 0; b0 < static_cast<int>(a.B); b0 += kMaxRows) {
     const int nb = std::min<int>(kMaxRows, static_cast<int>(a.B) - b0);
     KvProjectParams p = {};
@@ -92,9 +107,10 @@ std::string write_kv(const WriteKvArgs& a) {
     p.kv = kv;
     p.kv.k_cache = reinterpret_cast<char*>(a.k_cache) + b0 * cache_row * es;
     p.kv.v_cache = reinterpret_cast<char*>(a.v_cache) + b0 * cache_row * es;
-    p.kv.kv_valid = kv.kv_valid + static_cast<int64_t>(b0) * a.S;
+    p.kv.kv_valid = kv.kv_valid + static_cast<int64_t>(b0) * valid_row;
     p.kv.flags = kv.flags + b0;
     p.kv.pos = kv.pos + b0;
+    p.kv.slot = paged ? kv.slot + b0 : nullptr;
     p.kv.nb = nb;
     p.h = reinterpret_cast<const char*>(a.src_h) + static_cast<int64_t>(b0) * d * es;
     p.ldh = d;

@@ -83,7 +83,8 @@ def runtime_info() -> dict | str:
 
 
 # --------------------------------------------------------------------------- availability
-_KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "lm_head", "argmax", "device_facts")
+_KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "attn_block_paged", "write_kv_paged", "lm_head",
+            "argmax", "device_facts")
 CUDA_OPS_AVAILABLE: bool = C is not None and all(hasattr(C, n) for n in _KERNELS)
 
 CUDA_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
@@ -279,12 +280,14 @@ class CudaKernels:
             raise RuntimeError(f"page_size {ps} is not supported by the CUDA attention kernel (a multiple of 16)")
         T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
         ws = self._attn_scratch(idx, B, H, H_kv, D, M * ps)   # the split plan of a cache of max_pages pages
+        rows = self._buffer(("attn", idx, B, H, H_kv, D, M * ps, "rows"), idx, ws["plan"]["rows_elems"],
+                            torch.int32)                      # k1's effective row status, read by k2 and k3
         self._call(self.C.attn_block_paged, out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
                    0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(),
                    kv_valid_pages.data_ptr(), block_table.data_ptr(), pos.data_ptr(), slot_mapping.data_ptr(),
                    rope_cos.data_ptr(), rope_sin.data_ptr(), row_active.data_ptr(), ws["q"].data_ptr(),
-                   ws["o"].data_ptr(), ws["ml"].data_ptr(), ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d,
-                   H, H_kv, D, P, ps, M, T, rope_ld, ws["plan"]["num_splits"], float(eps), code, idx,
+                   ws["o"].data_ptr(), ws["ml"].data_ptr(), ws["acc"].data_ptr(), ws["counters"].data_ptr(),
+                   rows.data_ptr(), B, d, H, H_kv, D, P, ps, M, T, rope_ld, ws["plan"]["num_splits"], float(eps), code, idx,
                    self._stream(idx))
 
     def write_kv_paged(self, k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,

@@ -455,7 +455,7 @@ def test_backend_table_knows_page_sizes():
     """The CUDA attention kernel needs page_size % 16 == 0: the backend table says so, a named CUDA backend
     raises, and auto picks a backend that can run."""
     assert backends.why_not("reference", "cpu", torch.float16, 64, 8) is None
-    assert "multiple of 16" in backends.why_not("cuda", "cuda", torch.float16, 64, 8) or _ops.C is None
+    assert not _ops.CUDA_OPS_AVAILABLE or "multiple of 16" in backends.why_not("cuda", "cuda", torch.float16, 64, 8)
     if not _ops.cuda_emu_ops.available:
         pytest.skip(_ops.C_EMU_ERROR)
     assert "multiple of 16" in backends.why_not("cuda-emu", "cpu", torch.float16, 64, 8)
@@ -470,3 +470,23 @@ def test_backend_table_knows_page_sizes():
     ops.attn_block_paged(*x, backend="auto")                 # CPU tensors: the reference
     ref.attn_block_paged(*y)
     _same("auto", x[0], y[0])
+
+
+@pytest.mark.skipif(not _ops.CUDA_OPS_AVAILABLE, reason="d3kernels._C has no CUDA kernels")
+def test_paged_launchers_validate_before_touching_the_gpu():
+    """The C++ launchers check the paged arguments first (no CUDA call), so this runs anywhere."""
+    C, p = _ops.C, 256                       # p: a fake 16-byte aligned device address
+    # attn_block_paged(21 pointers, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld,
+    #                  num_splits, eps, dtype, device, stream)
+    with pytest.raises(RuntimeError, match="page_size 8 is not supported"):
+        C.attn_block_paged(*[p] * 21, 1, 64, 2, 1, 64, 4, 8, 2, 16, 32, 1, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="null pointer"):
+        C.attn_block_paged(*[p] * 11, 0, *[p] * 9, 1, 64, 2, 1, 64, 4, 16, 2, 16, 32, 1, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="null pointer"):    # the rows scratch
+        C.attn_block_paged(*[p] * 20, 0, 1, 64, 2, 1, 64, 4, 16, 2, 16, 32, 1, EPS, 1, 0, 0)
+    # write_kv_paged(12 pointers, mode, L, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld,
+    #                eps, dtype, device, stream)
+    with pytest.raises(RuntimeError, match="mode code 5"):
+        C.write_kv_paged(*[p] * 12, 5, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="num_pages, page_size and max_pages"):
+        C.write_kv_paged(*[p] * 12, 0, 2, 1, 8, 2, 1, 64, 0, 16, 2, 16, 32, EPS, 1, 0, 0)

@@ -9,10 +9,10 @@ allocate nothing. Math is float32 throughout (see _common.py for how tl.dot keep
 """
 import triton  # noqa: F401  (an ImportError here tells backends.why_not that triton is missing)
 
-from ._attn import attn_block
+from ._attn import attn_block, attn_block_paged
 from ._head import lm_head
-from ._kv import write_kv
+from ._kv import write_kv, write_kv_paged
 from ._mlp import mlp_block
 from ..reference import sample  # pure torch, no host sync, CUDA-graph safe
 
-__all__ = ["attn_block", "mlp_block", "write_kv", "lm_head", "sample"]
+__all__ = ["attn_block", "mlp_block", "write_kv", "attn_block_paged", "write_kv_paged", "lm_head", "sample"]

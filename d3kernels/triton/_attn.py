@@ -8,6 +8,12 @@
    valid); positions with kv_valid = 0 are neither loaded nor counted. fp32 online softmax.
 3. combine: merges the NS partials of each (row, head) into o [B, H D] fp32.
 4. O-projection GEMV + residual (the shared gemv_residual_kernel); inactive rows get out = h.
+
+attn_block_paged runs the same four kernels with PAGED = True: the cache is a pool of pages
+[num_pages, page_size, H_kv, D] (kv_valid [num_pages, page_size]); kernel 1 writes each row's K/V at its
+slot_mapping slot (a row runs iff row_active = 1 and slot >= 0), kernel 2 reads logical position p at
+slot block_table[b, p // page_size] * page_size + p % page_size (one gathered block_table load per
+position block; entries outside [0, num_pages) are masked, never dereferenced).
 """
 from __future__ import annotations
 
@@ -41,9 +47,9 @@ def num_splits(S: int, bp: int, rows_heads: int) -> int:
 
 @triton.jit
 def _qkv_rope_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr,
-                     cos_ptr, sin_ptr, B, d, S, H, H_kv, eps,
+                     cos_ptr, sin_ptr, slot_ptr, n_slots, B, d, S, H, H_kv, eps,
                      HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr):
     HALF: tl.constexpr = D // 2
     j = tl.program_id(0)            # head in [q heads | k heads | v heads]
     ib = tl.program_id(1)
@@ -53,6 +59,14 @@ def _qkv_rope_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, vali
     p = tl.load(pos_ptr + rb, mask=bmask, other=0)
     act = tl.load(act_ptr + rb, mask=bmask, other=0) != 0
     ok = bmask & act & (p >= 0) & (p < S)
+    if PAGED:                       # S = min(max_pages * page_size, rope rows); the row's write slot
+        sl = tl.load(slot_ptr + rb, mask=bmask, other=-1)
+        ok = ok & (sl >= 0) & (sl < n_slots)
+        row_kv = sl * H_kv          # int64: [slots, H_kv, D] pool
+        vofs = sl
+    else:
+        row_kv = (rb.to(tl.int64) * H_kv) * S + p
+        vofs = rb.to(tl.int64) * S + p
     k_end = tl.where(tl.max(ok.to(tl.int32), axis=0) > 0, d, 0)
     ii = ib * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
     imask = ii < HALF
@@ -76,29 +90,39 @@ def _qkv_rope_kernel(h_ptr, nw_ptr, w_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, vali
             tl.store(q_ptr + qo, o1, mask=m2)
             tl.store(q_ptr + qo + HALF, o2, mask=m2)
         else:
-            ko = ((rb64 * H_kv + (j - H)) * S + p)[:, None] * D + ii[None, :]
+            if PAGED:
+                ko = (row_kv + (j - H))[:, None] * D + ii[None, :]
+            else:
+                ko = ((rb64 * H_kv + (j - H)) * S + p)[:, None] * D + ii[None, :]
             tl.store(kc_ptr + ko, o1.to(kc_ptr.dtype.element_ty), mask=m2)
             tl.store(kc_ptr + ko + HALF, o2.to(kc_ptr.dtype.element_ty), mask=m2)
     else:
-        vo = ((rb64 * H_kv + (j - H - H_kv)) * S + p)[:, None] * D + ii[None, :]
+        if PAGED:
+            vo = (row_kv + (j - H - H_kv))[:, None] * D + ii[None, :]
+        else:
+            vo = ((rb64 * H_kv + (j - H - H_kv)) * S + p)[:, None] * D + ii[None, :]
         tl.store(vc_ptr + vo, acc1.to(vc_ptr.dtype.element_ty), mask=m2)
         tl.store(vc_ptr + vo + HALF, acc2.to(vc_ptr.dtype.element_ty), mask=m2)
     if (j == 0) & (ib == 0):
-        tl.store(valid_ptr + rb64 * S + p, tl.full([BLOCK_B], 1, tl.uint8), mask=ok)
+        tl.store(valid_ptr + vofs, tl.full([BLOCK_B], 1, tl.uint8), mask=ok)
 
 
 @triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr, m_ptr, l_ptr, o_ptr,
+                       bt_ptr, slot_ptr, max_pages, page_size, n_pages,
                        S, H, H_kv, NS, qk_scale,
                        D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, PAGED: tl.constexpr):
     bg = tl.program_id(0)
     sp = tl.program_id(1)
     b = bg // H_kv
     g = bg % H_kv
     p_b = tl.load(pos_ptr + b)
     act = tl.load(act_ptr + b)
-    n_pos = tl.where((act != 0) & (p_b >= 0) & (p_b < S), p_b + 1, 0)
+    run = (act != 0) & (p_b >= 0) & (p_b < S)
+    if PAGED:
+        run = run & (tl.load(slot_ptr + b) >= 0)
+    n_pos = tl.where(run, p_b + 1, 0)
     jj = tl.arange(0, G_PAD)
     jmask = jj < G
     heads = (b * H + g * G + jj).to(tl.int64)          # (row, q head) index
@@ -112,15 +136,24 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr, m_ptr
     n_blocks = tl.cdiv(n_pos, BLOCK_P)
     for blk in range(sp, n_blocks, NS):
         ps = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        vld = tl.load(valid_ptr + b.to(tl.int64) * S + ps, mask=ps < n_pos, other=0) != 0
-        kt = tl.load(kc_ptr + kv_base + ps[None, :] * D + dd[:, None], mask=vld[None, :], other=0.0)  # [D, P]
+        if PAGED:
+            inr = ps < n_pos
+            pg = tl.load(bt_ptr + b.to(tl.int64) * max_pages + ps // page_size, mask=inr, other=-1)
+            inr = inr & (pg >= 0) & (pg < n_pages)
+            slot = pg.to(tl.int64) * page_size + ps % page_size
+            vld = tl.load(valid_ptr + slot, mask=inr, other=0) != 0
+            kv_off = (slot * H_kv + g) * D                                                           # [P]
+        else:
+            vld = tl.load(valid_ptr + b.to(tl.int64) * S + ps, mask=ps < n_pos, other=0) != 0
+            kv_off = kv_base + ps * D
+        kt = tl.load(kc_ptr + kv_off[None, :] + dd[:, None], mask=vld[None, :], other=0.0)        # [D, P]
         sc = mm(q, kt, SPLIT)                                                                         # [G, P]
         sc = tl.where(vld[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         pr = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
-        v = tl.load(vc_ptr + kv_base + ps[:, None] * D + dd[None, :], mask=vld[:, None], other=0.0)   # [P, D]
+        v = tl.load(vc_ptr + kv_off[:, None] + dd[None, :], mask=vld[:, None], other=0.0)            # [P, D]
         acc = acc * alpha[:, None] + mm(pr, v, SPLIT)
         m_i = m_new
     part = heads * NS + sp
@@ -161,24 +194,57 @@ def attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, po
         raise ValueError(f"triton backend: query heads H={H} must be a multiple of H_kv={H_kv}")
     if rope_cos.shape[0] < S:
         raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
+    _attn(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin, row_active, eps,
+          B, d, H, H_kv, D, S, S, None)
+
+
+def _attn(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin, row_active, eps,
+          B, d, H, H_kv, D, S, limit, paged):
+    """The four launches. S: the cache length (paged: max_pages * page_size, which sets the splits);
+    limit: positions below it run; paged: None or (block_table, slot_mapping, num_pages, page_size)."""
     G = H // H_kv
     dev = h.device
     bb = block_b(B)
+    if paged is None:
+        bt, slots, n_pages, ps = pos, pos, 0, 1        # unused pointers
+    else:
+        bt, slots, n_pages, ps = paged
     q = scratch("attn.q", (B, H * D), dev)
     _qkv_rope_kernel[(H + 2 * H_kv, triton.cdiv(D // 2, BLOCK_HALF), triton.cdiv(B, bb))](
         h, attn_norm, wqkv, bqkv if bqkv is not None else wqkv, q, k_cache, v_cache, kv_valid, pos, row_active,
-        rope_cos, rope_sin, B, d, S, H, H_kv, eps,
+        rope_cos, rope_sin, slots, n_pages * ps, B, d, limit, H, H_kv, eps,
         HAS_BIAS=bqkv is not None, D=D, BLOCK_HALF=BLOCK_HALF, BLOCK_B=bb, BLOCK_K=BLOCK_K,
-        SPLIT=split_dot(wqkv.dtype))
+        SPLIT=split_dot(wqkv.dtype), PAGED=paged is not None)
     bp = block_p(D, k_cache.dtype)
     ns = num_splits(S, bp, B * H_kv)
     m = scratch("attn.m", (B * H, ns), dev)
     lsum = scratch("attn.l", (B * H, ns), dev)
     part = scratch("attn.part", (B * H, ns, D), dev)
     _attn_split_kernel[(B * H_kv, ns)](
-        q, k_cache, v_cache, kv_valid, pos, row_active, m, lsum, part, S, H, H_kv, ns,
-        math.log2(math.e) / math.sqrt(D),
-        D=D, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_P=bp, SPLIT=split_dot(k_cache.dtype))
+        q, k_cache, v_cache, kv_valid, pos, row_active, m, lsum, part, bt, slots, bt.shape[-1], ps, n_pages,
+        limit, H, H_kv, ns, math.log2(math.e) / math.sqrt(D),
+        D=D, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_P=bp, SPLIT=split_dot(k_cache.dtype),
+        PAGED=paged is not None)
     o = scratch("attn.o", (B, H * D), dev)
     _attn_combine_kernel[(B * H,)](m, lsum, part, o, ns, D=D, NS_PAD=triton.next_power_of_2(ns))
-    launch_gemv_residual(out, h, o, wo, row_active)
+    launch_gemv_residual(out, h, o, wo, row_active, None if paged is None else slots)
+
+
+def attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
+                     slot_mapping, rope_cos, rope_sin, row_active, eps) -> None:
+    """See d3kernels.reference.attn_block_paged. out [B, d] written; k_pages / v_pages
+    [num_pages, page_size, H_kv, D] and kv_valid_pages [num_pages, page_size] updated at the running rows'
+    slots (row_active = 1 and slot_mapping >= 0)."""
+    B, d = h.shape
+    P, ps, H_kv, D = k_pages.shape
+    H = wqkv.shape[0] // D - 2 * H_kv
+    check_dtype(h.dtype)
+    check_head_dim(D)
+    check_contiguous(out=out, h=h, attn_norm=attn_norm, wqkv=wqkv, bqkv=bqkv, wo=wo, k_pages=k_pages,
+                     v_pages=v_pages, kv_valid_pages=kv_valid_pages, block_table=block_table, pos=pos,
+                     slot_mapping=slot_mapping, rope_cos=rope_cos, rope_sin=rope_sin, row_active=row_active)
+    if H % H_kv:
+        raise ValueError(f"triton backend: query heads H={H} must be a multiple of H_kv={H_kv}")
+    S = block_table.shape[1] * ps
+    _attn(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, pos, rope_cos, rope_sin, row_active,
+          eps, B, d, H, H_kv, D, S, min(S, rope_cos.shape[0]), (block_table, slot_mapping, P, ps))

@@ -157,9 +157,11 @@ def norm_gemv_kernel(h_ptr, nw_ptr, w_ptr, out_ptr, B, d, N, eps,
 
 
 @triton.jit
-def gemv_residual_kernel(out_ptr, h_ptr, a_ptr, w_ptr, act_ptr, B, N, K,
-                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-    """out[B, N] = h + a[B, K] (fp32) @ w[N, K].T for rows with act != 0; out = h for the others.
+def gemv_residual_kernel(out_ptr, h_ptr, a_ptr, w_ptr, act_ptr, slot_ptr, B, N, K,
+                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                         HAS_SLOT: tl.constexpr):
+    """out[B, N] = h + a[B, K] (fp32) @ w[N, K].T for rows with act != 0 (and, HAS_SLOT, slot >= 0: a paged
+    cache's slot_mapping); out = h for the others.
 
     Each program reads and writes only its own columns of h / out, so out may alias h.
     """
@@ -170,6 +172,8 @@ def gemv_residual_kernel(out_ptr, h_ptr, a_ptr, w_ptr, act_ptr, B, N, K,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     act = tl.load(act_ptr + rb, mask=bmask, other=0) != 0
+    if HAS_SLOT:
+        act = act & (tl.load(slot_ptr + rb, mask=bmask, other=-1) >= 0)
     amask = bmask & act
     k_end = tl.where(tl.max(amask.to(tl.int32), axis=0) > 0, K, 0)
     arows = rb.to(tl.int64)[:, None] * K
@@ -200,10 +204,11 @@ def launch_norm_gemv(out: torch.Tensor, h: torch.Tensor, nw: torch.Tensor, w: to
 
 
 def launch_gemv_residual(out: torch.Tensor, h: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
-                         row_active: torch.Tensor) -> None:
+                         row_active: torch.Tensor, slot_mapping: torch.Tensor = None) -> None:
     B, N = h.shape
     K = w.shape[1]
     bb, bn = block_b(B), block_n(N)
     grid = (triton.cdiv(N, bn), triton.cdiv(B, bb))
-    gemv_residual_kernel[grid](out, h, a, w, row_active, B, N, K, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=BLOCK_K,
-                               SPLIT=split_dot(w.dtype))
+    gemv_residual_kernel[grid](out, h, a, w, row_active, row_active if slot_mapping is None else slot_mapping,
+                               B, N, K, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=BLOCK_K, SPLIT=split_dot(w.dtype),
+                               HAS_SLOT=slot_mapping is not None)

@@ -4,6 +4,16 @@
 //   k2 attn_decode_kernel: split-K flash decoding over the valid positions, with
 //                         the combine done by the last split block of each head group.
 //   k3 OProjOp (GEMV):     out = h + wo @ o.
+//
+// Two cache layouts, one code path (the paged differences are a few branches on a pointer, and a
+// template flag in k2's inner loop):
+//   contiguous: k_cache [nb, H_kv, S, D], kv_valid [nb, S]; row b writes and reads its own row;
+//   paged (slot != nullptr): a pool k_cache [num_pages * page_size slots, H_kv, D], kv_valid [slots];
+//     row b writes its new K/V at slot[b] (int64, -1 = the row runs nothing) and reads logical
+//     position p at slot block_table[b, p / page_size] * page_size + p % page_size. k1 also writes each
+//     row's effective status (row_active and slot >= 0 -> run; a slot past the pool -> position -1, the
+//     out-of-range status) to scratch, which k2 and k3 read as their (active, pos): k3 is the contiguous
+//     kernel unchanged.
 #pragma once
 
 #include "d3k/gemv_kernel.cuh"
@@ -24,15 +34,19 @@ struct AttnPreParams {
   const void* norm;    // [d]
   const void* w;       // [(H + 2 H_kv) D, d]
   const void* bias;    // [(H + 2 H_kv) D] or nullptr
-  void* k_cache;       // [nb, H_kv, S, D] (this group's rows)
+  void* k_cache;       // [nb, H_kv, S, D] (this group's rows); paged: the pool [slots, H_kv, D]
   void* v_cache;
-  uint8_t* kv_valid;   // [nb, S]
+  uint8_t* kv_valid;   // [nb, S]; paged: [slots]
   const int* pos;      // [nb]
   const uint8_t* active;
+  const int64_t* slot; // paged: [nb] write slots (-1: the row runs nothing); nullptr: contiguous
+  int64_t num_slots;   // paged: slots in the pool
+  int* row_pos;        // paged: [nb] written by block 0: pos, or -1 for a slot past the pool
+  uint8_t* row_run;    // paged: [nb] written by block 0: row_active and slot >= 0
   const float* rope_cos;  // [rope_len, D/2], row stride rope_ld
   const float* rope_sin;
   int64_t rope_ld;
-  int pos_limit;       // min(S, rope_len)
+  int pos_limit;       // min(S, rope_len) (paged: S = max_pages * page_size)
   float* q;            // [nb, H, D] fp32 scratch
   int* counters;       // k2's split counters of this group, zeroed here
   int n_counters;
@@ -42,16 +56,33 @@ struct AttnPreParams {
 struct AttnPreOp : GemvNormOpBase<AttnPreParams> {
   static constexpr bool kPairs = true;
   __device__ static int row_of(const Params& p, int slot) { return rope_pair_row(slot, p.D); }
+  __device__ static int status(const Params& p, int b, int* ps) {
+    return row_status(p.pos, p.active, p.slot, p.num_slots, b, p.pos_limit, ps);
+  }
+  // Element offset of (row b, kv head g) at position ps in the cache.
+  __device__ static int64_t kv_elem(const Params& p, int b, int g, int ps) {
+    if (p.slot != nullptr) return (p.slot[b] * p.Hkv + g) * p.D;
+    return ((static_cast<int64_t>(b) * p.Hkv + g) * p.S + ps) * p.D;
+  }
   template <typename T, int BMAX, int RPW>
   __device__ static void epilogue(const Params& p, int slot0, const bool (&rvalid)[RPW],
                                   const float (&acc)[RPW][BMAX], const float (&rstd)[BMAX], int lane) {
     static_assert(RPW % 2 == 0, "attn_pre needs RoPE pairs in one warp");
+    uint32_t run = 0;  // rows that write (status 1), computed once rather than at every unrolled output
+    for (int b = 0; b < p.g.nb; ++b) {
+      int ps = 0;
+      if (status(p, b, &ps) == 1) run |= 1u << b;
+    }
     if (blockIdx.x == 0) {
       for (int i = threadIdx.x; i < p.n_counters; i += kGemvThreads) p.counters[i] = 0;
       if (threadIdx.x < p.g.nb) {
-        int ps = 0;
-        if (row_status(p.pos, p.active, threadIdx.x, p.pos_limit, &ps) == 1)
-          p.kv_valid[static_cast<int64_t>(threadIdx.x) * p.S + ps] = 1;
+        const int b = threadIdx.x;
+        if ((run >> b) & 1u) p.kv_valid[p.slot != nullptr ? p.slot[b] : static_cast<int64_t>(b) * p.S + p.pos[b]] = 1;
+        if (p.slot != nullptr) {  // k2 and k3 read these as (active, pos)
+          const int64_t s = p.slot[b];
+          p.row_run[b] = p.active[b] != 0 && s >= 0;
+          p.row_pos[b] = s < p.num_slots ? p.pos[b] : -1;
+        }
       }
     }
     const T* bias = static_cast<const T*>(p.bias);
@@ -59,8 +90,8 @@ struct AttnPreOp : GemvNormOpBase<AttnPreParams> {
     for_each_pair<BMAX, RPW>(acc, p.g.nb, lane, [&](int i, int b, float a0, float a1) {
       const int slot = slot0 + 2 * i;
       if (!rvalid[2 * i]) return;
-      int ps = 0;
-      if (row_status(p.pos, p.active, b, p.pos_limit, &ps) != 1) return;
+      if (!((run >> b) & 1u)) return;
+      const int ps = p.pos[b];
       const auto [hd, j, row0, row1] = rope_pair(slot, D);
       float y0 = a0 * rstd[b], y1 = a1 * rstd[b];
       if (bias != nullptr) {
@@ -75,12 +106,12 @@ struct AttnPreOp : GemvNormOpBase<AttnPreParams> {
           q[j] = r0;
           q[j + half] = r1;
         } else {
-          T* kc = static_cast<T*>(p.k_cache) + ((static_cast<int64_t>(b) * p.Hkv + (hd - p.H)) * p.S + ps) * D;
+          T* kc = static_cast<T*>(p.k_cache) + kv_elem(p, b, hd - p.H, ps);
           kc[j] = from_f<T>(r0);
           kc[j + half] = from_f<T>(r1);
         }
       } else {
-        T* vc = static_cast<T*>(p.v_cache) + ((static_cast<int64_t>(b) * p.Hkv + (hd - p.H - p.Hkv)) * p.S + ps) * D;
+        T* vc = static_cast<T*>(p.v_cache) + kv_elem(p, b, hd - p.H - p.Hkv, ps);
         vc[j] = from_f<T>(y0);
         vc[j + half] = from_f<T>(y1);
       }
@@ -91,11 +122,14 @@ struct AttnPreOp : GemvNormOpBase<AttnPreParams> {
 // ============================================================== k2: split-K decode attention
 struct AttnParams {
   const float* q;        // [nb, H, D] fp32 (RoPE applied, unscaled)
-  const void* k_cache;   // [nb, H_kv, S, D]
+  const void* k_cache;   // [nb, H_kv, S, D]; paged: the pool [slots, H_kv, D]
   const void* v_cache;
-  const uint8_t* kv_valid;  // [nb, S]
-  const int* pos;
-  const uint8_t* active;
+  const uint8_t* kv_valid;  // [nb, S]; paged: [slots]
+  const int* pos;           // paged: k1's row_pos
+  const uint8_t* active;    // paged: k1's row_run
+  const int* block_table;   // paged: [nb, bt_ld] int32 page ids
+  int64_t bt_ld;
+  int num_pages, page_size;  // paged: page_size % (128 / (D / 8)) == 0 (a multiple of 16 serves D = 64, 128)
   int pos_limit;
   float* part_ml;        // [nb, H, NS, 2]  (m in log2 units, l)
   float* part_acc;       // [nb, H, NS, D]
@@ -118,7 +152,13 @@ constexpr int kAttnWarps = kAttnThreads / 32;
 // log2 units. Positions with kv_valid = 0 are skipped (their K/V are not read).
 // With one non-empty split the block writes o directly; otherwise it writes its
 // partial (m, l, acc), and the last block to finish (atomic counter) combines.
-template <typename T, int D, int GMAX>
+//
+// kPaged: the same loop over a paged pool. A pass's RPP positions start at a multiple of RPP (split_len
+// is a multiple of 64) and page_size is a multiple of RPP, so they lie in one page: the block walks the
+// pages (page index, offset) and reads each block_table entry once, one page ahead of its use. An
+// entry outside [0, num_pages) is never dereferenced; its positions count as masked and the row's
+// output becomes NaN (l = NaN), as for an out-of-range position.
+template <typename T, int D, int GMAX, bool kPaged>
 __global__ void __launch_bounds__(kAttnThreads) attn_decode_kernel(const AttnParams p) {
   constexpr int LPR = D / 8;
   constexpr int RPP = kAttnThreads / LPR;
@@ -176,10 +216,20 @@ __global__ void __launch_bounds__(kAttnThreads) attn_decode_kernel(const AttnPar
     for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
   }
 
-  const int64_t head_off = (static_cast<int64_t>(b) * p.Hkv + g) * p.S * D + ds * 8;
+  const int64_t head_off = kPaged ? static_cast<int64_t>(g) * D + ds * 8
+                                   : (static_cast<int64_t>(b) * p.Hkv + g) * p.S * D + ds * 8;
   const T* kb = static_cast<const T*>(p.k_cache) + head_off;
   const T* vb = static_cast<const T*>(p.v_cache) + head_off;
-  const uint8_t* valid = p.kv_valid + static_cast<int64_t>(b) * p.S;
+  const uint8_t* valid = kPaged ? p.kv_valid : p.kv_valid + static_cast<int64_t>(b) * p.S;
+  // Paged: the page walk (block-uniform). pg_i, pg_off: page index and offset of the next pass's first
+  // position; cur, nxt: the block_table entries of pages pg_i and pg_i + 1 (read only below n_pg).
+  const int* bt = kPaged ? p.block_table + static_cast<int64_t>(b) * p.bt_ld : nullptr;
+  const int n_pg = kPaged ? (p_end - 1) / p.page_size + 1 : 0;
+  int pg_i = kPaged ? p_begin / p.page_size : 0;
+  int pg_off = p_begin - pg_i * (kPaged ? p.page_size : 0);
+  int cur = kPaged ? bt[pg_i] : 0;
+  int nxt = kPaged && pg_i + 1 < n_pg ? bt[pg_i + 1] : -1;
+  bool bad = false;
 
   // Warp-uniform trip count: every lane runs every iteration (shuffles below).
   for (int base = p_begin; base < p_end; base += RPP * U) {
@@ -188,12 +238,32 @@ __global__ void __launch_bounds__(kAttnThreads) attn_decode_kernel(const AttnPar
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int pp = base + u * RPP + rs;
-      val[u] = pp < p_end && valid[pp] != 0;
-      kr[u] = make_uint4(0u, 0u, 0u, 0u);
-      vr[u] = kr[u];
-      if (val[u]) {
-        kr[u] = ld16(kb + static_cast<int64_t>(pp) * D);
-        vr[u] = ld16(vb + static_cast<int64_t>(pp) * D);
+      if constexpr (kPaged) {
+        const bool page_ok = static_cast<unsigned>(cur) < static_cast<unsigned>(p.num_pages);
+        bad |= !page_ok && base + u * RPP < p_end;
+        const int64_t sl = static_cast<int64_t>(cur) * p.page_size + pg_off + rs;
+        val[u] = page_ok && pp < p_end && valid[sl] != 0;
+        kr[u] = make_uint4(0u, 0u, 0u, 0u);
+        vr[u] = kr[u];
+        if (val[u]) {
+          kr[u] = ld16(kb + sl * (p.Hkv * D));
+          vr[u] = ld16(vb + sl * (p.Hkv * D));
+        }
+        pg_off += RPP;
+        if (pg_off == p.page_size) {
+          pg_off = 0;
+          ++pg_i;
+          cur = nxt;
+          nxt = pg_i + 1 < n_pg ? bt[pg_i + 1] : -1;
+        }
+      } else {
+        val[u] = pp < p_end && valid[pp] != 0;
+        kr[u] = make_uint4(0u, 0u, 0u, 0u);
+        vr[u] = kr[u];
+        if (val[u]) {
+          kr[u] = ld16(kb + static_cast<int64_t>(pp) * D);
+          vr[u] = ld16(vb + static_cast<int64_t>(pp) * D);
+        }
       }
     }
     float s[U][GMAX];
@@ -252,6 +322,14 @@ __global__ void __launch_bounds__(kAttnThreads) attn_decode_kernel(const AttnPar
       }
     }
   }
+
+  if constexpr (kPaged) {
+    if (bad) {  // a page outside the pool: the row's output is NaN
+#pragma unroll
+      for (int j = 0; j < GMAX; ++j) l[j] = __int_as_float(0x7fc00000);
+    }
+  }
+  (void)bad;
 
   // Merge the row slots of a warp (lanes that differ in rs, same ds).
 #pragma unroll
@@ -362,8 +440,8 @@ struct OProjParams {
   int64_t ldh;
   void* out;          // [nb, d]
   int64_t ld_out;
-  const int* pos;
-  const uint8_t* active;
+  const int* pos;       // paged: k1's row_pos
+  const uint8_t* active;  // paged: k1's row_run
   int pos_limit;
 };
 

@@ -131,6 +131,18 @@ __device__ __forceinline__ int row_status(const int* pos, const uint8_t* active,
   return (ps >= 0 && ps < limit) ? 1 : 2;
 }
 
+// The same with a paged cache's write slots (slot == nullptr: a contiguous cache, as above): a row runs only
+// with slot >= 0 (slot -1 = nothing: status 0); a slot past the pool (>= num_slots) is out of range (2).
+__device__ __forceinline__ int row_status(const int* pos, const uint8_t* active, const int64_t* slot,
+                                          int64_t num_slots, int b, int limit, int* p_out) {
+  if (slot == nullptr) return row_status(pos, active, b, limit, p_out);
+  if (active[b] == 0) return 0;
+  const int64_t s = slot[b];
+  if (s < 0) return 0;
+  const int st = row_status(pos, active, b, limit, p_out);
+  return s < num_slots ? st : 2;
+}
+
 // HF rotate_half on the pair (x1 = y0 at dim j, x2 = y1 at dim j + D/2):
 // r0 = x1 cos - x2 sin, r1 = x2 cos + x1 sin, rounded like separate torch ops
 // (no FMA contraction).

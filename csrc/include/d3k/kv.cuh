@@ -5,6 +5,9 @@
 //   mode "project": KvProjectOp (GEMV) K/V rows of wqkv[l] @ rmsnorm(src_h) with
 //                                      norms[l], RoPE on K, kv_valid = 1
 // Rows whose pos is outside [0, S) (or past the RoPE table) are left untouched.
+// Paged caches (KvLayout::slot != nullptr): layer l is a pool [slots, H_kv, D] (kv_valid [slots]); row b
+// writes at slot[b] (int64; -1 = nothing, a slot past the pool is left untouched too) and pos[b] is only
+// its RoPE position and range check.
 #pragma once
 
 #include "d3k/gemv_kernel.cuh"
@@ -13,15 +16,42 @@ namespace d3k {
 
 struct KvLayout {
   void* k_cache;              // layer l, row b, head g, pos p: l * layer_stride + ((b * Hkv + g) * S + p) * D
-  void* v_cache;
-  int64_t cache_layer_stride;  // B * Hkv * S * D (full batch)
-  uint8_t* kv_valid;          // l * valid_layer_stride + b * S + p
-  int64_t valid_layer_stride;  // B * S
+  void* v_cache;              //   paged: l * layer_stride + (slot[b] * Hkv + g) * D
+  int64_t cache_layer_stride;  // B * Hkv * S * D (full batch); paged: slots * Hkv * D
+  uint8_t* kv_valid;          // l * valid_layer_stride + b * S + p; paged: l * valid_layer_stride + slot[b]
+  int64_t valid_layer_stride;  // B * S; paged: slots
   const uint8_t* flags;       // flags[l * flags_ld + b]
   int64_t flags_ld;           // B
   const int* pos;             // [nb]
+  const int64_t* slot;        // paged: [nb] write slots; nullptr: contiguous
+  int64_t num_slots;          // paged: slots per layer
+  int pos_limit;              // rows write only with 0 <= pos < pos_limit (mask / copy)
   int L, nb, Hkv, D, S;
 };
+
+// Where row b writes in each layer: false if it writes nothing (pos outside [0, limit); paged: a slot < 0
+// or past the pool). kv: element offset of head 0 (head g at kv + g * kv_head_stride(p)); vofs: the index of
+// its kv_valid byte.
+__device__ __forceinline__ bool kv_target(const KvLayout& p, int b, int limit, int* ps_out, int64_t* kv,
+                                          int64_t* vofs) {
+  const int ps = p.pos[b];
+  if (ps < 0 || ps >= limit) return false;
+  *ps_out = ps;
+  if (p.slot == nullptr) {
+    *kv = (static_cast<int64_t>(b) * p.Hkv * p.S + ps) * p.D;
+    *vofs = static_cast<int64_t>(b) * p.S + ps;
+    return true;
+  }
+  const int64_t s = p.slot[b];
+  if (s < 0 || s >= p.num_slots) return false;
+  *kv = s * p.Hkv * p.D;
+  *vofs = s;
+  return true;
+}
+
+__device__ __forceinline__ int64_t kv_head_stride(const KvLayout& p) {
+  return p.slot == nullptr ? static_cast<int64_t>(p.S) * p.D : p.D;
+}
 
 // ---------------------------------------------------------------- mask
 template <int kThreads>
@@ -32,9 +62,10 @@ __global__ void __launch_bounds__(kThreads) kv_mask_kernel(const KvLayout p) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const int l = i / p.nb, b = i - (i / p.nb) * p.nb;
     if (p.flags[l * p.flags_ld + b] == 0) continue;
-    const int ps = p.pos[b];
-    if (ps < 0 || ps >= p.S) continue;
-    p.kv_valid[l * p.valid_layer_stride + static_cast<int64_t>(b) * p.S + ps] = 0;
+    int ps = 0;
+    int64_t kv = 0, vofs = 0;
+    if (!kv_target(p, b, p.pos_limit, &ps, &kv, &vofs)) continue;
+    p.kv_valid[l * p.valid_layer_stride + vofs] = 0;
   }
 }
 
@@ -49,8 +80,9 @@ __global__ void __launch_bounds__(kKvCopyThreads) kv_copy_kernel(const KvLayout 
   pdl_trigger();
   const int b = blockIdx.x, l = blockIdx.y;
   if (p.flags[l * p.flags_ld + b] == 0) return;
-  const int ps = p.pos[b];
-  if (ps < 0 || ps >= p.S) return;
+  int ps = 0;
+  int64_t kv = 0, vofs = 0;
+  if (!kv_target(p, b, p.pos_limit, &ps, &kv, &vofs)) return;
   int src = -1;
   for (int j = l - 1; j >= 0; --j) {
     if (p.flags[j * p.flags_ld + b] == 0) {
@@ -58,7 +90,6 @@ __global__ void __launch_bounds__(kKvCopyThreads) kv_copy_kernel(const KvLayout 
       break;
     }
   }
-  const int64_t vofs = static_cast<int64_t>(b) * p.S + ps;
   if (src < 0) {
     if (threadIdx.x == 0) p.kv_valid[l * p.valid_layer_stride + vofs] = 0;
     return;
@@ -66,9 +97,10 @@ __global__ void __launch_bounds__(kKvCopyThreads) kv_copy_kernel(const KvLayout 
   if (threadIdx.x == 0) p.kv_valid[l * p.valid_layer_stride + vofs] = p.kv_valid[src * p.valid_layer_stride + vofs];
   const int chunks = p.D / 8;  // 16-byte chunks per head row
   const int n = p.Hkv * chunks;
+  const int64_t hs = kv_head_stride(p);
   for (int i = threadIdx.x; i < n; i += kKvCopyThreads) {
     const int g = i / chunks, c = i - (i / chunks) * chunks;
-    const int64_t e = ((static_cast<int64_t>(b) * p.Hkv + g) * p.S + ps) * p.D + c * 8;
+    const int64_t e = kv + g * hs + c * 8;
     const T* ks = static_cast<const T*>(p.k_cache) + src * p.cache_layer_stride + e;
     const T* vs = static_cast<const T*>(p.v_cache) + src * p.cache_layer_stride + e;
     T* kd = static_cast<T*>(p.k_cache) + l * p.cache_layer_stride + e;
@@ -126,16 +158,16 @@ struct KvProjectOp {
     static_assert(RPW % 2 == 0, "kv_project needs RoPE pairs in one warp");
     const int l = blockIdx.y;
     const KvLayout& kv = p.kv;
-    auto ok = [&](int b, int* ps) {
+    auto ok = [&](int b, int* ps, int64_t* e, int64_t* vofs) {
       if (kv.flags[l * kv.flags_ld + b] == 0) return false;
-      *ps = kv.pos[b];
-      return *ps >= 0 && *ps < p.pos_limit;
+      return kv_target(kv, b, p.pos_limit, ps, e, vofs);
     };
     if (blockIdx.x == 0 && threadIdx.x < kv.nb) {
       int ps = 0;
-      if (ok(threadIdx.x, &ps))
-        kv.kv_valid[l * kv.valid_layer_stride + static_cast<int64_t>(threadIdx.x) * kv.S + ps] = 1;
+      int64_t e = 0, vofs = 0;
+      if (ok(threadIdx.x, &ps, &e, &vofs)) kv.kv_valid[l * kv.valid_layer_stride + vofs] = 1;
     }
+    const int64_t hs = kv_head_stride(kv);
     const T* bias = p.bias == nullptr ? nullptr
                                       : static_cast<const T*>(p.bias) + l * p.bias_layer_stride + p.kv_row0;
     const int D = kv.D, half = D >> 1;
@@ -143,7 +175,8 @@ struct KvProjectOp {
       const int slot = slot0 + 2 * i;
       if (!rvalid[2 * i]) return;
       int ps = 0;
-      if (!ok(b, &ps)) return;
+      int64_t e = 0, vofs = 0;
+      if (!ok(b, &ps, &e, &vofs)) return;
       const auto [hd, j, row0, row1] = rope_pair(slot, D);
       float y0 = a0 * rstd[b], y1 = a1 * rstd[b];
       if (bias != nullptr) {
@@ -153,13 +186,11 @@ struct KvProjectOp {
       if (hd < kv.Hkv) {
         float r0, r1;
         rope_rotate(y0, y1, p.rope_cos[ps * p.rope_ld + j], p.rope_sin[ps * p.rope_ld + j], r0, r1);
-        T* kc = static_cast<T*>(kv.k_cache) + l * kv.cache_layer_stride +
-                ((static_cast<int64_t>(b) * kv.Hkv + hd) * kv.S + ps) * D;
+        T* kc = static_cast<T*>(kv.k_cache) + l * kv.cache_layer_stride + e + hd * hs;
         kc[j] = from_f<T>(r0);
         kc[j + half] = from_f<T>(r1);
       } else {
-        T* vc = static_cast<T*>(kv.v_cache) + l * kv.cache_layer_stride +
-                ((static_cast<int64_t>(b) * kv.Hkv + (hd - kv.Hkv)) * kv.S + ps) * D;
+        T* vc = static_cast<T*>(kv.v_cache) + l * kv.cache_layer_stride + e + (hd - kv.Hkv) * hs;
         vc[j] = from_f<T>(y0);
         vc[j + half] = from_f<T>(y1);
       }

@@ -25,6 +25,7 @@ struct AttnWorkspace {
   int64_t ml_elems = 0;     // part_ml: [B, H, num_splits, 2] fp32
   int64_t acc_elems = 0;    // part_acc: [B, H, num_splits, D] fp32
   int64_t counters = 0;     // counters: [B, H_kv, head_groups] int32
+  int64_t rows_elems = 0;   // rows_ws (paged only): 2 B int32 = [B] int32 positions, then [B] uint8 flags
 };
 std::string attn_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, int device, AttnWorkspace* out);
 
@@ -47,7 +48,14 @@ struct AttnBlockArgs {
   double eps = 0;
   int dtype = 0, device = 0;
   uintptr_t stream = 0;
+  // Paged KV cache (slot_mapping != 0): k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
+  // kv_valid [num_pages, page_size]; S must be max_pages * page_size (the split plan's length).
+  uintptr_t block_table = 0;   // [B, max_pages] int32
+  uintptr_t slot_mapping = 0;  // [B] int64, -1 = the row runs nothing
+  uintptr_t rows_ws = 0;       // AttnWorkspace::rows_elems int32 of scratch
+  int64_t num_pages = 0, page_size = 0, max_pages = 0;
 };
+// attn_block on a contiguous cache, or (a.slot_mapping != 0) on a paged one: attn_block_paged.
 std::string attn_block(const AttnBlockArgs& a);
 
 // ---------------------------------------------------------------- mlp_block
@@ -95,7 +103,12 @@ struct WriteKvArgs {
   double eps = 0;
   int dtype = 0, device = 0;
   uintptr_t stream = 0;
+  // Paged KV cache (slot_mapping != 0): k_cache / v_cache [L, num_pages, page_size, H_kv, D], kv_valid
+  // [L, num_pages, page_size]; S must be max_pages * page_size.
+  uintptr_t slot_mapping = 0;  // [B] int64, -1 = nothing
+  int64_t num_pages = 0, page_size = 0, max_pages = 0;
 };
+// write_kv on a contiguous cache, or (a.slot_mapping != 0) on a paged one: write_kv_paged.
 std::string write_kv(const WriteKvArgs& a);
 
 // ---------------------------------------------------------------- sample
