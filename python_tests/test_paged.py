@@ -490,3 +490,22 @@ def test_paged_launchers_validate_before_touching_the_gpu():
         C.write_kv_paged(*[p] * 12, 5, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
     with pytest.raises(RuntimeError, match="num_pages, page_size and max_pages"):
         C.write_kv_paged(*[p] * 12, 0, 2, 1, 8, 2, 1, 64, 0, 16, 2, 16, 32, EPS, 1, 0, 0)
+
+
+@pytest.mark.gpu
+def test_paged_ops_opcheck_on_cuda():
+    """torch.ops.d3k.attn_block_paged / write_kv_paged on CUDA tensors (the CUDA kernels): opcheck (schema,
+    fake kernel, aliasing, aot_dispatch), and the op equals the CudaKernels call."""
+    r = _runner("gpu")
+    c, a = _small_attn(ps=16, dtype=torch.bfloat16)
+    a = _to(a, r.device)
+    torch.library.opcheck(torch.ops.d3k.attn_block_paged.default, [_clone(x) for x in a])
+    x, y = [_clone(t) for t in a], [_clone(t) for t in a]
+    torch.ops.d3k.attn_block_paged(*x)
+    _ops.cuda_ops.attn_block_paged(*y)
+    for i in (0, 6, 7, 8):
+        _same(f"argument {i}", x[i], y[i])
+    kc = KV["small_vec"]
+    cont, flags = _kv_contiguous(kc, torch.bfloat16, "project")
+    kp = _to(_kv_paged(kc, 16, cont, flags), r.device)
+    torch.library.opcheck(torch.ops.d3k.write_kv_paged.default, [_clone(t) for t in kp])
