@@ -37,34 +37,27 @@ import torch
 from . import checks as _checks
 from . import reference as _ref
 
-C_ERROR: str | None = None
-try:
-    _C = importlib.import_module("d3kernels._C")
-except ModuleNotFoundError as e:
-    if e.name != "d3kernels._C":
-        raise
-    _C = None
-    C_ERROR = ("d3kernels._C is not built: no nvcc was found at install time, or "
-               "D3K_SKIP_CUDA_BUILD=1 was set (install the CUDA 13 toolkit, set "
-               "CUDA_HOME=/usr/local/cuda and reinstall: pip install --no-build-isolation -e .)")
-except ImportError as e:  # built but unloadable: wrong Python, missing symbol, ...
-    _C = None
-    C_ERROR = f"d3kernels._C failed to import (rebuild it on this machine): {e}"
 
-C = _C or None
+def _import_extension(name: str, load, not_built: str) -> tuple:
+    """(module, None), or (None, why it is unavailable) for the compiled extension `name` that load() imports."""
+    try:
+        return load(), None
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None, not_built
+    except ImportError as e:  # built but unloadable: wrong Python, missing symbol, ...
+        return None, f"{name} failed to import (rebuild it on this machine): {e}"
 
-C_EMU_ERROR: str | None = None
-try:
-    C_EMU = importlib.import_module("d3kernels._C_emu")
-except ModuleNotFoundError as e:
-    if e.name != "d3kernels._C_emu":
-        raise
-    C_EMU = None
-    C_EMU_ERROR = ("d3kernels._C_emu (the emulated CUDA build) is not built: it was skipped at install time "
-                   "(D3K_SKIP_EMU_BUILD=1, or no C++ compiler); reinstall: pip install --no-build-isolation -e .")
-except ImportError as e:
-    C_EMU = None
-    C_EMU_ERROR = f"d3kernels._C_emu failed to import (rebuild it on this machine): {e}"
+
+C, C_ERROR = _import_extension(
+    "d3kernels._C", lambda: importlib.import_module("d3kernels._C"),
+    "d3kernels._C is not built: no nvcc was found at install time, or D3K_SKIP_CUDA_BUILD=1 was set (install "
+    "the CUDA 13 toolkit, set CUDA_HOME=/usr/local/cuda and reinstall: pip install --no-build-isolation -e .)")
+C_EMU, C_EMU_ERROR = _import_extension(
+    "d3kernels._C_emu", lambda: importlib.import_module("d3kernels._C_emu"),
+    "d3kernels._C_emu (the emulated CUDA build) is not built: it was skipped at install time "
+    "(D3K_SKIP_EMU_BUILD=1, or no C++ compiler); reinstall: pip install --no-build-isolation -e .")
 
 
 def build_info() -> dict | None:
