@@ -45,6 +45,18 @@ def _heads(rows: int, H_kv: int, D: int, what: str) -> int:
     return H
 
 
+def _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B: int, d: int, R: int, HD: int) -> None:
+    """The activations and weights of an attention block (contiguous or paged cache alike)."""
+    dt, dev = h.dtype, h.device
+    _expect("out", out, (B, d), dt, dev)
+    _expect("h", h, (B, d), dt, dev)
+    _expect("attn_norm", attn_norm, (d,), dt, dev)
+    _expect("wqkv", wqkv, (R, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (R,), dt, dev)
+    _expect("wo", wo, (d, HD), dt, dev)
+
+
 def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
                      row_active) -> tuple:
     """Validate attn_block arguments (shapes, dtypes, devices, contiguity); return (B, d, H, H_kv, D, S)."""
@@ -56,13 +68,7 @@ def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_val
     _, H_kv, S, D = k_cache.shape
     H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
     R = (H + 2 * H_kv) * D
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("attn_norm", attn_norm, (d,), dt, dev)
-    _expect("wqkv", wqkv, (R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (R,), dt, dev)
-    _expect("wo", wo, (d, H * D), dt, dev)
+    _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B, d, R, H * D)
     _expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
     _expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
     _expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
@@ -151,13 +157,7 @@ def check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, 
         raise ValueError(f"expected k_pages with num_pages >= 1 and page_size >= 1, got {tuple(k_pages.shape)}")
     H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
     R = (H + 2 * H_kv) * D
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("attn_norm", attn_norm, (d,), dt, dev)
-    _expect("wqkv", wqkv, (R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (R,), dt, dev)
-    _expect("wo", wo, (d, H * D), dt, dev)
+    _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B, d, R, H * D)
     _expect("k_pages", k_pages, (P, ps, H_kv, D), dt, dev)
     _expect("v_pages", v_pages, (P, ps, H_kv, D), dt, dev)
     _expect("kv_valid_pages", kv_valid_pages, (P, ps), torch.uint8, dev)

@@ -46,6 +46,17 @@ def _check_positions(positions: list, rows: list, limit: int, op: str) -> None:
                              f"(the cache length and the RoPE tables)")
 
 
+def _qkv(h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor, bqkv: Optional[torch.Tensor], eps: float,
+         H: int, H_kv: int, D: int) -> tuple:
+    """q [B, H, D], k and v [B, H_kv, D] (fp32, before RoPE) = wqkv @ rmsnorm(h) (+ bias)."""
+    B = h.shape[0]
+    qkv = rms_norm(h, attn_norm, eps) @ _f(wqkv).t()
+    if bqkv is not None:
+        qkv = qkv + _f(bqkv)
+    return (qkv[:, : H * D].view(B, H, D), qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D),
+            qkv[:, (H + H_kv) * D:].view(B, H_kv, D))
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Masked GQA attention of one row. q [H, D]; k, v [H_kv, P, D]; valid [P] bool -> [H, D] fp32."""
     H, D = q.shape
@@ -77,13 +88,7 @@ def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv
     B, d = h.shape
     H_kv, D = k_cache.shape[1], k_cache.shape[3]
     H = wqkv.shape[0] // D - 2 * H_kv
-    x = rms_norm(h, attn_norm, eps)
-    qkv = x @ _f(wqkv).t()
-    if bqkv is not None:
-        qkv = qkv + _f(bqkv)
-    q = qkv[:, : H * D].view(B, H, D)
-    k = qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D)
-    v = qkv[:, (H + H_kv) * D:].view(B, H_kv, D)
+    q, k, v = _qkv(h, attn_norm, wqkv, bqkv, eps, H, H_kv, D)
     res = _f(h).clone()
     active = row_active.bool().tolist()
     positions = pos.tolist()
@@ -345,13 +350,7 @@ def attn_block_paged(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor
     rows = [b for b in range(B) if active[b] and slots[b] >= 0]
     _check_paged("attn_block_paged", rows, positions, slots, block_table, ps, P,
                  min(block_table.shape[1] * ps, rope_cos.shape[0]))
-    x = rms_norm(h, attn_norm, eps)
-    qkv = x @ _f(wqkv).t()
-    if bqkv is not None:
-        qkv = qkv + _f(bqkv)
-    q = qkv[:, : H * D].view(B, H, D)
-    k = qkv[:, H * D: (H + H_kv) * D].view(B, H_kv, D)
-    v = qkv[:, (H + H_kv) * D:].view(B, H_kv, D)
+    q, k, v = _qkv(h, attn_norm, wqkv, bqkv, eps, H, H_kv, D)
     kf, vf, validf = k_pages.view(P * ps, H_kv, D), v_pages.view(P * ps, H_kv, D), kv_valid_pages.view(P * ps)
     qs = {}
     for b in rows:                                # every write, then every read (as the kernels order them)
