@@ -140,14 +140,13 @@ class Server:
             steps[r.slot] = r.i
         p = engine.plan(self.schedule, steps, self.fill)
         dec._rows_step(p.kept, self.buffers.load(p))
-        kept_sets = {r.slot: self.schedule.kept_layers(r.i) for r in live}
-        union = p.kept
         toks = self._sample()
-        self.step_depths.append(len(union))
-        self.row_depths.append(sum(len(k) for k in kept_sets.values()) / len(kept_sets))
+        kept = [self.schedule.kept_layers(r.i) for r in live]
+        self.step_depths.append(len(p.kept))
+        self.row_depths.append(sum(len(k) for k in kept) / len(kept))
         out = {}
-        for r in live:
-            r.layers.append(kept_sets[r.slot])
+        for r, k in zip(live, kept):
+            r.layers.append(k)
             r.i += 1
             out[r.rid] = toks[r.slot]
             self._emit(r, toks[r.slot])
