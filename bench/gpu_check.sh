@@ -32,7 +32,7 @@
 #   build     pip install --no-build-isolation --no-deps -v -e . (_C, _C_emu)  not run   180 s      -  45-75 s
 #             (not run on the CPU box, whose venv is shared; its last ninja log: longest TU 24 s
 #             alone, 157 s of nvcc in all, so MAX_JOBS=16 is bound by the longest TU + configure)
-#   tests ||  test_cuda: -m gpu python_tests/test_cuda_ops.py (105 tests)       5 s     150 s   90 s  40-70 s
+#   tests ||  test_cuda: -m gpu test_cuda_ops.py, test_paged.py (105 + 90)      5 s     150 s   90 s  40-70 s
 #             test_triton: python_tests/test_triton.py natively (43),     16 s alone            40-90 s
 #                          xdist -n 4 where pytest-xdist is installed
 #             test_decoder: test_decoder_gpu.py, test_backends.py,         5 s alone            30-60 s
@@ -350,7 +350,7 @@ stage_tests() {
   log "stage tests: test_cuda || test_triton || test_decoder, cap $cap s each"
   local t0=$SECONDS pids=() py=(-m pytest -v -p no:cacheprovider -rfEs --durations=8)
   if [ "$BUILD_OK" = 1 ]; then
-    timed test_cuda "$cap" "$PY" "${py[@]}" -m gpu python_tests/test_cuda_ops.py &
+    timed test_cuda "$cap" "$PY" "${py[@]}" -m gpu python_tests/test_cuda_ops.py python_tests/test_paged.py &
     pids+=($!)
   fi
   local xd=()                                    # Triton tests are compile-bound: 4 workers where xdist is

@@ -12,6 +12,7 @@ nested), so newcomers pull the whole batch back to full depth for their first st
 
     python bench/serving_bench.py --simulate [--tokens 256] [--json OUT]
     python bench/serving_bench.py [--model PATH] [--backend auto] [--batches 8,32] [--tokens 128]
+                                  [--page-size 16]     # the paged KV cache (pool: every slot's full length)
 """
 from __future__ import annotations
 
@@ -67,11 +68,13 @@ def simulate_table(n_tokens: int, loads=(0.5, 0.9, 1.5), batches=(1, 8, 32), alp
     return out
 
 
-def run(model, schedule, B: int, rate: float, n_tokens: int, n_requests: int, backend: str, seed: int = 0) -> dict:
-    """A real Server run with Poisson arrivals (per step); returns tokens/s and depths."""
+def run(model, schedule, B: int, rate: float, n_tokens: int, n_requests: int, backend: str, seed: int = 0,
+        page_size=None) -> dict:
+    """A real Server run with Poisson arrivals (per step); returns tokens/s and depths. page_size: run on a
+    paged KV cache."""
     from d3kernels import Server
     rng = np.random.default_rng(seed)
-    server = Server(model, schedule, max_batch=B, max_seq_len=64 + n_tokens, backend=backend)
+    server = Server(model, schedule, max_batch=B, max_seq_len=64 + n_tokens, backend=backend, page_size=page_size)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, model.config.vocab, (16,), generator=g).tolist() for _ in range(n_requests)]
     sync = torch.cuda.synchronize if server.decoder.device.type == "cuda" else (lambda: None)
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--load", type=float, default=0.9, help="offered load: arrivals x tokens / slots")
+    p.add_argument("--page-size", type=int, default=None, help="serve from a paged KV cache")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.simulate:
@@ -125,9 +129,10 @@ def main(argv=None) -> int:
         for B in (int(x) for x in a.batches.split(",")):
             rate = a.load * B / (a.tokens - 1)
             for name, sched in (("full depth", D3Schedule(L, alpha=1.0)), ("D3 0.998", D3Schedule(L))):
-                r = run(model, sched, B, rate, a.tokens, a.requests, a.backend)
-                rows.append({"setting": name, **r})
-                print(f"B={B} {name}: {r['tokens_per_s']:.1f} tokens/s, union depth {r['mean_step_depth']:.2f}, "
+                r = run(model, sched, B, rate, a.tokens, a.requests, a.backend, page_size=a.page_size)
+                rows.append({"setting": name, "page_size": a.page_size, **r})
+                print(f"B={B} {name}{'' if a.page_size is None else f' (pages of {a.page_size})'}: "
+                      f"{r['tokens_per_s']:.1f} tokens/s, union depth {r['mean_step_depth']:.2f}, "
                       f"row depth {r['mean_row_depth']:.2f}, {r['graphs']} graphs, backend {r['backend']}",
                       flush=True)
     if a.json:

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import serving_bench
@@ -21,8 +22,10 @@ def test_simulation_batch_one_keeps_the_whole_saving_and_batching_less():
     assert 6 < many["mean_live"] <= 8
 
 
-def test_server_run_smoke():
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_server_run_smoke(page_size):
     model = tiny_model(L=6, d=64, H=4, H_kv=2, D=16, F=96, V=101, seed=1)
     r = serving_bench.run(model, D3Schedule(6, alpha=0.8, start=0.2), B=4, rate=0.5, n_tokens=8, n_requests=6,
-                          backend="reference")
+                          backend="reference", page_size=page_size)
     assert r["tokens"] == 6 * 8 and r["steps"] > 0 and r["mean_step_depth"] >= r["mean_row_depth"]
+    assert r["free_pages"] == (None if page_size is None else 4 * 5)     # every page back in the pool

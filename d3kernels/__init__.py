@@ -16,8 +16,9 @@ from .model import Model, ModelConfig, Weights, load_model, embedded_model_path
 from .decoder import Decoder, Generation
 from .generate import Chat, generate, encode_prompt
 from .serving import Server
+from .cache import PoolFull
 from .calibrate import calibrate_skip_order
 from .eval import evaluate
 
 __all__ = ["D3Schedule", "Model", "ModelConfig", "Weights", "load_model", "embedded_model_path", "Decoder",
-           "Generation", "Chat", "Server", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]
+           "Generation", "Chat", "Server", "PoolFull", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]

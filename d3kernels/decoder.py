@@ -17,8 +17,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from . import backends
-from .cache import KVCache
-from .engine import run_layers
+from .cache import KVCache, PagedKVCache, PoolFull
+from .engine import run_layers, write_slots
 from .model import Model, rope_tables
 from .ops import FILL_MODES, check_sampling
 from .reference import prefill as reference_prefill
@@ -86,11 +86,15 @@ class Decoder:
         cuda_graphs: capture one CUDA graph per kept-layer set (CUDA only;
             default on unless D3K_CUDA_GRAPHS=0).
         log: callable(str) for progress lines (cache size, graph capture), or None.
+        page_size: None for the contiguous cache [L, B, H_kv, S, D]; else a paged cache of num_pages
+            pages of page_size positions (default: enough for every row to reach max_seq_len), given to
+            rows as they grow (d3kernels.cache.PagedKVCache; a full pool raises cache.PoolFull).
     """
 
     def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 1,
                  max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask",
-                 cuda_graphs: Optional[bool] = None, log=None):
+                 cuda_graphs: Optional[bool] = None, log=None, page_size: Optional[int] = None,
+                 num_pages: Optional[int] = None):
         cfg = model.config
         if schedule is None:
             schedule = D3Schedule(cfg.num_layers)
@@ -103,10 +107,16 @@ class Decoder:
                              "attention is not supported; lower max_seq_len to at most the window")
         self.model, self.cfg, self.schedule, self.fill = model, cfg, schedule, fill
         self.device, self.dtype = model.device, model.dtype
-        self.backend = backends.resolve(backend, self.device, self.dtype, cfg.head_dim)
+        self.backend = backends.resolve(backend, self.device, self.dtype, cfg.head_dim, page_size)
         self.ops = backends.get(self.backend)
         self.log = log
-        self.cache = KVCache(cfg, max_batch, max_seq_len, self.device, self.dtype, log=log)
+        if page_size is None:
+            if num_pages is not None:
+                raise ValueError("num_pages needs a page_size (a paged cache)")
+            self.cache = KVCache(cfg, max_batch, max_seq_len, self.device, self.dtype, log=log)
+        else:
+            self.cache = PagedKVCache(cfg, max_batch, max_seq_len, self.device, self.dtype, page_size, num_pages,
+                                      log=log)
         self.rope_cos, self.rope_sin = rope_tables(cfg, max_seq_len, self.device)
         B, d, dev = max_batch, cfg.hidden, self.device
         self._h = torch.zeros(B, d, device=dev, dtype=self.dtype)
@@ -115,6 +125,7 @@ class Decoder:
         self._tokens = torch.zeros(B, device=dev, dtype=torch.int64)
         self._pos = torch.zeros(B, device=dev, dtype=torch.int32)
         self._active = torch.ones(B, device=dev, dtype=torch.uint8)
+        self._slots = torch.full((B,), -1, device=dev, dtype=torch.int64)   # paged cache: the write slots
         self._flags = {}            # kept set -> list of (src layer run start, flags [L, B]) per skipped run
         # the reference backend reads positions on the host, so it cannot be captured
         capturable = self.device.type == "cuda" and self.backend != "reference"
@@ -143,16 +154,13 @@ class Decoder:
     def snapshot(self) -> dict:
         """Copies of the request state (cache, depth mask, positions, step index, last logits), for
         restore(): e.g. to score many schedules after one prompt pass."""
-        c = self.cache
-        return {"k": c.k.clone(), "v": c.v.clone(), "kv_valid": c.kv_valid.clone(), "pos": self._pos.clone(),
-                "seq_len": list(self._seq_len), "active": self._active.clone(), "logits": self._logits.clone(),
-                "batch": self.batch, "i": self.i}
+        return {**self.cache.state(), "pos": self._pos.clone(), "seq_len": list(self._seq_len),
+                "active": self._active.clone(), "logits": self._logits.clone(), "batch": self.batch, "i": self.i}
 
     def restore(self, state: dict) -> None:
         """Go back to a snapshot() taken from this decoder."""
-        c = self.cache
-        for dst, key in ((c.k, "k"), (c.v, "v"), (c.kv_valid, "kv_valid"), (self._pos, "pos"),
-                         (self._active, "active"), (self._logits, "logits")):
+        self.cache.load_state(state)
+        for dst, key in ((self._pos, "pos"), (self._active, "active"), (self._logits, "logits")):
             dst.copy_(state[key])
         self._seq_len = list(state["seq_len"])
         self.batch, self.i = state["batch"], state["i"]
@@ -215,10 +223,14 @@ class Decoder:
         ids = ids.to(self.device)
         c = self.cache
         starts = starts or [0] * B
-        reference_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, c.k[:, :B], c.v[:, :B],
-                          c.kv_valid[:, :B], self.rope_cos, self.rope_sin, self.cfg.eps, starts=starts)
+        ends = [starts[b] + len(r) for b, r in enumerate(rows)]
+        c.reserve(dict(enumerate(ends)))
+        k, v, valid = c.gather(range(B), max(ends))
+        reference_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, k, v, valid, self.rope_cos,
+                          self.rope_sin, self.cfg.eps, starts=starts)
+        c.scatter(range(B), starts, ends, k, v, valid)
         self.batch = B
-        self._seq_len = [starts[b] + len(r) for b, r in enumerate(rows)] + [0] * (c.max_batch - B)
+        self._seq_len = ends + [0] * (c.max_batch - B)
         self._pos.copy_(torch.tensor(self._seq_len, dtype=torch.int32))
         self._active.zero_()
         self._active[:B] = 1
@@ -237,7 +249,7 @@ class Decoder:
             if not 0 <= n <= self._seq_len[b]:
                 raise ValueError(f"row {b}: length {n} outside [0, {self._seq_len[b]}]")
         for b, n in enumerate(lengths):
-            self.cache.kv_valid[:, b, n:] = 0
+            self.cache.truncate(b, n)
             self._seq_len[b] = n
         self._pos[: self.batch].copy_(torch.tensor(self._seq_len[: self.batch], dtype=torch.int32))
         self._conv = None
@@ -287,6 +299,11 @@ class Decoder:
         if longest + new_tokens > c.max_seq_len:
             raise ValueError(f"cache overflow: prompt of {longest} tokens + {new_tokens} new tokens > "
                              f"max_seq_len={c.max_seq_len}; create the Decoder with a larger max_seq_len")
+        if c.paged:        # a new request starts from an empty pool: its prompts' pages must fit in it
+            need = sum(-(-len(r) // c.page_size) for r in rows)
+            if need > c.num_pages:
+                raise PoolFull(f"the KV page pool is full: the prompts need {need} pages of {c.page_size} "
+                               f"positions, the pool has {c.num_pages}; create the Decoder with more num_pages")
 
     # ------------------------------------------------------------------ decode
     def step(self, tokens) -> torch.Tensor:
@@ -327,6 +344,7 @@ class Decoder:
         last = max(self._seq_len[: self.batch])
         if last + 1 > self.cache.max_seq_len:
             raise ValueError(f"cache overflow: position {last} is past max_seq_len={self.cache.max_seq_len}")
+        self.cache.reserve({b: self._seq_len[b] + 1 for b in range(self.batch)})
         kept = self.schedule.kept_layers(self.i)
         if self.graphs_enabled:
             graph = self._graphs.get(kept)
@@ -385,9 +403,11 @@ class Decoder:
             project, copy, mask = *self._fill_flags(kept), None
         else:
             project, copy, mask = rows.project_for_kept(kept), rows.copy, rows.mask
+        if c.paged:
+            write_slots(c.block_table, self._pos, self._active, c.page_size, out=self._slots)
         run_layers(self.ops, kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, self._pos, self.rope_cos,
                    self.rope_sin, self._active, cfg.eps, mask=mask, project=project, copy=copy,
-                   counts=self.op_calls)
+                   block_table=c.block_table, slots=self._slots if c.paged else None, counts=self.op_calls)
         self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, cfg.eps)
         self.op_calls["lm_head"] += 1
         self._pos.add_(self._active)     # inactive rows keep their position
@@ -433,12 +453,16 @@ class Decoder:
     # ------------------------------------------------------------------ serving (d3kernels/serving.py)
     def _admit_row(self, b: int, ids: list) -> None:
         """Prefill one request into slot b at full depth, leaving the other slots as they are; its logits
-        go to logits[b]. The caller (serving.Server) checked that it fits."""
+        go to logits[b]. The caller (serving.Server) checked that it fits max_seq_len; a paged pool
+        without the pages raises PoolFull, changing nothing."""
         c = self.cache
-        c.kv_valid[:, b].zero_()
+        c.release(b)
+        c.reserve({b: len(ids)})
         t = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        reference_prefill(self._h[b:b + 1], t, [len(ids)], self.model.weights, c.k[:, b:b + 1], c.v[:, b:b + 1],
-                          c.kv_valid[:, b:b + 1], self.rope_cos, self.rope_sin, self.cfg.eps)
+        k, v, valid = c.gather(range(b, b + 1), len(ids))
+        reference_prefill(self._h[b:b + 1], t, [len(ids)], self.model.weights, k, v, valid, self.rope_cos,
+                          self.rope_sin, self.cfg.eps)
+        c.scatter(range(b, b + 1), [0], [len(ids)], k, v, valid)
         self._pos[b] = len(ids)
         self._seq_len[b] = len(ids)
         self._active[b] = 1

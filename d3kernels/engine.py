@@ -5,6 +5,10 @@
     engine.run_layers(torch.ops.d3k, p.kept, weights, k, v, kv_valid, h, tmp, pos, cos, sin, active,
                       eps, mask=bufs.mask, project=bufs.project_for(p), copy=bufs.copy)
 
+On a paged KV cache, plan(..., positions=, block_table=, page_size=) also gives the write slots
+(slot_mapping, -1 for empty rows), and run_layers(..., block_table=, slots=) runs the paged ops; an engine
+that computes slots on the device calls write_slots() itself.
+
 `plan` is pure host work: from each row's D3 step index (None for an empty slot) it computes the layers
 the step runs (the union of the rows' kept sets: the youngest row's, since the sets are nested), which
 rows run each of them, and what the rows that skip a layer write under the fill policy. `run_layers`
@@ -28,11 +32,25 @@ class Plan:
     """One step's plan (host tensors). kept: the layers the step runs; mask [L, B] uint8: row b runs
     layer l; project: {layer: flags [L, B]} launches of write_kv "project" (the rows whose own skipped
     run starts at that layer, marked over the run); copy: flags [L, B] of write_kv "copy" (every layer a
-    row skips) or None."""
+    row skips) or None; slots: [B] int64 write slots on a paged cache (-1: empty row), or None."""
     kept: tuple
     mask: torch.Tensor
     project: dict
     copy: Optional[torch.Tensor]
+    slots: Optional[torch.Tensor] = None
+
+
+def write_slots(block_table: torch.Tensor, pos: torch.Tensor, active: torch.Tensor, page_size: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The paged cache's slot_mapping [B] int64: block_table[b, pos[b] // page_size] * page_size +
+    pos[b] % page_size for rows with active[b] = 1, -1 for the others. block_table [B, max_pages] int32,
+    pos [B] int32, active [B] uint8, on the host or the device alike (tensor ops only, no host sync; the
+    page of an active row's position must be in its table). out: written in place if given."""
+    p = pos.long()
+    page = torch.clamp(p // page_size, max=block_table.shape[1] - 1)     # inactive rows may sit at the end
+    s = block_table.gather(1, page[:, None])[:, 0].long() * page_size + p % page_size
+    s = torch.where(active.bool(), s, torch.full_like(s, -1))
+    return s if out is None else out.copy_(s)
 
 
 def _project_layers(kept: tuple, never_skipped: set, L: int) -> list:
@@ -42,9 +60,12 @@ def _project_layers(kept: tuple, never_skipped: set, L: int) -> list:
     return [l for l in range(L) if (l in ks and l not in never_skipped) or (l not in ks and (l == 0 or l - 1 in ks))]
 
 
-def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask") -> Plan:
+def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask",
+         positions: Optional[Sequence[int]] = None, block_table: Optional[torch.Tensor] = None,
+         page_size: Optional[int] = None) -> Plan:
     """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1), or None for a row
-    that does not run (an empty slot)."""
+    that does not run (an empty slot). On a paged cache, positions[b] (row b's new position), the host
+    block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages)."""
     if fill not in ("mask", "project", "copy"):
         raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
     L, B = schedule.num_layers, len(steps)
@@ -74,15 +95,24 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
                     end += 1
                 f[l:end, b] = 1
             project[l] = f
-    return Plan(kept, mask, project, copy)
+    slots = None
+    if block_table is not None:
+        if positions is None or page_size is None or len(positions) != B or block_table.shape[0] != B:
+            raise ValueError(f"write slots need positions ({B} of them), a block_table [{B}, max_pages] and "
+                             "the page_size")
+        slots = write_slots(block_table, torch.tensor(positions, dtype=torch.int32),
+                            torch.tensor([i is not None for i in steps], dtype=torch.uint8), page_size)
+    return Plan(kept, mask, project, copy, slots)
 
 
 class Buffers:
     """Engine-owned device buffers for plans of L layers and B rows, allocated once: load() copies a plan
     into them in place (a captured graph or compiled step keeps seeing the same storage)."""
 
-    def __init__(self, L: int, B: int, fill: str, device, schedule: Optional[D3Schedule] = None):
-        """schedule: needed for fill "project" (the layers no row ever skips launch no write)."""
+    def __init__(self, L: int, B: int, fill: str, device, schedule: Optional[D3Schedule] = None,
+                 paged: bool = False):
+        """schedule: needed for fill "project" (the layers no row ever skips launch no write).
+        paged: also hold the write slots [B] int64 (slots) of plans on a paged cache."""
         if fill == "project" and schedule is None:
             raise ValueError("Buffers for fill 'project' need the schedule")
         self.fill = fill
@@ -91,6 +121,7 @@ class Buffers:
         self._project = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
             if fill == "project" else {}
         self.copy = torch.zeros(L, B, dtype=torch.uint8, device=device) if fill == "copy" else None
+        self.slots = torch.full((B,), -1, dtype=torch.int64, device=device) if paged else None
 
     def load(self, p: Plan) -> "Buffers":
         """Copy plan `p` in (host to device, no allocation on the device)."""
@@ -99,6 +130,10 @@ class Buffers:
             self._project[l].copy_(f, non_blocking=True)
         if self.copy is not None and p.copy is not None:
             self.copy.copy_(p.copy, non_blocking=True)
+        if self.slots is not None:
+            if p.slots is None:
+                raise ValueError("these Buffers are paged: plan with positions, block_table and page_size")
+            self.slots.copy_(p.slots, non_blocking=True)
         return self
 
     def project_for(self, p: Plan) -> dict:
@@ -116,32 +151,44 @@ def run_layers(ops, kept: tuple, weights, k_cache: torch.Tensor, v_cache: torch.
                h: torch.Tensor, tmp: torch.Tensor, pos: torch.Tensor, rope_cos: torch.Tensor,
                rope_sin: torch.Tensor, active: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None,
                project: Optional[dict] = None, copy: Optional[torch.Tensor] = None,
+               block_table: Optional[torch.Tensor] = None, slots: Optional[torch.Tensor] = None,
                counts: Optional[Counter] = None) -> None:
     """The decoder layers of one step, in place: h [B, d] (tmp [B, d] is scratch) goes through the layers
     in `kept`; K/V at pos [B] go to k_cache / v_cache [L, B, H_kv, S, D] and kv_valid [L, B, S].
     ops: a backend module (backends.get(...)) or torch.ops.d3k. mask [L, B] uint8 (device): the rows
     that run each layer (default: `active` [B] for every layer); project {layer: flags [L, B]} and copy
-    flags [L, B]: the fill writes (see plan()). Issues only ops: no host sync, no allocation."""
+    flags [L, B]: the fill writes (see plan()). With block_table [B, max_pages] int32 and slots [B] int64
+    (write_slots()), the cache is paged: k_cache / v_cache [L, P, page_size, H_kv, D], kv_valid
+    [L, P, page_size]. Issues only ops: no host sync, no allocation."""
     w = weights
     project = project or {}
     kept_set = set(kept)
+
+    def write(flags, mode):
+        if block_table is None:
+            ops.write_kv(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, pos, rope_cos, rope_sin,
+                         flags, mode, eps)
+        else:
+            ops.write_kv_paged(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, block_table, pos, slots,
+                               rope_cos, rope_sin, flags, mode, eps)
+        if counts is not None:
+            counts["write_kv"] += 1
+
     for l in range(k_cache.shape[0]):
         if l in project:            # the state entering a skipped run also leaves it unchanged
-            ops.write_kv(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, pos, rope_cos, rope_sin,
-                         project[l], "project", eps)
-            if counts is not None:
-                counts["write_kv"] += 1
+            write(project[l], "project")
         if l not in kept_set:
             continue
         lw, rows = w.layers[l], active if mask is None else mask[l]
-        ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k_cache[l], v_cache[l], kv_valid[l], pos,
-                       rope_cos, rope_sin, rows, eps)
+        if block_table is None:
+            ops.attn_block(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k_cache[l], v_cache[l], kv_valid[l],
+                           pos, rope_cos, rope_sin, rows, eps)
+        else:
+            ops.attn_block_paged(tmp, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k_cache[l], v_cache[l],
+                                 kv_valid[l], block_table, pos, slots, rope_cos, rope_sin, rows, eps)
         ops.mlp_block(h, tmp, lw.mlp_norm, lw.w_gate_up, lw.w_down, rows, eps)
         if counts is not None:
             counts["attn_block"] += 1
             counts["mlp_block"] += 1
     if copy is not None:
-        ops.write_kv(k_cache, v_cache, kv_valid, h, w.attn_norm, w.wqkv, w.bqkv, pos, rope_cos, rope_sin, copy,
-                     "copy", eps)
-        if counts is not None:
-            counts["write_kv"] += 1
+        write(copy, "copy")

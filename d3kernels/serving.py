@@ -15,6 +15,11 @@ when the slot was taken), "project" and "copy" write through write_kv. Which row
 [L, B] mask in device memory, rewritten in place every step, so a captured CUDA graph (one per union kept
 set) stays valid whatever the rows' steps are.
 
+On a paged cache (page_size=), a request takes pages as it grows: add() the prompt's, step() a page for
+every row that crosses into a new one, finish/EOS/length returns them. When the pool cannot give a page,
+add() or step() raises cache.PoolFull before doing anything: the caller finishes (preempts) a request
+and retries; nothing is corrupted and the other requests continue as if it had not happened.
+
 A new request is prefilled in its own call, between decode steps, at full depth (the prefill is the
 reference's; it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
 Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
@@ -55,14 +60,17 @@ class Request:
 class Server:
     """Continuous batching with D3 over a Decoder's cache: add(), step(), finish(), result().
 
-    Args: as Decoder (max_batch is the number of slots). temperature etc. apply to every request.
+    Args: as Decoder (max_batch is the number of slots; page_size / num_pages: a paged KV cache whose
+    pages the requests share). temperature etc. apply to every request.
     """
 
     def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 8,
                  max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask", temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, cuda_graphs=None, log=None):
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, cuda_graphs=None, log=None,
+                 page_size: Optional[int] = None, num_pages: Optional[int] = None):
         self.decoder = Decoder(model, schedule, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend,
-                               fill=fill, cuda_graphs=cuda_graphs, log=log)
+                               fill=fill, cuda_graphs=cuda_graphs, log=log, page_size=page_size,
+                               num_pages=num_pages)
         dec = self.decoder
         dec.reset()
         dec._active.zero_()
@@ -89,7 +97,8 @@ class Server:
 
     def add(self, prompt, max_new_tokens: int = 64, ignore_eos: bool = False) -> int:
         """Prefill a request into a free slot; returns its id. Its first token is sampled at once
-        (result(rid).tokens[0]). Raises, changing nothing, if no slot is free or it cannot fit."""
+        (result(rid).tokens[0]). Raises, changing nothing, if no slot is free, it cannot fit max_seq_len,
+        or (paged cache) the pool has too few free pages for its prompt (cache.PoolFull)."""
         dec = self.decoder
         rows = _as_rows(prompt, dec.cfg.vocab, dec.device)
         if len(rows) != 1:
@@ -130,11 +139,13 @@ class Server:
     # ------------------------------------------------------------------ the step
     def step(self) -> dict:
         """One decode step of every live request; returns {rid: its new token}. Requests that finish
-        leave their slot."""
+        leave their slot. On a paged cache, raises cache.PoolFull, changing nothing, if the rows that
+        cross into a new page cannot all get one (finish a request, then step again)."""
         live = [r for r in self._slots if r is not None]
         if not live:
             return {}
         dec = self.decoder
+        dec.cache.reserve({r.slot: dec._seq_len[r.slot] + 1 for r in live})
         steps = [None] * len(self._slots)
         for r in live:
             steps[r.slot] = r.i
@@ -158,11 +169,14 @@ class Server:
             self.step()
 
     def stats(self) -> dict:
-        """Steps run, mean union depth per step, mean depth of the rows, CUDA graphs captured."""
+        """Steps run, mean union depth per step, mean depth of the rows, CUDA graphs captured, free pages
+        (paged cache; None otherwise)."""
         n = len(self.step_depths)
+        c = self.decoder.cache
         return {"steps": n, "mean_step_depth": sum(self.step_depths) / n if n else float("nan"),
                 "mean_row_depth": sum(self.row_depths) / n if n else float("nan"),
-                "graphs": len(self.decoder._graphs), "backend": self.decoder.backend}
+                "graphs": len(self.decoder._graphs), "backend": self.decoder.backend,
+                "free_pages": c.free_pages if c.paged else None}
 
     # ------------------------------------------------------------------ internals
     def _sample(self, slot: Optional[int] = None) -> list:
@@ -183,6 +197,7 @@ class Server:
         r.finished = why
         self._slots[r.slot] = None
         self.decoder._active[r.slot] = 0
+        self.decoder.cache.release(r.slot)
 
     def _live(self, rid: int) -> Request:
         r = self.requests.get(rid)

@@ -32,10 +32,10 @@ def test_plan_is_the_union_with_per_row_masks():
         engine.plan(sched, [1], "bogus")
 
 
-def _readme_block() -> str:
+def _readme_blocks() -> list:
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("\n## Engine API: one batch, rows at different depths\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)\n```", section, re.S)[0]
+    return re.findall(r"```python\n(.*?)\n```", section, re.S)
 
 
 def test_readme_engine_loop_compiles_and_equals_each_request_alone(monkeypatch):
@@ -50,13 +50,20 @@ def test_readme_engine_loop_compiles_and_equals_each_request_alone(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     ns = {}
+    contiguous, paged = _readme_blocks()
     with torch._dynamo.config.patch(recompile_limit=64):
-        exec(compile(_readme_block(), "README.md", "exec"), ns)
+        exec(compile(contiguous, "README.md", "exec"), ns)
     assert not counters["graph_break"]
     sched = ns["sched"]
     plans = [engine.plan(sched, [t + 1, None if t < 4 else t - 3], "mask") for t in range(12)]
     assert any(len(p.kept) > len(sched.kept_layers(t + 1)) for t, p in enumerate(plans)), "rows must mix depths"
     assert counters["stats"]["unique_graphs"] == len({p.kept for p in plans})
+    # the paged loop: the same tokens (asserted in the block), one more graph per union kept set
+    with torch._dynamo.config.patch(recompile_limit=64):
+        exec(compile(paged, "README.md", "exec"), ns)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2 * len({p.kept for p in plans})
+    assert ns["out_paged"] == ns["out"] and ns["cache"].free_pages == 2
     for b, prompt in enumerate(([5, 17, 3], [9, 2, 44, 61])):
         dec = Decoder(model, ns["sched"], max_seq_len=64, backend="reference")
         n = len(ns["out"][b])
