@@ -344,7 +344,8 @@ class Decoder:
         last = max(self._seq_len[: self.batch])
         if last + 1 > self.cache.max_seq_len:
             raise ValueError(f"cache overflow: position {last} is past max_seq_len={self.cache.max_seq_len}")
-        self.cache.reserve({b: self._seq_len[b] + 1 for b in range(self.batch)})
+        if self.cache.paged:            # a page for every row that crosses into a new one (PoolFull: none given)
+            self.cache.reserve({b: self._seq_len[b] + 1 for b in range(self.batch)})
         kept = self.schedule.kept_layers(self.i)
         if self.graphs_enabled:
             graph = self._graphs.get(kept)

@@ -35,3 +35,22 @@ def tiny_model(L: int = 4, d: int = 64, H: int = 4, H_kv: int = 2, D: int = 16, 
 # compiled Triton on the GPU. Defined here, not in conftest.py: python_tests/ and bench/ both
 # have a conftest module, so `from conftest import ...` is ambiguous in one pytest run.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def serve_staggered(server, prompts: list, lengths: list, arrive: dict, after_step=None, steps: int = 60) -> dict:
+    """Run requests through a d3kernels.Server with staggered arrivals: arrive {step: [request k, ...]}
+    queues request k (prompts[k], lengths[k] new tokens) before that step; queued requests are admitted
+    while a slot is free. after_step(server) runs after every step. Returns {k: request id}."""
+    slots = len(server._slots)
+    waiting, rid_of = [], {}
+    for t in range(steps):
+        waiting += arrive.get(t, [])
+        while waiting and len(server.live) < slots:
+            k = waiting.pop(0)
+            rid_of[k] = server.add(prompts[k], max_new_tokens=lengths[k], ignore_eos=True)
+        if not server.live and not waiting and t > max(arrive):
+            break
+        server.step()
+        if after_step is not None:
+            after_step(server)
+    return rid_of

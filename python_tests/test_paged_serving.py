@@ -7,7 +7,7 @@ entries in the same order), and a pool with too few pages must raise PoolFull be
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import serve_staggered, tiny_model
 
 from d3kernels import D3Schedule, Decoder, PoolFull, Server, backends, engine
 from d3kernels.cache import PagedKVCache
@@ -115,6 +115,14 @@ def test_decoder_pool_too_small_is_a_clear_error():
         assert state[key] == after[key] if not torch.is_tensor(state[key]) else torch.equal(state[key], after[key])
     with pytest.raises(ValueError, match="num_pages needs a page_size"):
         Decoder(model, sched, backend="reference", num_pages=3)
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
+        Decoder(model, sched, backend="reference", page_size=0)
+    with pytest.raises(ValueError, match="num_pages must be an integer >= 1"):
+        Decoder(model, sched, backend="reference", page_size=4, num_pages=0)
+    bf16 = tiny_model(L=2, d=128, H=4, H_kv=2, D=64, F=160, V=211, dtype=torch.bfloat16)
+    if backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64) is None:
+        with pytest.raises(RuntimeError, match="page_size 8 is not supported by the CUDA attention"):
+            Decoder(bf16, D3Schedule(2), backend="cuda-emu", page_size=8)
 
 
 # ---------------------------------------------------------------------------------------------- the Server
@@ -145,21 +153,17 @@ def test_server_on_pages_equals_each_request_alone(fill):
     arrive = {0: [0, 1], 2: [2], 3: [3], 5: [4, 5], 9: [6]}
     server = Server(model, sched, max_batch=3, max_seq_len=64, backend="reference", fill=fill, page_size=4,
                     num_pages=14)
-    waiting, rid_of, owners = [], {}, {}
-    for t in range(60):
-        waiting += arrive.get(t, [])
-        while waiting and len(server.live) < 3:
-            k = waiting.pop(0)
-            rid_of[k] = server.add(prompts[k], max_new_tokens=lengths[k], ignore_eos=True)
-        if not server.live and not waiting and t > max(arrive):
-            break
-        server.step()
+    owners = {}
+
+    def check(server):
         for rid in server.live:
             r = server.result(rid)
             for pg in server.decoder.cache.pages(r.slot):
                 owners.setdefault(pg, set()).add(rid)
             if fill == "mask":
                 _check_row_validity(server, r)
+
+    rid_of = serve_staggered(server, prompts, lengths, arrive, check)
     assert len(rid_of) == 7 and not server.live
     assert any(len(o) > 1 for o in owners.values()), "some page must serve two requests"
     for k, rid in rid_of.items():

@@ -7,7 +7,7 @@ rejected with a clear error and disturbs nothing.
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import serve_staggered, tiny_model
 
 from d3kernels import D3Schedule, Decoder, Server
 
@@ -35,15 +35,7 @@ def test_staggered_requests_equal_each_run_alone(fill, order):
     lengths = [9, 4, 12, 6, 10, 3, 8]
     arrive = {0: [0, 1], 2: [2], 3: [3], 5: [4, 5], 9: [6]}   # step -> requests that arrive before it
     server = Server(model, sched, max_batch=3, max_seq_len=64, backend="reference", fill=fill)
-    waiting, rid_of = [], {}
-    for t in range(60):
-        waiting += arrive.get(t, [])
-        while waiting and len(server.live) < 3:
-            k = waiting.pop(0)
-            rid_of[k] = server.add(prompts[k], max_new_tokens=lengths[k], ignore_eos=True)
-        if not server.live and not waiting and t > max(arrive):
-            break
-        server.step()
+    rid_of = serve_staggered(server, prompts, lengths, arrive)
     assert len(rid_of) == 7 and not server.live
     mixed = 0
     for k, rid in rid_of.items():

@@ -291,9 +291,11 @@ def test_unsupported_head_dim_raises():
 
 # --------------------------------------------------------------------------- end to end
 
+@pytest.mark.parametrize("page_size", [None, 8], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("fill", ["mask", "project", "copy"])
-def test_decoder_matches_reference(fill):
-    """Greedy D3 decoding with the Triton ops gives the reference's tokens, with layers dropped over steps."""
+def test_decoder_matches_reference(fill, page_size):
+    """Greedy D3 decoding with the Triton ops gives the reference's tokens, with layers dropped over steps;
+    paged: the Triton paged ops on pages given as rows grow, against the reference's contiguous cache."""
     model = tiny_model(L=4, d=64, H=4, H_kv=2, D=16, F=96, V=101, dtype=torch.float32, device=DEV,
                        qkv_bias=fill == "project")
     g = torch.Generator().manual_seed(1)
@@ -301,7 +303,7 @@ def test_decoder_matches_reference(fill):
     gens = {}
     for backend in ("reference", "triton"):
         dec = Decoder(model, D3Schedule(4, alpha=0.8, start=0.25, tail=1), max_batch=2, max_seq_len=32,
-                      backend=backend, fill=fill)
+                      backend=backend, fill=fill, page_size=page_size if backend == "triton" else None)
         gens[backend] = dec.generate(prompts, max_new_tokens=8, ignore_eos=True)
         assert dec.backend == backend
     tri, refg = gens["triton"], gens["reference"]
