@@ -12,7 +12,8 @@ bf16, batch 1, context 512 (a 512-token prompt), random weights on the GPU:
   * decode    256 tokens after the prompt at full depth (alpha=1) at the Llama-3.2-1B and Llama-3-8B
               shapes for cuda, triton and the plain PyTorch CUDA-graph step run alongside (ms per token,
               the bytes/read-bandwidth floor, the ratio to plain PyTorch); then D3 at alpha=0.998 over
-              the same 256 tokens: measured speedup against the ideal bytes ratio;
+              the same 256 tokens: measured speedup against the ideal bytes ratio; at Llama-3.2-1B also
+              full depth on a paged KV cache (pages of 16, impl "<backend>-paged16") against contiguous;
   * launches  kernels per decode step counted by the torch profiler at two depths (eager steps), so
               launches per kept layer and the fixed part per step, for cuda, triton and plain PyTorch;
   * ttft      time to first token of the 512-token prompt (prefill is the fp32 reference today).
@@ -123,7 +124,7 @@ def _prompt(cfg, n=CONTEXT):
     return torch.randint(0, cfg.vocab, (1, n), generator=g)
 
 
-def _decoder(model, impl: str, alpha: float, max_seq_len: int, graphs=None) -> Decoder:
+def _decoder(model, impl: str, alpha: float, max_seq_len: int, graphs=None, page_size=None) -> Decoder:
     cfg = model.config
     ops, backend = _impl(impl, cfg.head_dim)
     sched = D3Schedule(cfg.num_layers, alpha=alpha)
@@ -132,7 +133,7 @@ def _decoder(model, impl: str, alpha: float, max_seq_len: int, graphs=None) -> D
         dec.ops = ops
         dec.graphs_enabled = impl == "torch-graph" and bc.GPU
         return dec
-    return Decoder(model, sched, max_seq_len=max_seq_len, backend=backend, cuda_graphs=graphs)
+    return Decoder(model, sched, max_seq_len=max_seq_len, backend=backend, cuda_graphs=graphs, page_size=page_size)
 
 
 # ----------------------------------------------------------------------------------------------- cases
@@ -148,14 +149,14 @@ def case_ops(run: Run, impl_name: str, op: str) -> dict:
     return row
 
 
-def case_decode(run: Run, model, impl: str, alpha: float) -> dict:
+def case_decode(run: Run, model, impl: str, alpha: float, page_size=None) -> dict:
     cfg = model.config
-    dec = _decoder(model, impl, alpha, CONTEXT + NEW + 1)
+    dec = _decoder(model, impl, alpha, CONTEXT + NEW + 1, page_size=page_size)
     ms, growth = bc.time_decode(dec, _prompt(cfg), NEW)
     layers = [dec.schedule.num_kept(i) for i in range(NEW + 1)]
     nbytes = bc.bytes_per_step(cfg, layers, CONTEXT)
     bw = run.res["read_bw_gbps"]
-    row = {"shape": cfg.name, "impl": impl, "alpha": alpha, "new": NEW, "prompt": CONTEXT, "ms_per_token": ms,
+    row = {"shape": cfg.name, "impl": impl if page_size is None else f"{impl}-paged{page_size}", "alpha": alpha, "new": NEW, "prompt": CONTEXT, "ms_per_token": ms,
            "tokens_per_s": 1e3 / ms, "mean_layers": sum(layers[1:]) / NEW, "bytes_per_step": nbytes,
            "floor_ms": nbytes / (bw * 1e9) * 1e3, "frac_of_read_bw": nbytes / (ms * 1e-3) / 1e9 / bw,
            "graphs": dec.stats()["graphs"], "graph_pool_bytes": dec.stats()["graph_pool_bytes"],
@@ -171,6 +172,8 @@ def case_decode(run: Run, model, impl: str, alpha: float) -> dict:
         base = [r for r in run.res["decode"] if r["shape"] == cfg.name and r["impl"] == TORCH_IMPL]
         if base and impl != TORCH_IMPL:
             row["vs_torch_graph"] = base[0]["ms_per_token"] / ms
+        if page_size is not None and full:
+            row["vs_contiguous"] = full[0]["ms_per_token"] / ms
         run.res["decode"].append(row)
     del dec
     return row
@@ -254,9 +257,11 @@ def _lines(res: dict) -> list:
                 for r in res["ops"]]
     if res["decode"]:
         out += [f"decode at full depth, {NEW} tokens after a {CONTEXT}-token prompt (ms per token, CUDA events):",
-                f"  {'shape':<13} {'impl':<12} {'ms/tok':>8} {'floor':>7} {'of BW':>7} {'vs torch-graph':>15}"]
-        out += [f"  {r['shape']:<13} {r['impl']:<12} {r['ms_per_token']:>8.3f} {r['floor_ms']:>7.3f} "
-                f"{100 * r['frac_of_read_bw']:>6.1f}% {_p(r.get('vs_torch_graph'), '{:.2f}x'):>15}"
+                f"  {'shape':<13} {'impl':<15} {'ms/tok':>8} {'floor':>7} {'of BW':>7} {'vs torch-graph':>15} "
+                f"{'paged vs contiguous':>20}"]
+        out += [f"  {r['shape']:<13} {r['impl']:<15} {r['ms_per_token']:>8.3f} {r['floor_ms']:>7.3f} "
+                f"{100 * r['frac_of_read_bw']:>6.1f}% {_p(r.get('vs_torch_graph'), '{:.2f}x'):>15} "
+                f"{_p(r.get('vs_contiguous'), '{:.3f}x'):>20}"
                 for r in res["decode"]]
     if res["d3"]:
         out += [f"D3 alpha={ALPHA}, {NEW} tokens (speedup = ms at alpha=1 / ms at alpha; ideal = bytes ratio):",
@@ -355,6 +360,9 @@ def main(argv=None) -> int:
         for impl in backs:
             run.case("decode", f"{shape}-{impl}-alpha{ALPHA}", lambda impl=impl: case_decode(run, model, impl, ALPHA))
         if shape == DECODE_SHAPES[0]:
+            for impl in backs:
+                run.case("decode", f"{shape}-{impl}-paged16",
+                         lambda impl=impl: case_decode(run, model, impl, 1.0, page_size=16))
             for impl in backs + [TORCH_IMPL]:
                 run.case("launches", f"{shape}-{impl}", lambda impl=impl: case_launches(run, model, impl))
         ttft_impl = next((b for b in backs if not backends.why_not(b, bc.DEVICE, bc.DTYPE, model.config.head_dim)),

@@ -23,7 +23,9 @@ def test_quick_bench_smoke(tmp_path):
     assert rc == 0, res["errors"]
     assert res["read_bw_gbps"] > 0 and len(res["ops"]) == 6            # 3 ops x (reference, torch)
     impls = {r["impl"] for r in res["decode"]}
-    assert impls == {"reference", "torch-eager"}
+    assert impls == {"reference", "torch-eager", "reference-paged16"}
+    paged = next(r for r in res["decode"] if r["impl"] == "reference-paged16")
+    assert paged["vs_contiguous"] > 0 and paged["mean_layers"] == res["decode"][0]["mean_layers"]
     d3 = res["d3"][0]
     assert d3["alpha"] < 1 and d3["ideal_speedup"] > 1 and d3["mean_layers"] < res["decode"][0]["mean_layers"]
     assert {r["impl"] for r in res["launches"]} == {"reference", "torch-eager"}

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .model import ModelConfig
+from .reference import paged_slots
 
 
 def _fmt_bytes(n: int) -> str:
@@ -142,6 +143,7 @@ class PagedKVCache:
         self.v = torch.zeros(self.shape, device=device, dtype=dtype)
         self.kv_valid = torch.zeros(self.shape[:3], device=device, dtype=torch.uint8)
         self.block_table = torch.zeros(max_batch, self.max_pages, device=device, dtype=torch.int32)
+        self._table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32)   # its host copy
         self._rows = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))     # pop() hands out page 0 first
 
@@ -184,12 +186,14 @@ class PagedKVCache:
             self.kv_valid[:, new] = 0
             first = len(self._rows[b])
             self._rows[b] += new
-            self.block_table[b, first:first + k] = torch.tensor(new, dtype=torch.int32)
+            self._table[b, first:first + k] = torch.tensor(new, dtype=torch.int32)
+            self.block_table[b, first:first + k] = self._table[b, first:first + k]
 
     def release(self, b: int) -> None:
         """Return row b's pages to the pool."""
         self._free += reversed(self._rows[b])
         self._rows[b] = []
+        self._table[b] = 0
         self.block_table[b] = 0
 
     def truncate(self, b: int, n: int) -> None:
@@ -199,6 +203,7 @@ class PagedKVCache:
             self.kv_valid[:, self._rows[b][keep - 1], n % self.page_size:] = 0
         self._free += reversed(self._rows[b][keep:])
         self._rows[b] = self._rows[b][:keep]
+        self._table[b, keep:] = 0
         self.block_table[b, keep:] = 0
 
     def reset(self) -> None:
@@ -207,18 +212,13 @@ class PagedKVCache:
             self.release(b)
 
     def host_block_table(self) -> torch.Tensor:
-        """block_table as a host tensor [B, max_pages] int32 (from the host's page lists: no device read),
-        for engine.plan(..., block_table=)."""
-        t = torch.zeros(self.max_batch, self.max_pages, dtype=torch.int32)
-        for b, r in enumerate(self._rows):
-            t[b, :len(r)] = torch.tensor(r, dtype=torch.int32)
-        return t
+        """The host copy of block_table [B, max_pages] int32 (no device read), e.g. for engine.plan(...,
+        block_table=). Read it only: reserve() / release() / truncate() keep the two equal."""
+        return self._table
 
     def slots(self, b: int, n: int) -> torch.Tensor:
         """The physical slots [n] int64 (device) of row b's positions 0..n-1 (held pages only)."""
-        p = torch.arange(n)
-        table = torch.tensor(self._rows[b], dtype=torch.int64)
-        return (table[p // self.page_size] * self.page_size + p % self.page_size).to(self.k.device)
+        return paged_slots(self._table, b, n, self.page_size).to(self.k.device)
 
     def gather(self, rows: range, n: int) -> tuple:
         """Copies of rows' positions 0..n-1 in the contiguous layout: k, v [L, len(rows), H_kv, n, D],
@@ -258,4 +258,5 @@ class PagedKVCache:
     def load_state(self, s: dict) -> None:
         for key in ("k", "v", "kv_valid", "block_table"):
             getattr(self, key).copy_(s[key])
+        self._table.copy_(s["block_table"])
         self._rows, self._free = [list(r) for r in s["rows"]], list(s["free"])

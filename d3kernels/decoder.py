@@ -344,8 +344,8 @@ class Decoder:
         last = max(self._seq_len[: self.batch])
         if last + 1 > self.cache.max_seq_len:
             raise ValueError(f"cache overflow: position {last} is past max_seq_len={self.cache.max_seq_len}")
-        if self.cache.paged:            # a page for every row that crosses into a new one (PoolFull: none given)
-            self.cache.reserve({b: self._seq_len[b] + 1 for b in range(self.batch)})
+        if self.cache.paged:
+            self._load_slots(range(self.batch))
         kept = self.schedule.kept_layers(self.i)
         if self.graphs_enabled:
             graph = self._graphs.get(kept)
@@ -404,14 +404,24 @@ class Decoder:
             project, copy, mask = *self._fill_flags(kept), None
         else:
             project, copy, mask = rows.project_for_kept(kept), rows.copy, rows.mask
-        if c.paged:
-            write_slots(c.block_table, self._pos, self._active, c.page_size, out=self._slots)
+        slots = (self._slots if rows is None else rows.slots) if c.paged else None
         run_layers(self.ops, kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, self._pos, self.rope_cos,
                    self.rope_sin, self._active, cfg.eps, mask=mask, project=project, copy=copy,
-                   block_table=c.block_table, slots=self._slots if c.paged else None, counts=self.op_calls)
+                   block_table=c.block_table, slots=slots, counts=self.op_calls)
         self.ops.lm_head(self._logits, self._h, w.final_norm, w.lm_head, cfg.eps)
         self.op_calls["lm_head"] += 1
         self._pos.add_(self._active)     # inactive rows keep their position
+
+    def _load_slots(self, rows: range) -> None:
+        """Paged cache, before a step of `rows` (the others write nothing): give a page to every row that
+        crosses into a new one (PoolFull if the pool cannot, changing nothing), then load the write slots
+        computed on the host (one copy to the device, outside any graph)."""
+        c = self.cache
+        c.reserve({b: self._seq_len[b] + 1 for b in rows})
+        active = torch.zeros(c.max_batch, dtype=torch.uint8)
+        active[rows.start:rows.stop] = 1
+        pos = torch.tensor(self._seq_len, dtype=torch.int32)
+        self._slots.copy_(write_slots(c.host_block_table(), pos, active, c.page_size), non_blocking=True)
 
     def _fill_flags(self, kept: tuple) -> tuple:
         """The write_kv flags of a uniform step: ({first layer of a skipped run: flags}, copy flags or None)."""
@@ -470,9 +480,10 @@ class Decoder:
         w = self.model.weights
         self.ops.lm_head(self._logits[b:b + 1], self._h[b:b + 1], w.final_norm, w.lm_head, self.cfg.eps)
 
-    def _rows_step(self, kept: tuple, rows) -> torch.Tensor:
-        """One serving step over every slot: active slots advance one position; `rows` (device buffers)
-        says which of them run which layer of `kept`, the union of their kept sets. Returns logits [B, V]."""
+    def _rows_step(self, kept: tuple, rows, live: list) -> torch.Tensor:
+        """One serving step over every slot: the live slots (active, listed in `live`) advance one position;
+        `rows` (engine Buffers, loaded) says which of them run which layer of `kept`, the union of their
+        kept sets, and on a paged cache their write slots. Returns logits [B, V]."""
         if self.graphs_enabled:
             graph = self._graphs.get((kept, "rows"))
             if graph is None:
@@ -480,7 +491,8 @@ class Decoder:
             graph.replay()
         else:
             self._step_body(kept, rows)
-        self._seq_len = [n + int(a) for n, a in zip(self._seq_len, self._active.tolist())]
+        for b in live:
+            self._seq_len[b] += 1
         return self._logits
 
     def decode(self, n: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -82,7 +82,8 @@ class Server:
             self.generator = torch.Generator(device=dec.device)
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.fill = fill
-        self.buffers = engine.Buffers(model.config.num_layers, max_batch, fill, dec.device, self.schedule)
+        self.buffers = engine.Buffers(model.config.num_layers, max_batch, fill, dec.device, self.schedule,
+                                      paged=dec.cache.paged)
         self._slots: list = [None] * max_batch
         self._ids = itertools.count()
         self.requests: dict = {}
@@ -144,13 +145,15 @@ class Server:
         live = [r for r in self._slots if r is not None]
         if not live:
             return {}
-        dec = self.decoder
-        dec.cache.reserve({r.slot: dec._seq_len[r.slot] + 1 for r in live})
+        dec, c = self.decoder, self.decoder.cache
+        c.reserve({r.slot: dec._seq_len[r.slot] + 1 for r in live})       # paged: PoolFull, nothing changed
         steps = [None] * len(self._slots)
         for r in live:
             steps[r.slot] = r.i
-        p = engine.plan(self.schedule, steps, self.fill)
-        dec._rows_step(p.kept, self.buffers.load(p))
+        paged = dict(positions=dec._seq_len, block_table=c.host_block_table(), page_size=c.page_size) \
+            if c.paged else {}
+        p = engine.plan(self.schedule, steps, self.fill, **paged)
+        dec._rows_step(p.kept, self.buffers.load(p), [r.slot for r in live])
         toks = self._sample()
         kept = [self.schedule.kept_layers(r.i) for r in live]
         self.step_depths.append(len(p.kept))
