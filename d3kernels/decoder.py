@@ -506,6 +506,8 @@ class Decoder:
         if max(self._seq_len[: self.batch]) + n > self.cache.max_seq_len:
             raise ValueError(f"cache overflow: {n} more steps do not fit in max_seq_len={self.cache.max_seq_len}")
         check_sampling(temperature, top_k, top_p)
+        if self.cache.paged:        # every page the n steps need, now: PoolFull before any step runs
+            self.cache.reserve({b: self._seq_len[b] + n for b in range(self.batch)})
         B = self.batch
         out = torch.empty(B, n, dtype=torch.int64, device=self.device)
         if self.i == 1:

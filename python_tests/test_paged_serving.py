@@ -106,6 +106,9 @@ def test_decoder_pool_too_small_is_a_clear_error():
     with pytest.raises(PoolFull, match="prompts need 4 pages"):
         dec.generate([[1] * 9, [2] * 3], max_new_tokens=4)
     dec.prefill([[1] * 5, [2] * 3])                    # 2 + 1 pages: the pool is now empty
+    with pytest.raises(PoolFull):
+        dec.decode(8)                                  # checked for all 8 steps before the first runs
+    assert dec.cache.free_pages == 0 and dec._seq_len[:2] == [5, 3]
     dec.step([7, 7])                                   # positions 5 and 3 are in held pages
     state = dec.snapshot()
     with pytest.raises(PoolFull, match="1 more pages"):
