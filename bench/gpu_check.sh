@@ -9,6 +9,8 @@
 #                                (D3K_BENCH_QUICK=1: the Llama-3.2-1B shape only, for iterating)
 #   bench/gpu_check.sh quick     build + bench/quick_bench.py (the figures of `all`, about 2 minutes)
 #   bench/gpu_check.sh pdl       build + bench/pdl_check.py (PDL on/off and graph replays, bit for bit)
+#   bench/gpu_check.sh serving   build + bench/serving_bench.py on the embedded model: batch 8 and 32,
+#                                D3 vs full depth, contiguous then pages of 16 (not timed on a GPU yet)
 #
 # Extra arguments go to pytest in test/sanitize/bench (e.g. `bench/gpu_check.sh test -k attn`). Logs go
 # to $OUT (default ./gpu_out). Environment: D3K_CUDA_ARCHS (default 90), MAX_JOBS (default nproc),
@@ -503,8 +505,12 @@ case "$MODE" in
          "$PY" bench/report.py "$OUT/bench.json" --out "$OUT" | tee -a "$SUMMARY" ;;
   quick) build && "$PY" bench/quick_bench.py --json "$OUT/bench.json" --md "$OUT/report.md" "$@" ;;
   pdl) build && { d=$(mktemp -d /tmp/d3k_pdl.XXXXXX); PDL_JSON="$OUT/pdl.json" pdl_pair "$d" 2>&1 | tee "$OUT/pdl.log"; } ;;
+  serving) build && for ps in "" 16; do
+             "$PY" bench/serving_bench.py --batches 8,32 --tokens 128 --requests 32 ${ps:+--page-size "$ps"} \
+               --json "$OUT/serving${ps:+_paged$ps}.json" "$@" 2>&1 | tee -a "$SUMMARY" || break
+           done ;;
   all) mode_all; exit $? ;;
-  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving [pytest args]" >&2; exit 2 ;;
 esac
 rc=$?
 log "mode $MODE exit $rc"
