@@ -57,6 +57,19 @@ def _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B: int, d: int, R: int, HD: int)
     _expect("wo", wo, (d, HD), dt, dev)
 
 
+def _write_io(src_h, norms, wqkv, bqkv, H_kv: int, D: int, L: int, B: int, dt, dev) -> int:
+    """The source states and stacked weights of a KV write (contiguous or paged cache alike); returns H."""
+    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
+    R = (H + 2 * H_kv) * D
+    d = src_h.shape[1]
+    _expect("src_h", src_h, (B, d), dt, dev)
+    _expect("norms", norms, (L, d), dt, dev)
+    _expect("wqkv", wqkv, (L, R, d), dt, dev)
+    if bqkv is not None:
+        _expect("bqkv", bqkv, (L, R), dt, dev)
+    return H
+
+
 def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
                      row_active) -> tuple:
     """Validate attn_block arguments (shapes, dtypes, devices, contiguity); return (B, d, H, H_kv, D, S)."""
@@ -105,16 +118,10 @@ def check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, ro
     L, B, H_kv, S, D = k_cache.shape
     d = src_h.shape[1]
     dt, dev = k_cache.dtype, k_cache.device
-    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
-    R = (H + 2 * H_kv) * D
     _expect("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
     _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
     _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
-    _expect("src_h", src_h, (B, d), dt, dev)
-    _expect("norms", norms, (L, d), dt, dev)
-    _expect("wqkv", wqkv, (L, R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (L, R), dt, dev)
+    H = _write_io(src_h, norms, wqkv, bqkv, H_kv, D, L, B, dt, dev)
     _expect("pos", pos, (B,), torch.int32, dev)
     _expect("flags", flags, (L, B), torch.uint8, dev)
     _rope_rows(rope_cos, rope_sin, D, S, dev)
@@ -181,16 +188,10 @@ def check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, b
         raise ValueError(f"expected k_pages with num_pages >= 1 and page_size >= 1, got {tuple(k_pages.shape)}")
     B, d = src_h.shape
     dt, dev = k_pages.dtype, k_pages.device
-    H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
-    R = (H + 2 * H_kv) * D
     _expect("k_pages", k_pages, (L, P, ps, H_kv, D), dt, dev)
     _expect("v_pages", v_pages, (L, P, ps, H_kv, D), dt, dev)
     _expect("kv_valid_pages", kv_valid_pages, (L, P, ps), torch.uint8, dev)
-    _expect("src_h", src_h, (B, d), dt, dev)
-    _expect("norms", norms, (L, d), dt, dev)
-    _expect("wqkv", wqkv, (L, R, d), dt, dev)
-    if bqkv is not None:
-        _expect("bqkv", bqkv, (L, R), dt, dev)
+    H = _write_io(src_h, norms, wqkv, bqkv, H_kv, D, L, B, dt, dev)
     M = _paged_common(block_table, pos, slot_mapping, B, D, dev)
     _expect("flags", flags, (L, B), torch.uint8, dev)
     _paged_rope(rope_cos, rope_sin, D, dev)
