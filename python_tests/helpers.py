@@ -54,3 +54,26 @@ def serve_staggered(server, prompts: list, lengths: list, arrive: dict, after_st
         if after_step is not None:
             after_step(server)
     return rid_of
+
+
+def cache_rows(g: torch.Generator, B: int, H_kv: int, S: int, D: int, positions: list, holes: list,
+               dtype: torch.dtype, share=None) -> tuple:
+    """One layer's contiguous cache for attention tests, on g's device: kv_valid [B, S] uint8 is 1 below
+    row b's position except at the (row, position) holes; k, v [B, H_kv, S, D] are random in `dtype` and
+    NaN wherever kv_valid = 0 (entries attention must never read). share (rows, n): rows[1:] take rows[0]'s
+    K/V and kv_valid over positions < n (a shared prefix)."""
+    kv_valid = torch.zeros(B, S, dtype=torch.uint8, device=g.device)
+    for b, p in enumerate(positions):
+        kv_valid[b, :p] = 1
+    for b, p in holes:
+        kv_valid[b, p] = 0
+    k = torch.randn(B, H_kv, S, D, generator=g, device=g.device).to(dtype)
+    v = torch.randn(B, H_kv, S, D, generator=g, device=g.device).to(dtype)
+    if share is not None:
+        rows, n = share
+        for r in rows[1:]:
+            k[r, :, :n], v[r, :, :n], kv_valid[r, :n] = k[rows[0], :, :n], v[rows[0], :, :n], kv_valid[rows[0], :n]
+    invalid = (kv_valid == 0)[:, None, :, None].expand_as(k)
+    k[invalid] = float("nan")
+    v[invalid] = float("nan")
+    return k, v, kv_valid

@@ -22,7 +22,7 @@ import torch
 
 from tolerance import SLACK, assert_close, poison
 
-from helpers import tiny_model
+from helpers import cache_rows, tiny_model
 from test_op_api import cpu_args as _cpu_args
 
 from d3kernels import D3Schedule, Decoder, _ops, backends, guarded
@@ -262,16 +262,7 @@ def _attn_args(t: Target, case, dtype, seed=0):
     dev = t.device
     g = _gen(t, seed)
     R = (H + 2 * H_kv) * D
-    kv_valid = torch.zeros(B, S, dtype=torch.uint8, device=dev)
-    for b, p in enumerate(positions):
-        kv_valid[b, :p] = 1
-    for b, p in holes:
-        kv_valid[b, p] = 0
-    k = _rn(g, B, H_kv, S, D).to(dtype)
-    v = _rn(g, B, H_kv, S, D).to(dtype)
-    invalid = (kv_valid == 0)[:, None, :, None].expand_as(k)
-    k[invalid] = float("nan")                     # never read: the kernel skips kv_valid = 0
-    v[invalid] = float("nan")
+    k, v, kv_valid = cache_rows(g, B, H_kv, S, D, positions, holes, dtype)   # NaN: the kernel skips kv_valid = 0
     cos, sin = _rope(S, D, device=dev)
     out = poison(torch.empty(B, d, dtype=dtype, device=dev))
     return [out, _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype), _rn(g, R, d, scale=d ** -0.5).to(dtype),

@@ -20,7 +20,7 @@ interpreter on CPU, fp16/fp32; compiled on a GPU); "gpu" (the CUDA kernels, mark
 import pytest
 import torch
 
-from helpers import TRITON_DEVICE
+from helpers import TRITON_DEVICE, cache_rows
 from test_cuda_ops import Target, _rope, run_kernel
 from tolerance import assert_close, poison
 
@@ -182,20 +182,7 @@ def _attn_contiguous(case, dtype, seed=0):
     B, d, H, H_kv, D, S, positions, active, holes, bias, skip, share = case
     g = torch.Generator().manual_seed(seed)
     R = (H + 2 * H_kv) * D
-    kv_valid = torch.zeros(B, S, dtype=torch.uint8)
-    for b, p in enumerate(positions):
-        kv_valid[b, :p] = 1
-    for b, p in holes:
-        kv_valid[b, p] = 0
-    k = _rn(g, B, H_kv, S, D).to(dtype)
-    v = _rn(g, B, H_kv, S, D).to(dtype)
-    if share is not None:
-        rows, n = share
-        for r in rows[1:]:
-            k[r, :, :n], v[r, :, :n], kv_valid[r, :n] = k[rows[0], :, :n], v[rows[0], :, :n], kv_valid[rows[0], :n]
-    invalid = (kv_valid == 0)[:, None, :, None].expand_as(k)
-    k[invalid] = float("nan")
-    v[invalid] = float("nan")
+    k, v, kv_valid = cache_rows(g, B, H_kv, S, D, positions, holes, dtype, share)
     cos, sin = _rope(S, D)
     run = [int(a and b not in skip) for b, a in enumerate(active)]
     return [poison(torch.empty(B, d, dtype=dtype)), _rn(g, B, d).to(dtype), (1 + 0.1 * _rn(g, d)).to(dtype),

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from helpers import TRITON_DEVICE, tiny_model  # noqa: E402
+from helpers import TRITON_DEVICE, cache_rows, tiny_model  # noqa: E402
 from tolerance import assert_close, poison  # noqa: E402
 
 from d3kernels import D3Schedule, Decoder, ops  # noqa: E402
@@ -72,16 +72,8 @@ def _same(name, a, b):
 def _attn_inputs(B, d, H, H_kv, D, S, positions, active, holes, bias, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     R = (H + 2 * H_kv) * D
-    kv_valid = torch.zeros(B, S, dtype=torch.uint8)
-    for b, p in enumerate(positions):
-        kv_valid[b, :p] = 1
-    for b, p in holes:
-        kv_valid[b, p] = 0
-    k = _rn(g, B, H_kv, S, D)
-    v = _rn(g, B, H_kv, S, D)
-    hole = (kv_valid == 0)[:, None, :, None].expand_as(k)
-    k[hole] = float("nan")       # entries attention must ignore (holes, p >= pos) hold NaN
-    v[hole] = float("nan")
+    # entries attention must ignore (holes, p >= pos) hold NaN
+    k, v, kv_valid = cache_rows(g, B, H_kv, S, D, positions, holes, torch.float32)
     cos, sin = _rope(S, D)
     x = dict(h=_rn(g, B, d), attn_norm=1 + 0.1 * _rn(g, d), wqkv=_rn(g, R, d, scale=d ** -0.5),
              bqkv=_rn(g, R, scale=0.1) if bias else None, wo=_rn(g, d, H * D, scale=(H * D) ** -0.5),
