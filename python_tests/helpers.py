@@ -77,3 +77,34 @@ def cache_rows(g: torch.Generator, B: int, H_kv: int, S: int, D: int, positions:
     k[invalid] = float("nan")
     v[invalid] = float("nan")
     return k, v, kv_valid
+
+
+HF_TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=211,
+               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def tiny_hf_model(kind: str, layers: int = 5, seed=None, **config):
+    """A random tiny transformers model, fp32, eval mode: "llama" (GQA 4/2), "qwen2" (GQA, tied embeddings,
+    qkv biases drawn so they matter) or "mistral" (MQA, no sliding window). config: more config fields
+    (e.g. rope_parameters). Weights are drawn larger than init's 0.02 so attention and the norms shape the
+    output; the seed defaults to one per kind."""
+    import transformers
+    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[kind] if seed is None else seed)
+    cfg = {**HF_TINY, "num_hidden_layers": layers, **config}
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, num_key_value_heads=2))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **{**cfg, "tie_word_embeddings": True}, num_key_value_heads=2))
+        with torch.no_grad():   # HF initializes biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**cfg, num_key_value_heads=1,
+                                                                          sliding_window=None))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()

@@ -13,10 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 import d3kernels.hf as d3hf  # noqa: E402
 from d3kernels import D3Schedule, Decoder, load_model  # noqa: E402
+from helpers import tiny_hf_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=211,
-            max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
 PROMPT = [5, 17, 42, 99, 3, 120, 7]
 BATCH = [[11, 200, 8], [5, 17, 42, 99, 3, 120, 7], [60, 61, 62, 63, 64]]
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -28,36 +27,14 @@ FULL = dict(custom_generate=d3hf.generate, d3_alpha=1.0, d3_backend="reference")
 N_DRAWS_PER_SEED, SEEDS, TV_MAX = 500, 2, 0.08
 
 
-def _tiny(kind, layers=5, seed=None, **extra):
-    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[kind] if seed is None else seed)
-    cfg = {**TINY, "num_hidden_layers": layers, **extra}
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, num_key_value_heads=2))
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            **{**cfg, "tie_word_embeddings": True}, num_key_value_heads=2))
-        with torch.no_grad():   # HF initializes biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    else:
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**cfg, num_key_value_heads=1,
-                                                                          sliding_window=None))
-    with torch.no_grad():   # larger than init's 0.02 so attention and the norms shape the output
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def hf(request):
-    return _tiny(request.param)
+    return tiny_hf_model(request.param)
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return _tiny("llama")
+    return tiny_hf_model("llama")
 
 
 def _padded(rows, side="left", pad=0):
@@ -171,7 +148,7 @@ def test_sampling_same_seed_same_tokens(llama):
 
 def test_sampling_distribution_matches():
     """First-token frequencies of many seeded draws, ours and plain, against the exact distribution."""
-    llama = _tiny("llama", layers=2, seed=7)          # 2 layers: the 1000-row prompt passes stay cheap
+    llama = tiny_hf_model("llama", layers=2, seed=7)          # 2 layers: the 1000-row prompt passes stay cheap
     ids = torch.tensor([PROMPT])
     kw = dict(do_sample=True, temperature=0.4, top_k=8, max_new_tokens=1, eos_token_id=None, pad_token_id=0,
               num_return_sequences=N_DRAWS_PER_SEED)
@@ -203,7 +180,7 @@ def test_sampling_distribution_matches():
 @pytest.mark.parametrize("alpha,start,tail,order,fill", [(0.9, 0.2, 1, "bottom", "mask"),
                                                           (0.85, 0.0, 2, "top", "project")])
 def test_d3_matches_decoder_generate(alpha, start, tail, order, fill):
-    hf = _tiny("llama", layers=8, seed=3)
+    hf = tiny_hf_model("llama", layers=8, seed=3)
     ids, mask = _padded(BATCH, "left")
     ours = hf.generate(ids, attention_mask=mask, max_new_tokens=16, custom_generate=d3hf.generate,
                        d3_alpha=alpha, d3_start=start, d3_tail=tail, d3_order=order, d3_fill=fill,
@@ -326,7 +303,7 @@ def test_multi_turn_left_padded_batch_with_eos(llama, monkeypatch):
 def test_multi_turn_d3_matches_decoder_continue(fill):
     """At alpha<1 the turns continued through the cache are Decoder.generate(..., continue_=True)'s, not a
     fresh D3 request over the whole conversation (the earlier replies keep the depth they ran at)."""
-    hf, twin = _tiny("llama", layers=8, seed=3), _tiny("llama", layers=8, seed=3)
+    hf, twin = tiny_hf_model("llama", layers=8, seed=3), tiny_hf_model("llama", layers=8, seed=3)
     d3 = dict(d3_alpha=0.85, d3_start=0.2, d3_tail=1, d3_order="bottom", d3_fill=fill, d3_backend="reference")
     kw = dict(max_new_tokens=12, custom_generate=d3hf.generate, return_dict_in_generate=True, **d3, **GREEDY)
     sched = D3Schedule(8, alpha=0.85, start=0.2, tail=1, skip_order="bottom")
@@ -378,7 +355,7 @@ def test_stale_or_foreign_cache_rejected_before_running(llama, monkeypatch):
     ids = torch.tensor([PROMPT])
     stale = llama.generate(ids, **kw).cache
     out = llama.generate(ids, **kw)                       # replaces the conversation `stale` refers to
-    other = _tiny("llama", seed=11)
+    other = tiny_hf_model("llama", seed=11)
     foreign = other.generate(ids, **kw).cache
     state = llama._d3kernels_state
 
@@ -416,7 +393,7 @@ def test_stale_or_foreign_cache_rejected_before_running(llama, monkeypatch):
 # --------------------------------------------------------------------------- weights, memory, the folder
 
 def test_weights_converted_once_and_reported(caplog):
-    hf = _tiny("llama", seed=4)
+    hf = tiny_hf_model("llama", seed=4)
     ids = torch.tensor([PROMPT])
     with caplog.at_level("WARNING", logger="d3kernels.hf"):
         a = hf.generate(ids, max_new_tokens=4, **GREEDY, **FULL)
@@ -493,13 +470,13 @@ def test_assistant_and_cache_rejected_before_running(no_run):
     from transformers.cache_utils import DynamicCache
     ids = torch.tensor([PROMPT])
     with pytest.raises(ValueError, match="assisted"):
-        no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate, assistant_model=_tiny("llama"))
+        no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate, assistant_model=tiny_hf_model("llama"))
     with pytest.raises(ValueError, match="cache passed to generate.*D3KCache"):
         no_run.generate(ids, max_new_tokens=4, custom_generate=d3hf.generate,
                         cache=DynamicCache(config=no_run.config))
     with pytest.raises(ValueError, match="assisted"):
         no_run.generate(ids, max_new_tokens=4, custom_generate=ROOT, trust_remote_code=True,
-                        assistant_model=_tiny("llama"))
+                        assistant_model=tiny_hf_model("llama"))
 
 
 def test_unsupported_architecture_rejected():

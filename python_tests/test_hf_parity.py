@@ -15,35 +15,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from d3kernels import D3Schedule, Decoder, load_model  # noqa: E402
+from helpers import HF_TINY, tiny_hf_model  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4, vocab_size=211,
-            max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = {**HF_TINY, "num_hidden_layers": 5}
 ATOL = 2e-4   # fp32 logits of magnitude ~1 after 5 layers; both sides accumulate in fp32
 
 
+# llama: llama3 rope scaling; qwen2: its rope theta; mistral: the defaults
+ROPE = {"llama": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        "qwen2": {"rope_type": "default", "rope_theta": 1e6}}
+
+
 def _make(kind):
-    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2}[kind])
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**TINY, num_key_value_heads=2, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-        model = transformers.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**{**TINY, "tie_word_embeddings": True}, num_key_value_heads=2,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-        model = transformers.Qwen2ForCausalLM(cfg)
-        with torch.no_grad():   # HF initializes biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    else:
-        cfg = transformers.MistralConfig(**TINY, num_key_value_heads=1, sliding_window=None)
-        model = transformers.MistralForCausalLM(cfg)
-    with torch.no_grad():   # larger than init's 0.02 so attention and the norms shape the output
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model.eval()
+    return tiny_hf_model(kind, **({"rope_parameters": ROPE[kind]} if kind in ROPE else {}))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
