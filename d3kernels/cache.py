@@ -112,9 +112,10 @@ class PagedKVCache:
 
     Attributes: k, v [L, P, page_size, H_kv, D]; kv_valid [L, P, page_size] uint8; block_table [B, max_pages]
     int32 on the device, row b's position p in slot block_table[b, p // page_size] * page_size +
-    p % page_size (entries past a row's pages are 0 and never read). The host keeps each row's page list
-    (pages(b)) and the free list. A page's kv_valid is zeroed when it is given to a row, so a row never sees
-    a former owner's entries. A request the pool cannot hold raises PoolFull and changes nothing.
+    p % page_size (entries past a row's pages are 0 and never read). The host keeps a copy of the table
+    (host_block_table()), how many pages each row holds (pages(b)) and the free list. A page's kv_valid is
+    zeroed when it is given to a row, so a row never sees a former owner's entries. A request the pool
+    cannot hold raises PoolFull and changes nothing.
     """
     paged = True
 
@@ -144,12 +145,12 @@ class PagedKVCache:
         self.kv_valid = torch.zeros(self.shape[:3], device=device, dtype=torch.uint8)
         self.block_table = torch.zeros(max_batch, self.max_pages, device=device, dtype=torch.int32)
         self._table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32)   # its host copy
-        self._rows = [[] for _ in range(max_batch)]
+        self._held = [0] * max_batch          # row b holds pages _table[b, :_held[b]]
         self._free = list(range(num_pages - 1, -1, -1))     # pop() hands out page 0 first
 
     @property
     def max_batch(self) -> int:
-        return len(self._rows)
+        return len(self._held)
 
     @property
     def max_seq_len(self) -> int:
@@ -161,11 +162,11 @@ class PagedKVCache:
 
     def pages(self, b: int) -> list:
         """Row b's page ids, in order of position."""
-        return list(self._rows[b])
+        return self._table[b, :self._held[b]].tolist()
 
     def pages_needed(self, b: int, n: int) -> int:
         """How many more pages row b needs to hold positions [0, n)."""
-        return max(0, -(-n // self.page_size) - len(self._rows[b]))
+        return max(0, -(-n // self.page_size) - self._held[b])
 
     def reserve(self, needs: dict) -> None:
         """Give each row b of needs {b: n} the pages for its positions [0, n) it does not hold yet; all or
@@ -184,25 +185,26 @@ class PagedKVCache:
                 continue
             new = [self._free.pop() for _ in range(k)]
             self.kv_valid[:, new] = 0
-            first = len(self._rows[b])
-            self._rows[b] += new
+            first = self._held[b]
+            self._held[b] += k
             self._table[b, first:first + k] = torch.tensor(new, dtype=torch.int32)
             self.block_table[b, first:first + k] = self._table[b, first:first + k]
 
     def release(self, b: int) -> None:
         """Return row b's pages to the pool."""
-        self._free += reversed(self._rows[b])
-        self._rows[b] = []
+        self._free += reversed(self.pages(b))
+        self._held[b] = 0
         self._table[b] = 0
         self.block_table[b] = 0
 
     def truncate(self, b: int, n: int) -> None:
         """Mask row b's positions >= n and return the pages wholly past n."""
         keep = -(-n // self.page_size)
-        if n % self.page_size and keep <= len(self._rows[b]):
-            self.kv_valid[:, self._rows[b][keep - 1], n % self.page_size:] = 0
-        self._free += reversed(self._rows[b][keep:])
-        self._rows[b] = self._rows[b][:keep]
+        pages = self.pages(b)
+        if n % self.page_size and keep <= len(pages):
+            self.kv_valid[:, pages[keep - 1], n % self.page_size:] = 0
+        self._free += reversed(pages[keep:])
+        self._held[b] = min(keep, len(pages))
         self._table[b, keep:] = 0
         self.block_table[b, keep:] = 0
 
@@ -228,7 +230,7 @@ class PagedKVCache:
         v, valid = torch.zeros_like(k), self.kv_valid.new_zeros(L, len(rows), n)
         kf, vf, validf = self._flat()
         for i, b in enumerate(rows):
-            m = min(n, len(self._rows[b]) * self.page_size)
+            m = min(n, self._held[b] * self.page_size)
             s = self.slots(b, m)
             k[:, i, :, :m] = kf[:, s].transpose(1, 2)
             v[:, i, :, :m] = vf[:, s].transpose(1, 2)
@@ -252,11 +254,11 @@ class PagedKVCache:
     def state(self) -> dict:
         """Copies of everything a request leaves here, for load_state()."""
         return {"k": self.k.clone(), "v": self.v.clone(), "kv_valid": self.kv_valid.clone(),
-                "block_table": self.block_table.clone(), "rows": [list(r) for r in self._rows],
+                "block_table": self.block_table.clone(), "rows": [self.pages(b) for b in range(self.max_batch)],
                 "free": list(self._free)}
 
     def load_state(self, s: dict) -> None:
         for key in ("k", "v", "kv_valid", "block_table"):
             getattr(self, key).copy_(s[key])
         self._table.copy_(s["block_table"])
-        self._rows, self._free = [list(r) for r in s["rows"]], list(s["free"])
+        self._held, self._free = [len(r) for r in s["rows"]], list(s["free"])
