@@ -1,4 +1,4 @@
-"""The `d3kernels` command line: generate, info, eval, calibrate.
+"""The `d3kernels` command line: generate, info, eval, calibrate, export.
 
 The top layer: it imports the library modules (lazily, per command) and no
 library module imports it. eval and calibrate report what d3kernels.eval and
@@ -234,6 +234,14 @@ def _add_eval_commands(sub) -> None:
     c.set_defaults(func=cmd_calibrate)
 
 
+def cmd_export(args) -> int:
+    from .model import save_hf
+    model = load(args)
+    save_hf(model, args.out)
+    print(f"wrote {model.config.name} as a Hugging Face directory: {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d3kernels", description="Fast D3 (depth-decay) decoding.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -251,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="version, build and backend availability")
     i.set_defaults(func=cmd_info)
+    x = sub.add_parser("export", help="write a model (default: the embedded one) as a Hugging Face directory, "
+                                      "e.g. for vLLM")
+    x.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
+    _add_model_args(x)
+    x.set_defaults(func=cmd_export, device="cpu")
     _add_eval_commands(sub)
     return p
 

@@ -63,16 +63,16 @@ def _project_layers(kept: tuple, never_skipped: set, L: int) -> list:
 def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask",
          positions: Optional[Sequence[int]] = None, block_table: Optional[torch.Tensor] = None,
          page_size: Optional[int] = None) -> Plan:
-    """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1), or None for a row
-    that does not run (an empty slot). On a paged cache, positions[b] (row b's new position), the host
+    """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1; 0 is a prompt
+    token, which runs at full depth), or None for a row that does not run (an empty slot). On a paged cache, positions[b] (row b's new position), the host
     block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages)."""
     if fill not in ("mask", "project", "copy"):
         raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
     L, B = schedule.num_layers, len(steps)
     rows = {b: schedule.kept_layers(i) for b, i in enumerate(steps) if i is not None}
     for b, i in enumerate(steps):
-        if i is not None and (not isinstance(i, int) or i < 1):
-            raise ValueError(f"row {b}: step index {i!r} must be an integer >= 1 (step 0 is the prompt pass)")
+        if i is not None and (not isinstance(i, int) or i < 0):
+            raise ValueError(f"row {b}: step index {i!r} must be an integer >= 0 (0: a prompt token, full depth)")
     kept = tuple(sorted(set().union(*rows.values()))) if rows else ()
     mask = torch.zeros(L, B, dtype=torch.uint8)
     for b, k in rows.items():

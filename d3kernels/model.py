@@ -453,6 +453,56 @@ def load_model(source=None, device=None, dtype=None) -> Model:
     raise TypeError(f"source must be None, a path or a transformers model, got {type(source).__name__}")
 
 
+def save_hf(model: Model, path: str, dtype=None) -> str:
+    """Write `model` as a Hugging Face directory (config.json, model.safetensors, the tokenizer if it has
+    one) that transformers, vLLM and load_model() read: e.g. the embedded GGUF model for vLLM. dtype: the
+    stored dtype (default the model's; the GGUF loader's weights are the dequantized float32 values).
+    Returns path."""
+    from safetensors.torch import save_file
+    cfg, w = model.config, model.weights
+    if cfg.rope_scaling is not None:
+        raise ValueError("save_hf writes only default RoPE; this model has rope scaling "
+                         f"{cfg.rope_scaling['rope_type']!r}")
+    dtype = dtype or model.dtype
+    arch = {v: k for k, v in SUPPORTED_ARCHS.items()}[cfg.arch]
+    H, Hk, D = cfg.heads, cfg.kv_heads, cfg.head_dim
+    t = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.final_norm}
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = w.lm_head
+    for l, lw in enumerate(w.layers):
+        p = f"model.layers.{l}."
+        q, k, v = lw.wqkv.split([H * D, Hk * D, Hk * D])
+        t.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                  p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": lw.wo,
+                  p + "input_layernorm.weight": lw.attn_norm, p + "post_attention_layernorm.weight": lw.mlp_norm,
+                  p + "mlp.gate_proj.weight": lw.w_gate_up[:cfg.intermediate],
+                  p + "mlp.up_proj.weight": lw.w_gate_up[cfg.intermediate:], p + "mlp.down_proj.weight": lw.w_down})
+        if lw.bqkv is not None:
+            bq, bk, bv = lw.bqkv.split([H * D, Hk * D, Hk * D])
+            t.update({p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk,
+                      p + "self_attn.v_proj.bias": bv})
+    os.makedirs(path, exist_ok=True)
+    save_file({n: x.detach().to("cpu", dtype).contiguous() for n, x in t.items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    eos = list(cfg.eos_token_ids)
+    hf = {"architectures": [arch], "model_type": cfg.arch, "hidden_size": cfg.hidden,
+          "intermediate_size": cfg.intermediate, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": H, "num_key_value_heads": Hk, "head_dim": D, "vocab_size": cfg.vocab,
+          "rms_norm_eps": cfg.eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position,
+          "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "bos_token_id": cfg.bos_token_id,
+          "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+          "torch_dtype": str(dtype).replace("torch.", "")}
+    if cfg.arch == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    if cfg.arch == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------- RoPE
 
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device=None) -> tuple:

@@ -27,7 +27,11 @@ def test_plan_is_the_union_with_per_row_masks():
             run = f[:, b].nonzero().flatten().tolist()
             assert run == [] or (run[0] == l and run == list(range(l, run[-1] + 1)))
     with pytest.raises(ValueError, match="step index"):
-        engine.plan(sched, [0], "mask")
+        engine.plan(sched, [-1], "mask")
+    with pytest.raises(ValueError, match="step index"):
+        engine.plan(sched, [1.0], "mask")
+    z = engine.plan(sched, [0, 3], "copy")         # step 0: a prompt token, full depth, nothing to fill
+    assert z.kept == tuple(range(sched.num_layers)) and z.mask[:, 0].all() and z.copy[:, 0].sum() == 0
     with pytest.raises(ValueError, match="fill"):
         engine.plan(sched, [1], "bogus")
 

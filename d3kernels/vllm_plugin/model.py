@@ -1,0 +1,155 @@
+"""The D3 model classes vLLM loads for D3LlamaForCausalLM, D3MistralForCausalLM and D3Qwen2ForCausalLM.
+
+Each subclasses vLLM's own class (same weights, loader, attention layers and KV cache) and replaces only the
+forward pass: the loop over the decoder layers runs the union of the batch's kept sets, in Python, outside
+any compiled graph, so the depth is decided on every step. Under vLLM's torch.compile each decoder layer is
+its own compiled graph (vLLM's piecewise backend, CUDA graphs inside the layer on a GPU), never the loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import torch
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.utils import maybe_prefix
+
+from .. import engine
+from . import TRACE_ENV, schedule_from_config
+
+_LAYER_DYNAMIC = {"positions": 0, "hidden_states": 0, "residual": 0}
+
+
+def _compiled_layer(cls):
+    """A subclass of a vLLM decoder layer class that vLLM compiles on its own (one graph per layer)."""
+    return support_torch_compile(dynamic_arg_dims=_LAYER_DYNAMIC)(type(f"D3{cls.__name__}", (cls,), {}))
+
+
+D3LlamaDecoderLayer = _compiled_layer(LlamaDecoderLayer)
+D3MistralDecoderLayer = _compiled_layer(MistralDecoderLayer)
+D3Qwen2DecoderLayer = _compiled_layer(Qwen2DecoderLayer)
+
+
+class D3Runtime:
+    """The D3 state of one model instance: its schedule, the step indices of the batch about to run
+    (set by the runner hook) and the counts of what ran."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+        self._steps: Optional[np.ndarray] = None
+        self._pos: Optional[np.ndarray] = None
+        self._chunk: Optional[np.ndarray] = None
+        self.stats = Counter()          # forwards, layer_calls, tokens, token_layers, unplanned_forwards
+        self.trace = os.environ.get(TRACE_ENV) or None
+
+    def set_batch(self, steps: np.ndarray, positions: np.ndarray, chunk: np.ndarray) -> None:
+        """The next forward's tokens (host arrays [T]): D3 step index (0: a prompt token), position, and
+        how many tokens the token's request feeds in this forward."""
+        self._steps, self._pos, self._chunk = steps, positions, chunk
+
+    def _take(self, positions: torch.Tensor) -> np.ndarray:
+        steps, pos, self._last_chunk = self._steps, self._pos, self._chunk
+        self._steps = self._pos = self._chunk = None
+        T = positions.shape[0]
+        if steps is None:               # vLLM's warm-up and profiling runs: no requests, full depth
+            self.stats["unplanned_forwards"] += 1
+            self._last_chunk = None
+            return np.zeros(T, dtype=np.int64)
+        n = len(steps)
+        if n > T:
+            raise RuntimeError(f"d3kernels: the runner planned {n} tokens but the model got {T}")
+        if positions.device.type == "cpu" and not np.array_equal(positions[:n].numpy(), pos):
+            raise RuntimeError("d3kernels: the step indices computed from vLLM's input batch disagree with the "
+                               "positions the model got; this vLLM release is not supported")
+        if n < T:                       # padding (CUDA graphs): follows the union, adds no layer
+            steps = np.concatenate([steps, np.full(T - n, steps.min() if n else 0, dtype=np.int64)])
+        return steps
+
+    def run(self, inner, input_ids, positions, inputs_embeds):
+        """The decoder stack of `inner` (vLLM's LlamaModel / Qwen2Model) over the batch's kept layers:
+        input_ids [T] (or inputs_embeds [T, d]), positions [T] -> final-normed hidden states [T, d]."""
+        steps = self._take(positions)
+        uniq, inv = np.unique(steps, return_inverse=True)
+        plan = engine.plan(self.schedule, [int(s) for s in uniq])
+        h = inputs_embeds if inputs_embeds is not None else inner.embed_input_ids(input_ids)
+        residual = None
+        inv_t = torch.from_numpy(inv.reshape(-1)).to(h.device)
+        for l in plan.kept:
+            layer = inner.layers[l]
+            col = plan.mask[l].bool()
+            if bool(col.all()):
+                h, residual = layer(positions, h, residual)
+            else:                       # tokens that skip layer l pass (h, residual) through unchanged
+                if residual is None:    # the stream is h + residual; 0 keeps it exact
+                    residual = torch.zeros_like(h)
+                keep = col.to(h.device)[inv_t][:, None]
+                h2, r2 = layer(positions, h, residual)
+                h, residual = torch.where(keep, h2, h), torch.where(keep, r2, residual)
+            self.stats["layer_calls"] += 1
+        h, _ = inner.norm(h, residual)
+        self._count(steps, plan.kept, len(input_ids) if input_ids is not None else len(h))
+        return h
+
+    def _count(self, steps: np.ndarray, kept: tuple, T: int) -> None:
+        n_kept = np.array([self.schedule.num_kept(int(i)) for i in range(int(steps.max()) + 1)])
+        self.stats["forwards"] += 1
+        self.stats["tokens"] += T
+        self.stats["token_layers"] += int(n_kept[steps].sum())
+        if self.trace:
+            rec = {"tokens": T, "step_min": int(steps.min()), "step_max": int(steps.max()),
+                   "decode_tokens": int((steps > 0).sum()), "layer_calls": len(kept), "kept": list(kept),
+                   "token_layers": int(n_kept[steps].sum()), "pid": os.getpid(),
+                   # generated positions fed again in a multi-token chunk: a recompute after preemption
+                   "recomputed": 0 if self._last_chunk is None else
+                   int(((steps[:len(self._last_chunk)] > 0) & (self._last_chunk > 1)).sum())}
+            with open(self.trace, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class _D3Forward:
+    """The forward of every D3 class: the embeddings, then D3Runtime over the kept layers."""
+
+    def _d3_init(self) -> None:
+        if not get_pp_group().is_first_rank or not get_pp_group().is_last_rank:
+            raise ValueError("D3 models do not support pipeline parallelism")
+        self.d3 = D3Runtime(schedule_from_config(self.config))
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.d3.run(self.model, input_ids, positions, inputs_embeds)
+
+
+class D3LlamaForCausalLM(_D3Forward, LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=D3LlamaDecoderLayer)
+        self._d3_init()
+
+
+class D3MistralForCausalLM(_D3Forward, MistralForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=D3MistralDecoderLayer)
+        self._d3_init()
+
+
+class _D3Qwen2Model(Qwen2Model):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=D3Qwen2DecoderLayer)
+
+
+class D3Qwen2ForCausalLM(_D3Forward, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        # Qwen2ForCausalLM builds its Qwen2Model by name: build ours in its place
+        import vllm.model_executor.models.qwen2 as qwen2
+        stock, qwen2.Qwen2Model = qwen2.Qwen2Model, _D3Qwen2Model
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            qwen2.Qwen2Model = stock
+        self._d3_init()
