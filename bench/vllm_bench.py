@@ -129,7 +129,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per request")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="single-stream runs per engine start")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="passes over all settings (ABC ABC: each setting's engine started once per round); "
+                         "the figures are medians over rounds, with the range")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--compiled", action="store_true", help="vLLM's torch.compile (default: enforce_eager)")
     ap.add_argument("--json", default=None)
@@ -152,22 +155,35 @@ def main() -> int:
     settings = [("stock vLLM", None)] + [
         (f"D3 alpha={a}", {"architectures": [f"D3{arch}"], "d3_alpha": float(a), "d3_start": args.start,
                            "d3_tail": args.tail}) for a in args.alphas.split(",") if a]
+    runs = {name: [] for name, _ in settings}
+    for rnd in range(args.rounds):
+        for name, ov in settings:
+            print(f"[vllm_bench] round {rnd + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            runs[name].append(run_setting(args, model, name, ov, prompts, arrivals, L))
     rows = []
-    for name, ov in settings:
-        print(f"[vllm_bench] {name} ...", file=sys.stderr, flush=True)
-        rows.append(run_setting(args, model, name, ov, prompts, arrivals, L))
+    for name, _ in settings:
+        rs = runs[name]
+        single = [x for r in rs for x in r["single_runs"]]
+        poisson = [r["poisson_tok_s"] for r in rs]
+        rows.append(dict(rs[0], single_tok_s=round(statistics.median(single), 1), single_runs=single,
+                         single_range=[min(single), max(single)], poisson_tok_s=round(statistics.median(poisson), 1),
+                         poisson_runs=poisson, rounds=rs))
     base = rows[0]
     import torch
     import vllm
     print(f"\nvLLM {vllm.__version__}, torch {torch.__version__}, {model}, {args.dtype}, "
           f"{'compiled' if args.compiled else 'eager'}, {torch.get_num_threads()} threads; "
           f"{args.tokens} tokens/request; poisson: {args.requests} requests at {args.rate}/s")
+    print(f"median over {args.rounds} rounds x {args.repeats} single runs (range in brackets); poisson: median "
+          f"over {args.rounds} rounds")
     print("| setting | single tok/s | vs stock | layers/token | poisson tok/s | vs stock | layers/token | "
           "layer calls/decode step | ideal (L / layers) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['single_tok_s']} | {r['single_tok_s'] / base['single_tok_s']:.3f}x | "
-              f"{r['single_layers_per_token']:.2f} | {r['poisson_tok_s']} | "
+        print(f"| {r['setting']} | {r['single_tok_s']} [{r['single_range'][0]}-{r['single_range'][1]}] | "
+              f"{r['single_tok_s'] / base['single_tok_s']:.3f}x | "
+              f"{r['single_layers_per_token']:.2f} | {r['poisson_tok_s']} [{min(r['poisson_runs'])}-"
+              f"{max(r['poisson_runs'])}] | "
               f"{r['poisson_tok_s'] / base['poisson_tok_s']:.3f}x | {r['poisson_layers_per_token']:.2f} | "
               f"{r['poisson_calls_per_decode_forward']:.2f} | {L / r['single_layers_per_token']:.3f}x |")
     if args.json:
