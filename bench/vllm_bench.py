@@ -145,7 +145,13 @@ def main() -> int:
     from transformers import AutoConfig, AutoTokenizer
     model = args.model or export_embedded(args.dtype)
     L = AutoConfig.from_pretrained(model).num_hidden_layers
-    prompts = prompts_for(AutoTokenizer.from_pretrained(model), args.requests)
+    try:
+        prompts = prompts_for(AutoTokenizer.from_pretrained(model), args.requests)
+    except Exception as e:          # a weights-only directory: random prompts of 32-64 tokens
+        print(f"[vllm_bench] no tokenizer in {model} ({type(e).__name__}): random prompts", file=sys.stderr)
+        g = random.Random(1)
+        vocab = AutoConfig.from_pretrained(model).vocab_size
+        prompts = [[g.randrange(vocab) for _ in range(g.randrange(32, 65))] for _ in range(args.requests)]
     rng = random.Random(0)
     arrivals, t = [], 0.0
     for _ in prompts:

@@ -140,6 +140,7 @@ def test_alpha_1_equals_stock_vllm(vllm_python, tiny, tmp_path):
     assert d3["runs"][0]["tokens"] == stock["runs"][0]["tokens"]
     assert all(rec["layer_calls"] == 8 for rec in d3["runs"][0]["trace"])
     assert stock["runs"][0]["trace"] == []           # the stock model does not run the plugin's loop
+    assert stock["prefix_caching"] and not d3["prefix_caching"], "D3 models run without prefix caching"
     full = decoder_tokens(model, D3Schedule(8, alpha=1.0), TINY_REQS)
     assert stock["runs"][0]["tokens"] == full
 

@@ -5,7 +5,7 @@
 SPEC: {"model": dir, "dtype": "float32", "eager": true, "overrides": {...} | null, "max_model_len": 512,
        "tp": 1, "num_blocks": null, "block_size": null, "max_num_seqs": null,
        "runs": [[{"prompt": [ids], "max_tokens": n, "arrive": engine step}, ...], ...]}
-OUT:  {"startup_s": s, "runs": [{"tokens": [[ids] per request], "trace": [D3 trace records]}]}
+OUT:  {"startup_s": s, "prefix_caching": bool, "runs": [{"tokens": [[ids] per request], "trace": [D3 trace records]}]}
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so one engine.step() is one
 scheduler step and "arrive" is exact: request r is added before step `arrive`.
@@ -60,7 +60,8 @@ def main(spec_path, out_path):
         kw["max_num_seqs"] = spec["max_num_seqs"]
     t = time.perf_counter()
     llm = LLM(spec["model"], **kw)
-    result = {"startup_s": time.perf_counter() - t, "runs": []}
+    result = {"startup_s": time.perf_counter() - t, "runs": [],
+              "prefix_caching": bool(llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)}
     for requests in spec["runs"]:
         result["runs"].append(run_batch(llm.llm_engine, SamplingParams, requests, trace_path))
     with open(out_path, "w") as f:

@@ -11,7 +11,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from . import PARAMS, _config_keys, schedule_from_config
 
-logger = init_logger("d3kernels.vllm")
+logger = init_logger("vllm.plugins.d3kernels")   # under "vllm": vLLM configures only its own loggers
 
 
 class D3ModelConfig(VerifyAndUpdateConfig):
