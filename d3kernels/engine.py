@@ -83,7 +83,7 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
         for b in rows:
             copy[:, b] = 1 - mask[:, b]
     elif fill == "project" and rows:
-        never = set(schedule.kept_layers(10 ** 9))
+        never = set(schedule.core_layers())
         for l in _project_layers(kept, never, L):
             f = torch.zeros(L, B, dtype=torch.uint8)
             for b, k in rows.items():
@@ -116,7 +116,7 @@ class Buffers:
         if fill == "project" and schedule is None:
             raise ValueError("Buffers for fill 'project' need the schedule")
         self.fill = fill
-        self._never = set(schedule.kept_layers(10 ** 9)) if schedule is not None else set()
+        self._never = set(schedule.core_layers()) if schedule is not None else set()
         self.mask = torch.zeros(L, B, dtype=torch.uint8, device=device)
         self._project = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
             if fill == "project" else {}

@@ -1,6 +1,6 @@
 """The D3 schedule: how many and which decoder layers each generated token runs.
 
-Pure Python, no torch. See DESIGN.md section 1 for the semantics:
+Pure Python, no torch. See docs/design.md section 1 for the semantics:
 
 * step i is the index of the token being generated (0 = the prompt pass, which
   always runs at full depth);
@@ -91,6 +91,11 @@ class D3Schedule:
         self.skip_order = tuple(order)
         self.order_name = skip_order if isinstance(skip_order, str) else "explicit"
         self._kept = lru_cache(maxsize=None)(self._kept_for_count)
+
+    def core_layers(self) -> tuple:
+        """The ascending tuple of layers no step ever skips: the head core [0, s) and the last `tail`
+        layers, or all L layers when alpha = 1. Every kept_layers(i) contains it, and late steps reach it."""
+        return self._kept(self.num_layers if self.alpha == 1.0 else self.n_core)
 
     @property
     def n_flex(self) -> int:

@@ -379,7 +379,7 @@ LAYERS = [
     ("backends",),     # the backend table
     ("ops",),          # the public op API
     ("decoder",),      # the driver
-    ("generate", "hf", "serving"),
+    ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
     ("calibrate",),
     ("eval",),
     ("__init__",),

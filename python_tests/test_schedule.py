@@ -1,4 +1,4 @@
-"""D3Schedule against a direct computation of DESIGN.md section 1."""
+"""D3Schedule against a direct computation of docs/design.md section 1."""
 import math
 
 import pytest
@@ -115,3 +115,11 @@ def test_bad_parameters(kwargs, match):
 def test_bad_step():
     with pytest.raises(ValueError):
         D3Schedule(10).num_kept(-1)
+
+
+def test_core_layers():
+    s = D3Schedule(30, alpha=0.9, start=0.5, tail=2)
+    assert s.core_layers() == tuple(range(15)) + (28, 29)
+    assert s.core_layers() == s.kept_layers(10 ** 6)
+    assert all(set(s.core_layers()) <= set(s.kept_layers(i)) for i in range(200))
+    assert D3Schedule(30, alpha=1.0).core_layers() == tuple(range(30))     # alpha 1 skips nothing

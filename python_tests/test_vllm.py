@@ -7,6 +7,7 @@ ids in, token ids and the plugin's per-step trace out) and through `vllm serve`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -108,6 +109,29 @@ def test_parameters_and_version_check():
     vp.check_vllm_version("0.32.3+cpu")
     with pytest.raises(RuntimeError, match="D3K_VLLM_UNTESTED"):
         vp.check_vllm_version("0.33.0")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_export_roundtrip(tmp_path, kind):
+    """`d3kernels export` (save_hf) writes a HF directory that load_model and transformers read back with
+    the same weights (Qwen2: qkv biases and tied embeddings)."""
+    import transformers
+
+    from d3kernels.cli import main
+    src = tmp_path / "src"
+    hf = tiny_hf_model(kind, layers=3)
+    hf.save_pretrained(str(src))
+    assert main(["export", str(tmp_path / "out"), "--model", str(src)]) == 0
+    a, b = load_model(str(src), device="cpu"), load_model(str(tmp_path / "out"), device="cpu")
+    assert a.config == dataclasses.replace(b.config, name=a.config.name)
+    for name in ("embed", "lm_head", "final_norm", "attn_norm", "wqkv", "bqkv", "wo", "mlp_norm", "w_gate_up",
+                 "w_down"):
+        x, y = getattr(a.weights, name), getattr(b.weights, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
 
 
 # ------------------------------------------------------------------------------------------- tiny Llama
@@ -230,19 +254,45 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_bad_parameters_fail_at_startup(vllm_python, tiny, tmp_path):
-    path, _ = tiny
-    cases = [dict(TINY_D3, **ov) for ov, _ in BAD] + [{"d3_alpha": 0.9}]       # the last: a stock architecture
-    p = subprocess.run([vllm_python, "-c", "if __name__ == '__main__':\n" + "\n".join(
-        "    " + line for line in BAD_SCRIPT.strip().splitlines()), path, json.dumps(cases)],
+def run_script(python, script: str, *args) -> object:
+    """Run `script` (guarded by __main__) in the vLLM venv; the JSON it printed after "RESULT "."""
+    p = subprocess.run([python, "-c", "if __name__ == '__main__':\n" + "\n".join(
+        "    " + line for line in script.strip().splitlines()), *args],
         capture_output=True, text=True, timeout=300, env=_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, p.stderr[-4000:]
-    errors = json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_bad_parameters_fail_at_startup(vllm_python, tiny, tmp_path):
+    path, _ = tiny
+    cases = [dict(TINY_D3, **ov) for ov, _ in BAD] + [{"d3_alpha": 0.9}]       # the last: a stock architecture
+    errors = run_script(vllm_python, BAD_SCRIPT, path, json.dumps(cases))
     for (ov, name), err in zip(BAD, errors):
         assert err is not None and (f"bad D3 parameter {name}:" in err or f"unknown D3 parameter(s) ['{name}']" in err), \
             (ov, err)
     assert errors[-1] is not None and "D3LlamaForCausalLM" in errors[-1], errors[-1]
+
+
+POLICY_SCRIPT = r"""
+import json
+from types import SimpleNamespace
+from vllm.config import CUDAGraphMode
+from d3kernels.vllm_plugin.config import cudagraph_policy
+out = []
+for m in (None, "FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", "NONE"):
+    c = SimpleNamespace(cudagraph_mode=None if m is None else CUDAGraphMode[m])
+    cudagraph_policy(c)
+    out.append(c.cudagraph_mode.name)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_no_full_cuda_graphs(vllm_python):
+    """A full CUDA graph would replay one depth for every step: the startup hook turns vLLM's default
+    (unset when the hook runs, FULL_AND_PIECEWISE on a GPU once vLLM fills it in) and any full mode into
+    PIECEWISE."""
+    assert run_script(vllm_python, POLICY_SCRIPT) == ["PIECEWISE"] * 5 + ["NONE"]
 
 
 # ---------------------------------------------------------------------------------- the embedded model

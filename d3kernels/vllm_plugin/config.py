@@ -5,7 +5,7 @@ Imported by register() only, once vLLM is importable.
 from __future__ import annotations
 
 import numpy as np
-from vllm.config import CompilationMode, CUDAGraphMode
+from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -28,23 +28,28 @@ class D3ModelConfig(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise ValueError("D3 models do not support speculative decoding in vLLM")
         cache = vllm_config.cache_config
-        if cache.enable_prefix_caching:
+        if cache.enable_prefix_caching is not False:      # None: vLLM's default, filled in later
             # blocks written under D3 hold no real K/V at the layers their tokens skipped
             cache.enable_prefix_caching = False
             logger.info("d3kernels: prefix caching disabled for this D3 model (blocks written under D3 hold no "
                         "K/V for the layers their tokens skipped, so they must not be shared)")
-        comp = vllm_config.compilation_config
-        if comp.mode not in (CompilationMode.NONE, None):
-            # The model's forward (the loop over the kept layers) stays eager; each decoder layer is its own
-            # compiled graph (model.py). A full-model CUDA graph would freeze the loop at one depth, so only
-            # piecewise graphs (inside each layer) are allowed.
-            if comp.cudagraph_mode is not None and comp.cudagraph_mode.has_full_cudagraphs():
-                comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
-                logger.info("d3kernels: full CUDA graphs freeze the layer loop at one depth; using piecewise "
-                            "CUDA graphs inside each decoder layer instead")
-        elif comp.cudagraph_mode not in (None, CUDAGraphMode.NONE):
-            comp.cudagraph_mode = CUDAGraphMode.NONE
+        cudagraph_policy(vllm_config.compilation_config)
         logger.info(f"d3kernels: {vllm_config.model_config.architecture} runs {schedule}")
+
+
+def cudagraph_policy(comp) -> None:
+    """No full CUDA graphs for a D3 model: one would capture the layer loop at one depth. The loop stays
+    in Python and each decoder layer is its own compiled graph (model.py), so piecewise graphs, inside the
+    layers, are what may be captured. This hook runs before vLLM fills its optimization-level defaults
+    (FULL_AND_PIECEWISE on a GPU), so an unset mode is set here; vLLM later drops it to NONE where nothing
+    is compiled (enforce_eager, the CPU)."""
+    mode = comp.cudagraph_mode
+    if mode is None:
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif mode.has_full_cudagraphs():
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        logger.info(f"d3kernels: cudagraph_mode {mode.name} would capture the layer loop at one depth; using "
+                    "PIECEWISE (CUDA graphs inside each decoder layer)")
 
 
 class StockModelConfig(VerifyAndUpdateConfig):

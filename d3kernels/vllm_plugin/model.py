@@ -22,7 +22,9 @@ check_vllm_version(vllm.__version__)        # before touching the internals belo
 
 from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
+from vllm.config import CUDAGraphMode  # noqa: E402
 from vllm.distributed import get_pp_group  # noqa: E402
+from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: E402
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM  # noqa: E402
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM  # noqa: E402
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model  # noqa: E402
@@ -81,6 +83,9 @@ class D3Runtime:
     def run(self, inner, input_ids, positions, inputs_embeds):
         """The decoder stack of `inner` (vLLM's LlamaModel / Qwen2Model) over the batch's kept layers:
         input_ids [T] (or inputs_embeds [T, d]), positions [T] -> final-normed hidden states [T, d]."""
+        if is_forward_context_available() and get_forward_context().cudagraph_runtime_mode == CUDAGraphMode.FULL:
+            raise RuntimeError("d3kernels: vLLM is capturing a full CUDA graph of a D3 model, which would freeze "
+                               "its layer loop at one depth; only piecewise graphs (cudagraph_mode PIECEWISE) apply")
         steps = self._take(positions)
         uniq, inv = np.unique(steps, return_inverse=True)
         plan = engine.plan(self.schedule, [int(s) for s in uniq])
