@@ -1,4 +1,4 @@
-"""Shared benchmark machinery (DESIGN.md section 7): shapes, random models,
+"""Shared benchmark machinery (docs/design.md section 7): shapes, random models,
 device timing, the streaming-read bandwidth probe, and result records."""
 from __future__ import annotations
 

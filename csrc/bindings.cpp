@@ -170,10 +170,10 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       py::arg("dev") = 0, "Compute capability of device dev as \"major.minor\", e.g. \"9.0\".");
 
   // ------------------------------------------------------------ launchers
-  // One m.def per op (csrc/README.md, step 3). Arguments are raw device
-  // pointers (ints), sizes, dtype code (0 float16, 1 bfloat16), device index
-  // and a cudaStream_t as an int; a launcher error becomes RuntimeError.
-  // d3kernels/_ops.py is the only caller.
+  // One m.def per op (csrc/README.md, "How to add a kernel", step 4).
+  // Arguments are raw device pointers (ints), sizes, dtype code (0 float16,
+  // 1 bfloat16), device index and a cudaStream_t as an int; a launcher error
+  // becomes RuntimeError. d3kernels/_ops.py is the only caller.
   m.def(
       "device_facts",
       [](int device) {

@@ -1,4 +1,4 @@
-"""Backend selection: one table of what can run where, and why not (DESIGN.md section 3).
+"""Backend selection: one table of what can run where, and why not (docs/design.md section 3).
 
 "auto" picks cuda, then triton, then reference; on CPU tensors it picks the
 reference (the Triton interpreter runs only when "triton" is named). A named

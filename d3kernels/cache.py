@@ -1,4 +1,4 @@
-"""The KV cache and its depth mask (DESIGN.md section 2), contiguous or paged.
+"""The KV cache and its depth mask (docs/design.md section 2), contiguous or paged.
 
 KVCache: K and V are [L, B, H_kv, S, D] in the model dtype, so layer l is one
 contiguous [B, H_kv, S, D] view. kv_valid [L, B, S] uint8 is 1 where layer l

@@ -1,4 +1,4 @@
-"""A calibrated skip order from the model's own information flow (DESIGN.md section 1).
+"""A calibrated skip order from the model's own information flow (docs/design.md section 1).
 
 The D3 paper motivates depth decay with the cosine similarity between a layer's
 input and output hidden states: a layer whose output points the same way as its

@@ -1,4 +1,4 @@
-"""Argument checks shared by every layer that takes op arguments (DESIGN.md section 3).
+"""Argument checks shared by every layer that takes op arguments (docs/design.md section 3).
 
 Each `check_<op>` validates shapes, dtypes, devices and contiguity, raises with
 what was expected and what arrived, and returns the sizes it read. They only

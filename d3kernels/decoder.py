@@ -1,4 +1,4 @@
-"""The decoder driver (DESIGN.md section 4): prefill at full depth, then one
+"""The decoder driver (docs/design.md section 4): prefill at full depth, then one
 decode step per token that launches kernels only for the schedule's kept layers.
 
 A thin loop with static buffers: the hidden state, logits, tokens and positions

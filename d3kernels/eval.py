@@ -1,4 +1,4 @@
-"""D3 quality against full depth on a real model (DESIGN.md section 7): `d3kernels eval`.
+"""D3 quality against full depth on a real model (docs/design.md section 7): `d3kernels eval`.
 
 For every setting (alpha, start, tail, skip order) of a grid, and a batch of B
 prompts with N new tokens each:

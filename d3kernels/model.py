@@ -1,4 +1,4 @@
-"""Model configuration, weights and loaders (DESIGN.md section 2).
+"""Model configuration, weights and loaders (docs/design.md section 2).
 
 Three sources give the same `Model`:
   * None: the embedded default, SmolLM2-135M-Instruct, read from the GGUF file

@@ -1,6 +1,6 @@
 """Public op API: one function per op, with input checks and `backend=` selection.
 
-All ops are out-variants (the caller allocates). Shapes follow DESIGN.md
+All ops are out-variants (the caller allocates). Shapes follow docs/design.md
 section 3: B rows, d hidden, H / H_kv heads, D head_dim, F MLP width, V vocab,
 L layers, S cache length. See d3kernels/reference/ops.py for exact semantics.
 
@@ -45,7 +45,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tenso
              backend: str = "auto") -> None:
     """Depth-masked KV writer. k_cache / v_cache [L, B, H_kv, S, D] and kv_valid
     [L, B, S] updated in place at pos[B] for every (l, b) with flags[L, B] = 1.
-    mode: "mask" | "project" | "copy" (DESIGN.md section 2)."""
+    mode: "mask" | "project" | "copy" (docs/design.md section 2)."""
     check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode)
     impl = backends.get(backends.resolve(backend, k_cache.device, k_cache.dtype, k_cache.shape[-1]))
     impl.write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
@@ -78,7 +78,7 @@ def write_kv_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, kv_valid_pages:
                    backend: str = "auto") -> None:
     """write_kv on a paged KV cache: k_pages / v_pages [L, num_pages, page_size, H_kv, D] and kv_valid_pages
     [L, num_pages, page_size] updated in place at slot_mapping[b] (>= 0) for every (l, b) with flags = 1;
-    pos[b] is the RoPE position. mode: "mask" | "project" | "copy" (DESIGN.md section 2)."""
+    pos[b] is the RoPE position. mode: "mask" | "project" | "copy" (docs/design.md section 2)."""
     check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
                          slot_mapping, rope_cos, rope_sin, flags, mode)
     impl = backends.get(backends.resolve(backend, k_pages.device, k_pages.dtype, k_pages.shape[-1]))

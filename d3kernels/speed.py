@@ -1,4 +1,4 @@
-"""Bytes a decode step must read, and D3's ideal speedup (DESIGN.md section 7)."""
+"""Bytes a decode step must read, and D3's ideal speedup (docs/design.md section 7)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -152,7 +152,7 @@ def record(shape: str, dtype_name: str, B: int, rec: Recorder) -> list[dict]:
 
 
 def expected_grid(row: dict) -> tuple:
-    """The grid each launch should have, from the launch geometry in DESIGN.md section 3 and the
+    """The grid each launch should have, from the launch geometry in docs/design.md section 3 and the
     block-size policies of d3kernels/triton (so a policy change moves both sides, a wiring slip not)."""
     import torch
     import triton

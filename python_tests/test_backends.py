@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md section 3): auto order, CPU rules, named backends that cannot run."""
+"""Backend selection (docs/design.md section 3): auto order, CPU rules, named backends that cannot run."""
 import os
 
 import pytest

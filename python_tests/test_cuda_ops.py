@@ -553,7 +553,7 @@ def test_decoder_matches_reference(target, fill, dtype):
     """A greedy decode with the CUDA kernels (on the GPU, or emulated), full depth and under D3 (layers dropped
     over the steps), rows of different lengths. Then the kernels' own tokens are fed, step by step, to the
     kernels, to the reference at the same dtype and to the float64 reference: every step's logits meet the
-    bound of DESIGN.md section 6; the kernels' argmax is the token generate() chose; and it is the oracle's
+    bound of docs/design.md section 6; the kernels' argmax is the token generate() chose; and it is the oracle's
     argmax wherever the oracle's top-2 margin exceeds twice the logits bound (a closer call may go either way
     in bf16/fp16)."""
     t = _target(target)

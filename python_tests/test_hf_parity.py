@@ -1,4 +1,4 @@
-"""The reference decoder against Hugging Face transformers (DESIGN.md section 6).
+"""The reference decoder against Hugging Face transformers (docs/design.md section 6).
 
 Random tiny Llama (GQA, llama3 rope scaling), Qwen2 (qkv bias) and Mistral
 models are saved with save_pretrained and loaded by our loader. At alpha=1 the

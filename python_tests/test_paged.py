@@ -6,8 +6,8 @@ shows); the contiguous op and the paged op run on the same backend; the paged op
 contiguous op's bit for bit (the same arithmetic: the split plan of a cache of max_pages * page_size = S
 positions is the contiguous one), and the pool after the call must be the pool before it with exactly the
 contiguous op's writes scattered in (every other byte unchanged: spare pages, rows' pages past pos, shared
-prefix pages). The paged op's out is also checked against the float64 reference by DESIGN.md section 6's
-bound (tolerance.assert_close).
+prefix pages). The paged op's out is also checked against the float64 reference by the bound of
+docs/design.md section 6 (tolerance.assert_close).
 
 Cases: page sizes 16 and 64; kv_valid holes; rows sharing prefix pages (prefix caching: the shared pages
 must be bit for bit unchanged); rows with slot_mapping = -1 and inactive rows (out = h, nothing written);
@@ -240,7 +240,7 @@ def test_attn_block_paged(target, case, ps, dtype):
         shared = _pages_of(bt, share[0], share[1] // ps)
         for i, name in ((6, "k_pages"), (7, "v_pages"), (8, "kv_valid_pages")):
             _same(f"{name}: shared prefix pages {shared} unchanged", ours[i][shared], paged[i][shared])
-    # and within DESIGN.md's bound of the float64 reference (the paged reference itself: bitwise above)
+    # and within docs/design.md section 6's bound of the float64 reference (the paged reference: bitwise above)
     same = [_clone(x) for x in paged]
     ref.attn_block_paged(*same)
     o64 = [_f64(x) for x in paged]
@@ -324,7 +324,7 @@ def test_write_kv_paged(target, case, ps, dtype, mode):
         if share is not None:
             shared = _pages_of(bt, share[0], share[1] // ps)
             _same(f"{name}: shared prefix pages {shared} unchanged", ours[i][:, shared], paged[i][:, shared])
-    if mode == "project":                    # and within DESIGN.md's bound of the float64 reference
+    if mode == "project":                    # and within docs/design.md section 6's bound of the float64 reference
         same = [_clone(x) for x in paged]
         ref.write_kv_paged(*same)
         o64 = [_f64(x) for x in paged]

@@ -1,4 +1,4 @@
-"""The Triton backend against the reference (DESIGN.md section 6).
+"""The Triton backend against the reference (docs/design.md section 6).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
 conftest.py); with one, natively. Each op's output is poisoned first and compared

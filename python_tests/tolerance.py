@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md section 6, in one place.
+"""The correctness rule of docs/design.md section 6, in one place.
 
 A backend's output is compared with a float64 computation of the same math
 (the reference ops run on float64 tensors). It may be at most 2x as far off as

@@ -1,4 +1,4 @@
-"""Reference implementations of the d3kernels ops (DESIGN.md section 3).
+"""Reference implementations of the d3kernels ops (docs/design.md section 3).
 
 Every op is an out-variant: the caller allocates, the op writes. All math runs
 in float32 (upcast from the model dtype) and results are rounded once, when they

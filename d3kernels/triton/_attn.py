@@ -1,4 +1,4 @@
-"""attn_block as four kernels (DESIGN.md section 3):
+"""attn_block as four kernels (docs/design.md section 3):
 
 1. qkv: RMSNorm + QKV GEMV (+ bias) + RoPE; q -> fp32 scratch, k/v -> cache at pos, kv_valid = 1.
    One program per (head, block of RoPE pairs (i, i + D/2), batch tile).

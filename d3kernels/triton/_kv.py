@@ -1,4 +1,4 @@
-"""write_kv: the depth-masked KV writer (DESIGN.md section 2), one kernel per mode.
+"""write_kv: the depth-masked KV writer (docs/design.md section 2), one kernel per mode.
 
 Cache k / v [L, B, H_kv, S, D], kv_valid [L, B, S], flags [L, B]: 1 where row b
 skipped layer l at pos[b].

@@ -1,4 +1,4 @@
-// write_kv device code: the depth-masked KV writer (DESIGN.md section 2).
+// write_kv device code: the depth-masked KV writer (docs/design.md section 2).
 //   mode "mask":    kv_mask_kernel     kv_valid[l, b, pos] = 0 where flags[l, b]
 //   mode "copy":    kv_copy_kernel     K/V (and kv_valid) from the nearest lower
 //                                      layer with flags == 0, else like "mask"
