@@ -11,6 +11,9 @@
 #   bench/gpu_check.sh pdl       build + bench/pdl_check.py (PDL on/off and graph replays, bit for bit)
 #   bench/gpu_check.sh serving   build + bench/serving_bench.py on the embedded model: batch 8 and 32,
 #                                D3 vs full depth, contiguous then pages of 16 (not timed on a GPU yet)
+#   bench/gpu_check.sh selftest  build + `d3kernels selftest --backend all` (the check auto runs at first use;
+#                                140 cases per backend; guess: cuda seconds, triton up to a minute of JIT);
+#                                the records go to $OUT/selftest (D3K_CACHE_DIR)
 #   bench/gpu_check.sh vllm      build + the vLLM plugin on the GPU, where vLLM 0.32 is installed in $PY
 #                                (the device machine has none and no network: the mode says so and stops):
 #                                python_tests/test_vllm.py against that vLLM (D3K_VLLM_PYTHON=$PY), then
@@ -516,6 +519,7 @@ case "$MODE" in
              "$PY" bench/serving_bench.py --batches 8,32 --tokens 128 --requests 32 ${ps:+--page-size "$ps"} \
                --json "$OUT/serving${ps:+_paged$ps}.json" "$@" 2>&1 | tee -a "$SUMMARY" || break
            done ;;
+  selftest) build && D3K_CACHE_DIR="$OUT" "$PY" -m d3kernels selftest --backend all "$@" 2>&1 | tee -a "$SUMMARY" ;;
   vllm) if ! "$PY" -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
           log "vllm: no vLLM 0.32 in $PY (pip install 'vllm==0.32.*' on a machine with network); nothing run"
           exit 3
@@ -526,7 +530,7 @@ case "$MODE" in
             --json "$OUT/vllm_bench${mode:+_compiled}.json" 2>&1 | grep -v " INFO \| WARNING " | tee -a "$SUMMARY"
         done ;;
   all) mode_all; exit $? ;;
-  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving|vllm [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving|selftest|vllm [pytest args]" >&2; exit 2 ;;
 esac
 rc=$?
 log "mode $MODE exit $rc"

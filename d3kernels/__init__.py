@@ -19,6 +19,9 @@ from .serving import Server
 from .cache import PoolFull
 from .calibrate import calibrate_skip_order
 from .eval import evaluate
+from . import backends as _backends, selftest as _selftest
+
+_backends.FIRST_USE_CHECK = _selftest.first_use     # auto verifies a GPU backend once, at first use
 
 __all__ = ["D3Schedule", "Model", "ModelConfig", "Weights", "load_model", "embedded_model_path", "Decoder",
            "Generation", "Chat", "Server", "PoolFull", "generate", "encode_prompt", "calibrate_skip_order", "evaluate", "__version__"]

@@ -1,9 +1,13 @@
 """Backend selection: one table of what can run where, and why not (docs/design.md section 3).
 
 "auto" picks cuda, then triton, then reference; on CPU tensors it picks the
-reference (the Triton interpreter runs only when "triton" is named). A named
-backend that cannot run raises an error that says why. D3K_BACKEND overrides
-"auto".
+reference (the Triton interpreter runs only when "triton" is named). A GPU
+backend counts for auto once it is verified: VERIFIED_ON_GPU, or a passing
+selftest record for this device and this build (d3kernels/verify.py). With
+neither, auto runs the selftest once at first use (FIRST_USE_CHECK, which
+d3kernels/__init__ sets to d3kernels.selftest.first_use; D3K_SELFTEST=0 turns
+that off); a failed record keeps the backend off. A named backend that cannot
+run raises an error that says why. D3K_BACKEND overrides "auto".
 
 "cuda-emu" is the CUDA backend's own code (csrc/) built for the CPU on the SIMT
 emulation layer (d3kernels._C_emu): CPU tensors, float16/bfloat16. It proves
@@ -22,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _ops, verify
 from . import reference as _reference
 
 BACKENDS = ("cuda", "triton", "reference")      # the order "auto" tries
@@ -32,6 +36,12 @@ GPU_DTYPES = (torch.float16, torch.bfloat16)
 # "auto" only picks a GPU backend once its test suite has passed on a real GPU (bench/gpu_check.sh test).
 # Until then it can still be named explicitly (backend="cuda" / D3K_BACKEND=cuda).
 VERIFIED_ON_GPU = {"cuda": False, "triton": False}
+# What auto considers per device type, in order; on the CPU only the reference (tests put the emulated
+# CUDA build here to stand in for a GPU).
+AUTO_CANDIDATES = {"cuda": ("cuda", "triton"), "cpu": ()}
+# callable(backend, device) -> bool: verify an unverified backend at first use (set by d3kernels/__init__)
+FIRST_USE_CHECK = None
+SELFTEST_ENV = "D3K_SELFTEST"
 
 
 def _triton_interpreting() -> bool:
@@ -91,21 +101,33 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
 
 
 def resolve(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None,
-            page_size: Optional[int] = None) -> str:
-    """The concrete backend name for a request; raises if a named backend cannot run."""
+            page_size: Optional[int] = None, first_use: bool = True) -> str:
+    """The concrete backend name for a request; raises if a named backend cannot run. first_use=False:
+    auto does not run a selftest (it only reads the records)."""
     if backend == "auto":
         backend = os.environ.get("D3K_BACKEND", "auto") or "auto"
     if backend == "auto":
-        if torch.device(device).type == "cpu":
-            return "reference"
-        for b in BACKENDS:
-            if VERIFIED_ON_GPU.get(b, True) and why_not(b, device, dtype, head_dim, page_size) is None:
+        for b in AUTO_CANDIDATES.get(torch.device(device).type, ()):
+            if why_not(b, device, dtype, head_dim, page_size) is None and verified(b, device, first_use):
                 return b
         return "reference"
     reason = why_not(backend, device, dtype, head_dim, page_size)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")
     return backend
+
+
+def verified(backend: str, device, first_use: bool = True) -> bool:
+    """Whether auto may pick `backend` on `device`: VERIFIED_ON_GPU, else this device's selftest record for
+    this build (a failed one keeps it off), else, once, the first-use selftest (unless D3K_SELFTEST=0)."""
+    if VERIFIED_ON_GPU.get(backend, False):
+        return True
+    rec = verify.status(backend, device)
+    if rec is not None:
+        return bool(rec.get("passed"))
+    if first_use and FIRST_USE_CHECK is not None and os.environ.get(SELFTEST_ENV, "1") != "0":
+        return bool(FIRST_USE_CHECK(backend, device))
+    return False
 
 
 def get(backend: str):
@@ -132,8 +154,13 @@ def report(device=None, dtype: torch.dtype = torch.bfloat16) -> list:
             rows.append((b, reason is None, reason or "ok (CPU tensors; csrc/ on the SIMT emulation layer)"))
             continue
         reason = why_not(b, device, dtype)
-        if reason is None and not VERIFIED_ON_GPU.get(b, True) and torch.device(device).type == "cuda":
-            reason = "not yet verified on a GPU, so auto skips it; name it to use it (backend=, D3K_BACKEND)"
+        if reason is None and b in AUTO_CANDIDATES.get(torch.device(device).type, ()) \
+                and not verified(b, device, first_use=False):
+            rec = verify.status(b, device)
+            reason = ("its selftest FAILED on this device, so auto keeps it off (d3kernels selftest --backend "
+                      f"{b}; record {rec['path']})" if rec is not None else
+                      "not yet verified on this device: auto runs its selftest at first use (D3K_SELFTEST=0: "
+                      f"never), or run `d3kernels selftest --backend {b}`; name it to use it anyway")
             rows.append((b, True, reason))
         else:
             rows.append((b, reason is None, reason or "ok"))

@@ -1,4 +1,4 @@
-"""The `d3kernels` command line: generate, info, eval, calibrate, export.
+"""The `d3kernels` command line: generate, info, selftest, eval, calibrate, export.
 
 The top layer: it imports the library modules (lazily, per command) and no
 library module imports it. eval and calibrate report what d3kernels.eval and
@@ -102,8 +102,42 @@ def cmd_info(args) -> int:
     print(f"backends for {device} / {str(dtype).replace('torch.', '')}:")
     for name, ok, why in backends.report(device, dtype):
         print(f"  {name:10s} {'available' if ok else 'unavailable'}{'' if why == 'ok' else ': ' + why}")
-    print(f"  auto -> {backends.resolve('auto', device, dtype)}")
+    print(f"  auto -> {backends.resolve('auto', device, dtype, first_use=False)}")
+    from .verify import records
+    recs = records()
+    print("selftest records (d3kernels selftest):" if recs else "selftest records: none")
+    for r in recs:
+        failed = [c["case"] for c in r.get("cases", []) if not c["passed"]]
+        dev = r.get("device", {})
+        print(f"  {r.get('backend')} on {dev.get('name')} ({dev.get('capability', dev.get('machine'))}), build "
+              f"{r.get('build_id')}, {r.get('date')}: {'PASS' if r.get('passed') else 'FAIL'} "
+              f"({len(r.get('cases', [])) - len(failed)}/{len(r.get('cases', []))} cases"
+              f"{'; failed: ' + ', '.join(failed[:5]) if failed else ''}) {r.get('path')}")
     return 0
+
+
+def cmd_selftest(args) -> int:
+    import torch
+
+    from . import backends, selftest
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.backend != "cuda-emu" else "cpu")
+    names = (["cuda", "triton"] if args.backend == "all" else [args.backend])
+    cfg = None
+    if args.model is not None:
+        from .model import load_model
+        cfg = load_model(args.model, device="cpu", dtype=torch.float32).config
+    ok = True
+    for name in names:
+        reason = backends.why_not(name, device, torch.bfloat16, None if cfg is None else cfg.head_dim)
+        if reason is not None:
+            print(f"[selftest] {name}: cannot run here: {reason}", file=sys.stderr)
+            ok = False
+            continue
+        rec = selftest.run(name, device, model=cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if not rec["passed"]:
+            ok = False
+            print(selftest.BUG_REPORT.format(path=rec.get("path")), file=sys.stderr)
+    return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------- eval, calibrate
@@ -259,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="version, build and backend availability")
     i.set_defaults(func=cmd_info)
+    t = sub.add_parser("selftest", help="verify the GPU backends on this device against the reference, and "
+                                        "record the result (auto uses a backend that passed)")
+    t.add_argument("--backend", default="all", choices=["all", "cuda", "triton", "cuda-emu"])
+    t.add_argument("--model", default=None, help="also test this model's shapes (HF directory or .gguf)")
+    t.add_argument("--device", default=None, help="default: cuda (cpu for cuda-emu)")
+    t.set_defaults(func=cmd_selftest)
     x = sub.add_parser("export", help="write a model (default: the embedded one) as a Hugging Face directory, "
                                       "e.g. for vLLM")
     x.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")

@@ -3,32 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from d3kernels.model import Model, ModelConfig, Weights
+from d3kernels.model import Model, random_model
 
 
 def tiny_model(L: int = 4, d: int = 64, H: int = 4, H_kv: int = 2, D: int = 16, F: int = 96, V: int = 101,
                dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, qkv_bias: bool = False,
                tie_embeddings: bool = False) -> Model:
-    """A random Llama-shaped d3kernels Model (no tokenizer). Weights are scaled so activations stay O(1)
-    and logits are well spread (greedy ties are unlikely)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-
-    def norm(*shape):
-        return (1.0 + 0.1 * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
-
-    cfg = ModelConfig(arch="qwen2" if qkv_bias else "llama", num_layers=L, hidden=d, heads=H, kv_heads=H_kv,
-                      head_dim=D, intermediate=F, vocab=V, eps=1e-5, rope_theta=10000.0, max_position=4096,
-                      tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, name="tiny")
-    R = (H + 2 * H_kv) * D
-    embed = r(V, d)
-    w = Weights(embed=embed, final_norm=norm(d), lm_head=embed if tie_embeddings else r(V, d, scale=d ** -0.5 * 3),
-                attn_norm=norm(L, d), wqkv=r(L, R, d, scale=d ** -0.5),
-                bqkv=r(L, R, scale=0.1) if qkv_bias else None, wo=r(L, d, H * D, scale=(H * D) ** -0.5),
-                mlp_norm=norm(L, d), w_gate_up=r(L, 2 * F, d, scale=d ** -0.5), w_down=r(L, d, F, scale=F ** -0.5))
-    return Model(cfg, w, None, source="tiny")
+    """A random Llama-shaped d3kernels Model (no tokenizer): d3kernels.model.random_model with small
+    defaults."""
+    return random_model(L, d, H, H_kv, D, F, V, dtype, device, seed, qkv_bias, tie_embeddings)
 
 
 # Interpreted Triton runs on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU);

@@ -373,14 +373,15 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # independent, and there is no cycle). Packages (reference/, triton/) count as one module; "__init__" is the
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
-    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "reference"),  # torch and the standard library
+    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "reference", "tolerance"),  # torch and the stdlib
     ("cache", "speed", "triton", "engine"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu
+    ("verify",),       # the selftest records: which backends this device has verified
     ("backends",),     # the backend table
     ("ops",),          # the public op API
     ("decoder",),      # the driver
     ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
-    ("calibrate",),
+    ("calibrate", "selftest"),
     ("eval",),
     ("__init__",),
     ("cli",),          # the command line, on top

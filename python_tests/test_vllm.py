@@ -69,7 +69,11 @@ def run_vllm(python, tmp_path, spec: dict, timeout: int = 400, **env) -> dict:
     p = subprocess.run([python, DRIVER, str(spec_path), str(out_path)], capture_output=True, text=True,
                        timeout=timeout, env=_env(**env), cwd=str(tmp_path))
     if p.returncode != 0:
-        raise AssertionError(f"vLLM driver failed (rc {p.returncode}):\n{p.stderr[-6000:]}")
+        log = tmp_path / f"driver{time.monotonic_ns()}.log"
+        log.write_text(p.stderr)
+        errors = [ln for ln in p.stderr.splitlines() if "Error" in ln and "File " not in ln]
+        raise AssertionError(f"vLLM driver failed (rc {p.returncode}; full log {log}); error lines:\n"
+                             + "\n".join(ln[:400] for ln in errors[:12]) + f"\n...\n{p.stderr[-3000:]}")
     return json.loads(out_path.read_text())
 
 
