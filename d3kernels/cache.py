@@ -9,7 +9,7 @@ PagedKVCache: the same entries in a pool of fixed-size pages that rows take as
 they grow (k, v [L, P, page_size, H_kv, D], kv_valid [L, P, page_size], a
 block_table per row). Both have one interface for the driver: reserve() before
 a row writes new positions, release() / truncate() / reset(), gather() /
-scatter() for the reference prefill (which works on the contiguous layout),
+scatter() for the prefill (which works on the contiguous layout),
 state() / load_state().
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ class KVCache:
 
     def gather(self, rows: range, n: int) -> tuple:
         """rows' k, v [L, len(rows), H_kv, S, D] and kv_valid [L, len(rows), S], as views (S >= n): what
-        the reference prefill writes lands in the cache, and scatter() has nothing to do."""
+        the prefill writes lands in the cache, and scatter() has nothing to do."""
         r = slice(rows.start, rows.stop)
         return self.k[:, r], self.v[:, r], self.kv_valid[:, r]
 

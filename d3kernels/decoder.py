@@ -21,7 +21,7 @@ from .cache import KVCache, PagedKVCache, PoolFull
 from .engine import run_layers, write_slots
 from .model import Model, rope_tables
 from .ops import FILL_MODES, check_sampling
-from .reference import prefill as reference_prefill
+from .prefill import prefill as batched_prefill
 from .schedule import D3Schedule
 
 
@@ -226,8 +226,8 @@ class Decoder:
         ends = [starts[b] + len(r) for b, r in enumerate(rows)]
         c.reserve(dict(enumerate(ends)))
         k, v, valid = c.gather(range(B), max(ends))
-        reference_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, k, v, valid, self.rope_cos,
-                          self.rope_sin, self.cfg.eps, starts=starts)
+        batched_prefill(self._h[:B], ids, [len(r) for r in rows], self.model.weights, k, v, valid, self.rope_cos,
+                        self.rope_sin, self.cfg.eps, starts=starts)
         c.scatter(range(B), starts, ends, k, v, valid)
         self.batch = B
         self._seq_len = ends + [0] * (c.max_batch - B)
@@ -471,8 +471,8 @@ class Decoder:
         c.reserve({b: len(ids)})
         t = torch.tensor([ids], dtype=torch.int64, device=self.device)
         k, v, valid = c.gather(range(b, b + 1), len(ids))
-        reference_prefill(self._h[b:b + 1], t, [len(ids)], self.model.weights, k, v, valid, self.rope_cos,
-                          self.rope_sin, self.cfg.eps)
+        batched_prefill(self._h[b:b + 1], t, [len(ids)], self.model.weights, k, v, valid, self.rope_cos,
+                        self.rope_sin, self.cfg.eps)
         c.scatter(range(b, b + 1), [0], [len(ids)], k, v, valid)
         self._pos[b] = len(ids)
         self._seq_len[b] = len(ids)

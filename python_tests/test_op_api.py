@@ -374,7 +374,7 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
     ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "reference", "tolerance"),  # torch and the stdlib
-    ("cache", "speed", "triton", "engine"),
+    ("cache", "speed", "triton", "engine", "prefill"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu
     ("verify",),       # the selftest records: which backends this device has verified
     ("backends",),     # the backend table
