@@ -64,8 +64,9 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
          positions: Optional[Sequence[int]] = None, block_table: Optional[torch.Tensor] = None,
          page_size: Optional[int] = None) -> Plan:
     """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1; 0 is a prompt
-    token, which runs at full depth), or None for a row that does not run (an empty slot). On a paged cache, positions[b] (row b's new position), the host
-    block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages)."""
+    token, which runs at full depth), or None for a row that does not run (an empty slot). On a paged
+    cache, positions[b] (row b's new position), the host block_table [B, max_pages] int32 and page_size
+    give plan.slots (the engine allocates the pages)."""
     if fill not in ("mask", "project", "copy"):
         raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
     L, B = schedule.num_layers, len(steps)

@@ -14,6 +14,7 @@ any layer from one pointer and a per-layer stride.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -108,6 +109,13 @@ class Weights:
     @property
     def dtype(self) -> torch.dtype:
         return self.wqkv.dtype
+
+    def to(self, dtype: torch.dtype) -> "Weights":
+        """A copy in another dtype (e.g. float64 for a test oracle); a tied lm_head stays tied."""
+        t = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+        out = {k: None if v is None else v.to(dtype) for k, v in t.items() if k != "lm_head"}
+        out["lm_head"] = out["embed"] if self.lm_head is self.embed else self.lm_head.to(dtype)
+        return Weights(**out)
 
     @property
     def device(self) -> torch.device:

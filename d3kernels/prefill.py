@@ -19,10 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+from .reference.ops import apply_rope, rms_norm     # the spec's float32 RMSNorm and RoPE math
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -37,13 +34,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) 
     else:
         y = x.float() @ w.float().t()
     return y if b is None else y + b.float()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, D] (float32) rotated with the HF rotate_half convention; cos, sin [N, 1, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,
@@ -92,9 +82,9 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
     grid[row, i_in_row] = True
     for l, lw in enumerate(weights.layers):
         H = lw.wqkv.shape[0] // D - 2 * H_kv
-        qkv = _linear(_rms_norm(x, lw.attn_norm, eps), lw.wqkv, lw.bqkv)
-        q = _rope(qkv[:, : H * D].view(-1, H, D), cos, sin)
-        k = _rope(qkv[:, H * D: (H + H_kv) * D].view(-1, H_kv, D), cos, sin)
+        qkv = _linear(rms_norm(x, lw.attn_norm, eps), lw.wqkv, lw.bqkv)
+        q = apply_rope(qkv[:, : H * D].view(-1, H, D), cos, sin)
+        k = apply_rope(qkv[:, H * D: (H + H_kv) * D].view(-1, H_kv, D), cos, sin)
         v = qkv[:, (H + H_kv) * D:].view(-1, H_kv, D)
         k_cache[l, row, :, pos] = k.to(dt)
         v_cache[l, row, :, pos] = v.to(dt)
@@ -108,7 +98,7 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
         o = o.transpose(1, 2)[grid].reshape(-1, H * D)                                     # packed [N, H D]
         x = (x.float() + _linear(o, lw.wo)).to(dt)
         Fw = lw.w_down.shape[1]
-        gu = _linear(_rms_norm(x, lw.mlp_norm, eps), lw.w_gate_up)
+        gu = _linear(rms_norm(x, lw.mlp_norm, eps), lw.w_gate_up)
         x = (x.float() + _linear(F.silu(gu[:, :Fw]) * gu[:, Fw:], lw.w_down)).to(dt)
     last = offs + n_t - 1
     hidden_out.copy_(x[last].to(hidden_out.dtype))

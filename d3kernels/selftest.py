@@ -11,7 +11,6 @@ build lets auto pick the backend.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import sys
 import time
@@ -23,7 +22,7 @@ from . import backends, engine, verify
 from . import reference as ref
 from .checks import FILL_MODES
 from .decoder import Decoder
-from .model import Model, ModelConfig, Weights, random_model, rope_tables
+from .model import Model, ModelConfig, random_model, rope_tables
 from .schedule import D3Schedule
 from .tolerance import compare, poison
 
@@ -76,14 +75,13 @@ def _rng(seed: int, dev):
     return g, randn
 
 
-def _run3(fn_backend, fn_ref, args: list, outs: list, poison_out: bool = True) -> tuple:
+def _run3(fn_backend, fn_ref, args: list, outs: list, poison_out: bool = True, keep32: tuple = ()) -> tuple:
     """Run an op three times on copies of args: the backend, the reference at the same dtype, the reference
-    on float64 copies of every floating tensor but the float32 RoPE tables (args[-4:-2] of the attention
-    ops are found by shape: [S, D/2] float32 pairs are kept). outs: indices of the written arguments;
-    poison_out: fill args[outs[0]] of the backend's copy with NaN first (an out-variant's output).
-    Returns (backend outs, same-precision outs, float64 outs)."""
-    keep = {id(t) for t in args if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2
-            and t.shape[0] >= 2 and t is not args[0]}
+    on float64 copies of every floating tensor but those in keep32 (the float32 RoPE tables, which the ops
+    take in float32 only). outs: indices of the written arguments; poison_out: fill args[outs[0]] of the
+    backend's copy with NaN first (an out-variant's output). Returns (backend outs, same-precision outs,
+    float64 outs)."""
+    keep = {id(t) for t in keep32}
 
     def copies(upcast):
         return [(t.double() if upcast and t.is_floating_point() and id(t) not in keep else t.clone())
@@ -150,14 +148,14 @@ def _op_cases(c: _Cases, ops, tag: str, sh: dict, dtype, dev, seed: int) -> None
     pos, valid, k, v = _cache(randn, g, B, H_kv, S, D, dtype, dev)
     out = torch.empty(B, d, dtype=dtype, device=dev)
     args = [out, h, an, wqkv, bqkv, wo, k, v, valid, pos, cos, sin, active, EPS]
-    got, same, ora = _run3(ops.attn_block, ref.attn_block, args, [0, 6, 7, 8])
+    got, same, ora = _run3(ops.attn_block, ref.attn_block, args, [0, 6, 7, 8], keep32=(cos, sin))
     for name, i in (("out", 0), ("k_cache", 1), ("v_cache", 2)):
         c.close(f"{tag} attn_block {name}", got[i], same[i], ora[i], dtype, nan_where_oracle=i > 0)
     c.equal(f"{tag} attn_block kv_valid", got[3], same[3])
     kp, vp, vlp, table = _paged(g, k, v, valid, dev)
     slots = engine.write_slots(table, pos, active, PAGE)
     args = [out, h, an, wqkv, bqkv, wo, kp, vp, vlp, table, pos, slots, cos, sin, active, EPS]
-    got, same, ora = _run3(ops.attn_block_paged, ref.attn_block_paged, args, [0, 6, 7, 8])
+    got, same, ora = _run3(ops.attn_block_paged, ref.attn_block_paged, args, [0, 6, 7, 8], keep32=(cos, sin))
     for name, i in (("out", 0), ("k_pages", 1), ("v_pages", 2)):
         c.close(f"{tag} attn_block_paged {name}", got[i], same[i], ora[i], dtype, nan_where_oracle=i > 0)
     c.equal(f"{tag} attn_block_paged kv_valid", got[3], same[3])
@@ -178,12 +176,12 @@ def _op_cases(c: _Cases, ops, tag: str, sh: dict, dtype, dev, seed: int) -> None
     slots = engine.write_slots(table, pos, active, PAGE)           # row 1 (inactive) writes nothing
     for mode in FILL_MODES:
         args = [k, v, valid, h, norms, wq, bq, pos, cos, sin, flags, mode, EPS]
-        got, same, ora = _run3(ops.write_kv, ref.write_kv, args, [0, 1, 2], poison_out=False)
+        got, same, ora = _run3(ops.write_kv, ref.write_kv, args, [0, 1, 2], False, (cos, sin))
         for name, i in (("k_cache", 0), ("v_cache", 1)):
             c.close(f"{tag} write_kv {mode} {name}", got[i], same[i], ora[i], dtype, nan_where_oracle=True)
         c.equal(f"{tag} write_kv {mode} kv_valid", got[2], same[2])
         args = [kp, vp, vlp, h, norms, wq, bq, table, pos, slots, cos, sin, flags, mode, EPS]
-        got, same, ora = _run3(ops.write_kv_paged, ref.write_kv_paged, args, [0, 1, 2], poison_out=False)
+        got, same, ora = _run3(ops.write_kv_paged, ref.write_kv_paged, args, [0, 1, 2], False, (cos, sin))
         for name, i in (("k_pages", 0), ("v_pages", 1)):
             c.close(f"{tag} write_kv_paged {mode} {name}", got[i], same[i], ora[i], dtype, nan_where_oracle=True)
         c.equal(f"{tag} write_kv_paged {mode} kv_valid", got[2], same[2])
@@ -210,9 +208,7 @@ def _decode_cases(c: _Cases, backend: str, dtype, dev, graphs: bool) -> None:
     CUDA graph replays against eager steps, bit for bit."""
     sh = SHAPES["small"]
     m = random_model(4, sh["d"], sh["H"], sh["H_kv"], sh["D"], sh["F"], sh["V"], dtype, dev, seed=7)
-    w = m.weights
-    m32 = Model(m.config, Weights(**{f.name: None if getattr(w, f.name) is None else getattr(w, f.name).float()
-                                     for f in dataclasses.fields(Weights) if f.name != "layers"}))
+    m32 = Model(m.config, m.weights.to(torch.float32))
     sched = D3Schedule(4, alpha=0.8, start=0.25, tail=1)
     prompts = [[5, 17, 3, 99, 42], [7, 150, 2]]
     decs = [Decoder(mm, sched, max_batch=2, max_seq_len=32, backend=b, cuda_graphs=False)

@@ -8,6 +8,7 @@ sources and the Triton version for "triton". `backends.resolve("auto")` reads it
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,8 +40,19 @@ def device_key(device) -> dict:
 
 
 def _file_hash(paths) -> str:
-    h = hashlib.sha256()
+    """sha256 of the files' bytes, computed once per (path, size, mtime): auto resolves a backend on every
+    op call, so this must not re-read a large extension module each time."""
+    stamp = []
     for p in paths:
+        st = os.stat(p)
+        stamp.append((p, st.st_size, st.st_mtime_ns))
+    return _hash_stamped(tuple(stamp))
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_stamped(stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for p, _, _ in stamp:
         with open(p, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -69,19 +81,35 @@ def record_path(backend: str, device, ops=None) -> str:
     return os.path.join(user_cache_dir(), RECORD_DIR, f"{backend}-{key}-{build_id(backend, ops)}.json")
 
 
+_READ: dict = {}      # record path -> ((size, mtime), parsed record or None)
+
+
+def _read(path: str) -> Optional[dict]:
+    """The JSON record at path (parsed once per version of the file), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (st.st_size, st.st_mtime_ns)
+    hit = _READ.get(path)
+    if hit is None or hit[0] != stamp:
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            rec = None
+        hit = _READ[path] = (stamp, rec)
+    return hit[1]
+
+
 def status(backend: str, device, ops=None) -> Optional[dict]:
     """This device's selftest record for this build of `backend`, or None. record["passed"] says how it
     ended."""
     path = record_path(backend, device, ops)
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
+    rec = _read(path)
+    if rec is None or rec.get("device") != device_key(device) or rec.get("build_id") != build_id(backend, ops):
         return None
-    if rec.get("device") != device_key(device) or rec.get("build_id") != build_id(backend, ops):
-        return None
-    rec["path"] = path
-    return rec
+    return dict(rec, path=path)
 
 
 def save(record: dict, device, ops=None) -> str:

@@ -26,13 +26,15 @@ TESTED_VLLM = ("0.32.",)
 UNTESTED_ENV = "D3K_VLLM_UNTESTED"
 TRACE_ENV = "D3K_VLLM_TRACE"
 
-# D3 architecture name -> (the stock architecture it extends, the module of d3kernels' class)
+# D3 architecture name -> the stock architecture it extends (d3kernels.vllm_plugin.model has the classes)
 ARCHS = {
     "D3LlamaForCausalLM": "LlamaForCausalLM",
     "D3MistralForCausalLM": "MistralForCausalLM",
     "D3Qwen2ForCausalLM": "Qwen2ForCausalLM",
 }
-PARAMS = ("d3_alpha", "d3_start", "d3_tail", "d3_order", "d3_decay_start")
+# hf_overrides field -> D3Schedule argument
+PARAMS = {"d3_alpha": "alpha", "d3_start": "start", "d3_tail": "tail", "d3_order": "skip_order",
+          "d3_decay_start": "decay_start"}
 
 
 def check_vllm_version(version: str) -> None:
@@ -53,12 +55,9 @@ def d3_params(hf_config: Any) -> dict:
     with d3kernels' defaults for the ones not given."""
     from ..schedule import D3Schedule
     import inspect
-    defaults = {k: v.default for k, v in inspect.signature(D3Schedule).parameters.items()
-                if v.default is not inspect.Parameter.empty}
-    names = {"d3_alpha": "alpha", "d3_start": "start", "d3_tail": "tail", "d3_order": "skip_order",
-             "d3_decay_start": "decay_start"}
-    out = dict(defaults)
-    for key, arg in names.items():
+    out = {k: v.default for k, v in inspect.signature(D3Schedule).parameters.items()
+           if v.default is not inspect.Parameter.empty}
+    for key, arg in PARAMS.items():
         v = getattr(hf_config, key, None)
         if v is not None:
             out[arg] = list(v) if isinstance(v, tuple) else v
@@ -81,7 +80,8 @@ def schedule_from_config(hf_config: Any):
     except ValueError as e:
         # D3Schedule's messages begin with the argument's name ("alpha must be ..."): say which field it was
         arg = str(e).split(" ", 1)[0]
-        key = {"skip_order": "d3_order", "an": "d3_order"}.get(arg, f"d3_{arg}")
+        arg = "skip_order" if arg == "an" else arg          # "an explicit skip_order must be ..."
+        key = {a: k for k, a in PARAMS.items()}.get(arg, arg)
         raise ValueError(f"bad D3 parameter {key}: {e}") from None
 
 

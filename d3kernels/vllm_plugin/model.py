@@ -23,7 +23,6 @@ check_vllm_version(vllm.__version__)        # before touching the internals belo
 from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.config import CUDAGraphMode  # noqa: E402
-from vllm.distributed import get_pp_group  # noqa: E402
 from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: E402
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM  # noqa: E402
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM  # noqa: E402
@@ -105,18 +104,20 @@ class D3Runtime:
                 h, residual = torch.where(keep, h2, h), torch.where(keep, r2, residual)
             self.stats["layer_calls"] += 1
         h, _ = inner.norm(h, residual)
-        self._count(steps, plan.kept, len(input_ids) if input_ids is not None else len(h))
+        self._count(steps, plan, inv)
         return h
 
-    def _count(self, steps: np.ndarray, kept: tuple, T: int) -> None:
-        n_kept = np.array([self.schedule.num_kept(int(i)) for i in range(int(steps.max()) + 1)])
+    def _count(self, steps: np.ndarray, plan, inv: np.ndarray) -> None:
+        """Counts of one forward: its tokens, and the layers its tokens keep (the plan's mask column of each
+        token's distinct step index)."""
+        token_layers = int(plan.mask.sum(0).numpy()[inv].sum())
         self.stats["forwards"] += 1
-        self.stats["tokens"] += T
-        self.stats["token_layers"] += int(n_kept[steps].sum())
+        self.stats["tokens"] += len(steps)
+        self.stats["token_layers"] += token_layers
         if self.trace:
-            rec = {"tokens": T, "step_min": int(steps.min()), "step_max": int(steps.max()),
-                   "decode_tokens": int((steps > 0).sum()), "layer_calls": len(kept), "kept": list(kept),
-                   "token_layers": int(n_kept[steps].sum()), "pid": os.getpid(),
+            rec = {"tokens": len(steps), "step_min": int(steps.min()), "step_max": int(steps.max()),
+                   "decode_tokens": int((steps > 0).sum()), "layer_calls": len(plan.kept), "kept": list(plan.kept),
+                   "token_layers": token_layers, "pid": os.getpid(),
                    # generated positions fed again in a multi-token chunk: a recompute after preemption
                    "recomputed": 0 if self._last_chunk is None else
                    int(((steps[:len(self._last_chunk)] > 0) & (self._last_chunk > 1)).sum())}
@@ -128,8 +129,7 @@ class _D3Forward:
     """The forward of every D3 class: the embeddings, then D3Runtime over the kept layers."""
 
     def _d3_init(self) -> None:
-        if not get_pp_group().is_first_rank or not get_pp_group().is_last_rank:
-            raise ValueError("D3 models do not support pipeline parallelism")
+        # pipeline parallelism and bad d3_* fields were refused at startup (config.D3ModelConfig)
         self.d3 = D3Runtime(schedule_from_config(self.config))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
