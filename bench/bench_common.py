@@ -247,3 +247,19 @@ def record(benchmark, read_bw: float, nbytes: int, timing: dict, **info) -> dict
            "frac_of_read_bw": gbps / read_bw, **environment()}
     benchmark.extra_info.update(row)
     return row
+
+
+class FixedDepth:
+    """A schedule that keeps the same n layers of `schedule` at every step, to time one depth:
+    dec.set_schedule(FixedDepth(sched, n)); p = dec.core.plan([1]); dec.core.load(p); then
+    dec.core.launch(p) is one step's device work (positions stay where they are)."""
+
+    def __init__(self, schedule, n: int):
+        self.num_layers, self.n = schedule.num_layers, n
+        self._kept, self._core = schedule.kept_for_count(n), schedule.core_layers()
+
+    def kept_layers(self, i: int) -> tuple:
+        return self._kept
+
+    def core_layers(self) -> tuple:
+        return self._core

@@ -22,7 +22,7 @@ import time
 import torch
 
 from d3kernels import D3Schedule, Decoder, load_model
-from d3kernels.generate import _template
+from d3kernels.generate import template_ids
 
 MESSAGES = ["Tell me about the city of Paris.", "What should I visit there first?",
             "How do I get there from the airport?"]
@@ -43,7 +43,7 @@ def transcript(model, messages, max_new: int) -> list:
     chat, X, turns = [], [], []
     for m in messages:
         chat.append({"role": "user", "content": m})
-        full = _template(tok, chat)
+        full = template_ids(tok, chat)
         start = min(_shared(X, full), max(0, len(X) - 1))   # the cache holds X[:-1]
         if X:
             dec.truncate([start])

@@ -63,19 +63,18 @@ def _decode(model, graphs: bool) -> dict:
     logits = torch.empty(STEPS, B, cfg.vocab, device=dev, dtype=torch.float32)
     tokens = torch.empty(STEPS, B, device=dev, dtype=torch.int64)
     dec.prefill(PROMPTS)
-    dec.ops.sample(dec._tokens[:B], dec._logits[:B])            # T_0 from the prompt pass
+    core = dec.core
+    core.sample(range(B))                                       # T_0 from the prompt pass
     for k in range(STEPS):
-        dec._decode_step()
-        logits[k].copy_(dec._logits[:B])
-        dec.ops.sample(dec._tokens[:B], dec._logits[:B])
-        tokens[k].copy_(dec._tokens[:B])
+        logits[k].copy_(dec.step(core.tokens[:B]))
+        tokens[k].copy_(core.sample(range(B)))
     if GPU:
         torch.cuda.synchronize()
     c = dec.cache
     layers = [dec.schedule.num_kept(i) for i in range(1, STEPS + 1)]
     return {"logits": logits.cpu(), "tokens": tokens.cpu(), "k": c.k[:, :B].cpu(), "v": c.v[:, :B].cpu(),
             "kv_valid": c.kv_valid[:, :B].cpu(), "graphs": dec.stats()["graphs"], "depths": len(set(layers)),
-            "graphs_enabled": dec.graphs_enabled}
+            "graphs_enabled": dec.core.graphs_enabled}
 
 
 def _argmax_checks(model) -> dict:

@@ -130,8 +130,8 @@ def _decoder(model, impl: str, alpha: float, max_seq_len: int, graphs=None, page
     sched = D3Schedule(cfg.num_layers, alpha=alpha)
     if impl.startswith("torch"):                     # plain PyTorch math in the same driver
         dec = Decoder(model, sched, max_seq_len=max_seq_len, backend="reference", cuda_graphs=False)
-        dec.ops = ops
-        dec.graphs_enabled = impl == "torch-graph" and bc.GPU
+        dec.core.ops = ops
+        dec.core.graphs_enabled = impl == "torch-graph" and bc.GPU
         return dec
     return Decoder(model, sched, max_seq_len=max_seq_len, backend=backend, cuda_graphs=graphs, page_size=page_size)
 
@@ -192,21 +192,24 @@ def case_launches(run: Run, model, impl: str, reps: int = 1 if SMOKE else 3) -> 
     from torch.profiler import ProfilerActivity, profile
     cfg = model.config
     dec = _decoder(model, impl, 0.5, CONTEXT + 4 * reps + 8, graphs=False)
-    dec.graphs_enabled = False
+    dec.core.graphs_enabled = False
     dec.prefill(_prompt(cfg))
+    sched, core = dec.schedule, dec.core
     L, n_small = cfg.num_layers, dec.schedule.n_core
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bc.GPU else [])
     per = {}
     for n in (L, n_small):
-        kept = dec.schedule._kept_for_count(n)
-        dec._step_body(kept)                         # warm-up: compile, scratch
+        dec.set_schedule(bc.FixedDepth(sched, n))
+        p = core.plan([1])
+        core.load(p)
+        core.launch(p)                               # warm-up: compile, scratch
         _sync()
-        dec.op_calls.clear()
+        core.op_calls.clear()
         with profile(activities=acts) as prof:
             for _ in range(reps):
-                dec._step_body(kept)
+                core.launch(p)
             _sync()
-        per[n] = (_kernel_count(prof) / reps, sum(dec.op_calls.values()) / reps)
+        per[n] = (_kernel_count(prof) / reps, sum(core.op_calls.values()) / reps)
     k_layer = (per[L][0] - per[n_small][0]) / (L - n_small)
     c_layer = (per[L][1] - per[n_small][1]) / (L - n_small)
     row = {"shape": cfg.name, "impl": impl, "depths": [L, n_small],
@@ -226,9 +229,8 @@ def case_ttft(run: Run, model, impl: str, reps: int = 3) -> dict:
     for r in range(reps + 1):                        # the first is a warm-up
         _sync()
         t = time.perf_counter()
-        logits = dec.prefill(prompt)
-        dec.ops.sample(dec._tokens[:1], logits)
-        int(dec._tokens[0])                          # the token on the host: a real end-to-end sync
+        dec.prefill(prompt)
+        int(dec.core.sample(range(1))[0])            # the token on the host: a real end-to-end sync
         if r:
             ts.append((time.perf_counter() - t) * 1e3)
     row = {"shape": cfg.name, "impl": impl, "prompt": CONTEXT, "ttft_ms": statistics.median(ts), "min_ms": min(ts),

@@ -77,7 +77,7 @@ def run(model, schedule, B: int, rate: float, n_tokens: int, n_requests: int, ba
     server = Server(model, schedule, max_batch=B, max_seq_len=64 + n_tokens, backend=backend, page_size=page_size)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, model.config.vocab, (16,), generator=g).tolist() for _ in range(n_requests)]
-    sync = torch.cuda.synchronize if server.decoder.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if server.core.device.type == "cuda" else (lambda: None)
     queue, added, tokens = 0, 0, 0
     sync()
     t0 = time.perf_counter()

@@ -88,8 +88,8 @@ def test_torch_decode(benchmark, read_bw, shape, graphs):
     cfg = model.config
     dec = Decoder(model, D3Schedule(cfg.num_layers, alpha=1.0), max_seq_len=PROMPT + NEW + 1,
                   backend="reference", cuda_graphs=False)
-    dec.ops = torch_baseline
-    dec.graphs_enabled = graphs
+    dec.core.ops = torch_baseline
+    dec.core.graphs_enabled = graphs
     ms, _ = _time_decode(dec, _prompt(cfg))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     layers = [cfg.num_layers] * (NEW + 1)
@@ -161,13 +161,10 @@ def test_depth_sweep(benchmark, read_bw, shape, backend):
     rows = []
     L = cfg.num_layers
     for n in sorted({L, sched.n_core, (L + sched.n_core) // 2, L - 1}, reverse=True):
-        kept = sched._kept_for_count(n)
-        pos0 = dec._pos.clone()
-
-        def fn(i, kept=kept):
-            dec._pos.copy_(pos0)
-            dec._step_body(kept)
-        t = bc.device_time_us(fn, calls=1, reps=10)
+        dec.set_schedule(bc.FixedDepth(sched, n))
+        p = dec.core.plan([1])
+        dec.core.load(p)
+        t = bc.device_time_us(lambda i, p=p: dec.core.launch(p), calls=1, reps=10)
         nbytes = step_bytes(cfg, n, PROMPT, dsize)
         rows.append({"kept": n, "us": t["median_us"], "ideal_us": nbytes / (read_bw * 1e9) * 1e6,
                      "frac_of_read_bw": nbytes / (t["median_us"] * 1e-6) / 1e9 / read_bw})

@@ -19,14 +19,19 @@ from typing import Optional
 import torch
 
 from .model import ModelConfig
-from .reference import paged_slots
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
+
+
+def paged_slots(block_table: torch.Tensor, b: int, n: int, page_size: int) -> torch.Tensor:
+    """The physical slots [n] (int64) of row b's logical positions 0..n-1."""
+    p = torch.arange(n, device=block_table.device)
+    return block_table[b].long()[p // page_size] * page_size + p % page_size
 
 
 class KVCache:
@@ -47,7 +52,7 @@ class KVCache:
         self.nbytes = self.bytes_needed(cfg, max_batch, max_seq_len, dtype)
         if log is not None:
             log(f"KV cache: 2 x {list(self.shape)} {str(dtype).replace('torch.', '')} + mask = "
-                f"{_fmt_bytes(self.nbytes)} on {device}")
+                f"{fmt_bytes(self.nbytes)} on {device}")
         self.k = torch.zeros(self.shape, device=device, dtype=dtype)
         self.v = torch.zeros(self.shape, device=device, dtype=dtype)
         self.kv_valid = torch.zeros(self.shape[:2] + (max_seq_len,), device=device, dtype=torch.uint8)
@@ -139,7 +144,7 @@ class PagedKVCache:
         self.nbytes = KVCache.bytes_needed(cfg, 1, num_pages * page_size, dtype)
         if log is not None:
             log(f"KV cache: 2 x {list(self.shape)} {str(dtype).replace('torch.', '')} + mask = "
-                f"{_fmt_bytes(self.nbytes)} on {device} ({num_pages} pages of {page_size} positions)")
+                f"{fmt_bytes(self.nbytes)} on {device} ({num_pages} pages of {page_size} positions)")
         self.k = torch.zeros(self.shape, device=device, dtype=dtype)
         self.v = torch.zeros(self.shape, device=device, dtype=dtype)
         self.kv_valid = torch.zeros(self.shape[:3], device=device, dtype=torch.uint8)

@@ -15,7 +15,7 @@ import torch
 FILL_MODES = ("mask", "project", "copy")
 
 
-def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
+def expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
@@ -29,8 +29,8 @@ def _expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -
 
 
 def _rope_rows(rope_cos, rope_sin, D: int, S: int, dev) -> None:
-    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
     if rope_cos.shape[0] < S:
         raise ValueError(f"rope tables cover {rope_cos.shape[0]} positions, the cache has S={S}")
 
@@ -48,13 +48,13 @@ def _heads(rows: int, H_kv: int, D: int, what: str) -> int:
 def _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B: int, d: int, R: int, HD: int) -> None:
     """The activations and weights of an attention block (contiguous or paged cache alike)."""
     dt, dev = h.dtype, h.device
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("attn_norm", attn_norm, (d,), dt, dev)
-    _expect("wqkv", wqkv, (R, d), dt, dev)
+    expect("out", out, (B, d), dt, dev)
+    expect("h", h, (B, d), dt, dev)
+    expect("attn_norm", attn_norm, (d,), dt, dev)
+    expect("wqkv", wqkv, (R, d), dt, dev)
     if bqkv is not None:
-        _expect("bqkv", bqkv, (R,), dt, dev)
-    _expect("wo", wo, (d, HD), dt, dev)
+        expect("bqkv", bqkv, (R,), dt, dev)
+    expect("wo", wo, (d, HD), dt, dev)
 
 
 def _write_io(src_h, norms, wqkv, bqkv, H_kv: int, D: int, L: int, B: int, dt, dev) -> int:
@@ -62,11 +62,11 @@ def _write_io(src_h, norms, wqkv, bqkv, H_kv: int, D: int, L: int, B: int, dt, d
     H = _heads(wqkv.shape[1], H_kv, D, "wqkv[l]")
     R = (H + 2 * H_kv) * D
     d = src_h.shape[1]
-    _expect("src_h", src_h, (B, d), dt, dev)
-    _expect("norms", norms, (L, d), dt, dev)
-    _expect("wqkv", wqkv, (L, R, d), dt, dev)
+    expect("src_h", src_h, (B, d), dt, dev)
+    expect("norms", norms, (L, d), dt, dev)
+    expect("wqkv", wqkv, (L, R, d), dt, dev)
     if bqkv is not None:
-        _expect("bqkv", bqkv, (L, R), dt, dev)
+        expect("bqkv", bqkv, (L, R), dt, dev)
     return H
 
 
@@ -82,11 +82,11 @@ def check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_val
     H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
     R = (H + 2 * H_kv) * D
     _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B, d, R, H * D)
-    _expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
-    _expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
-    _expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    expect("k_cache", k_cache, (B, H_kv, S, D), dt, dev)
+    expect("v_cache", v_cache, (B, H_kv, S, D), dt, dev)
+    expect("kv_valid", kv_valid, (B, S), torch.uint8, dev)
+    expect("pos", pos, (B,), torch.int32, dev)
+    expect("row_active", row_active, (B,), torch.uint8, dev)
     _rope_rows(rope_cos, rope_sin, D, S, dev)
     return B, d, H, H_kv, D, S
 
@@ -98,12 +98,12 @@ def check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active) -> tuple:
     B, d = h.shape
     F = w_down.shape[1]
     dt, dev = h.dtype, h.device
-    _expect("out", out, (B, d), dt, dev)
-    _expect("h", h, (B, d), dt, dev)
-    _expect("mlp_norm", mlp_norm, (d,), dt, dev)
-    _expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
-    _expect("w_down", w_down, (d, F), dt, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    expect("out", out, (B, d), dt, dev)
+    expect("h", h, (B, d), dt, dev)
+    expect("mlp_norm", mlp_norm, (d,), dt, dev)
+    expect("w_gate_up", w_gate_up, (2 * F, d), dt, dev)
+    expect("w_down", w_down, (d, F), dt, dev)
+    expect("row_active", row_active, (B,), torch.uint8, dev)
     return B, d, F
 
 
@@ -118,12 +118,12 @@ def check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, ro
     L, B, H_kv, S, D = k_cache.shape
     d = src_h.shape[1]
     dt, dev = k_cache.dtype, k_cache.device
-    _expect("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
-    _expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
-    _expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
+    expect("k_cache", k_cache, (L, B, H_kv, S, D), dt, dev)
+    expect("v_cache", v_cache, (L, B, H_kv, S, D), dt, dev)
+    expect("kv_valid", kv_valid, (L, B, S), torch.uint8, dev)
     H = _write_io(src_h, norms, wqkv, bqkv, H_kv, D, L, B, dt, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("flags", flags, (L, B), torch.uint8, dev)
+    expect("pos", pos, (B,), torch.int32, dev)
+    expect("flags", flags, (L, B), torch.uint8, dev)
     _rope_rows(rope_cos, rope_sin, D, S, dev)
     return L, B, d, H, H_kv, D, S
 
@@ -133,9 +133,9 @@ def _paged_common(block_table, pos, slot_mapping, B: int, D: int, dev) -> int:
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[1] < 1:
         raise ValueError(f"expected block_table of shape (B, max_pages >= 1), got "
                          f"{tuple(getattr(block_table, 'shape', ()))}")
-    _expect("block_table", block_table, (B, block_table.shape[1]), torch.int32, dev)
-    _expect("pos", pos, (B,), torch.int32, dev)
-    _expect("slot_mapping", slot_mapping, (B,), torch.int64, dev)
+    expect("block_table", block_table, (B, block_table.shape[1]), torch.int32, dev)
+    expect("pos", pos, (B,), torch.int32, dev)
+    expect("slot_mapping", slot_mapping, (B,), torch.int64, dev)
     return block_table.shape[1]
 
 
@@ -144,8 +144,8 @@ def _paged_rope(rope_cos, rope_sin, D: int, dev) -> None:
     raises, the kernels treat the row as out of range)."""
     if not isinstance(rope_cos, torch.Tensor) or rope_cos.dim() != 2 or rope_cos.shape[0] < 1:
         raise ValueError(f"expected rope_cos of shape (>= 1, D/2), got {tuple(getattr(rope_cos, 'shape', ()))}")
-    _expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
-    _expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    expect("rope_cos", rope_cos, (rope_cos.shape[0], D // 2), torch.float32, dev)
+    expect("rope_sin", rope_sin, (rope_cos.shape[0], D // 2), torch.float32, dev)
 
 
 def check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
@@ -165,11 +165,11 @@ def check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, 
     H = _heads(wqkv.shape[0], H_kv, D, "wqkv")
     R = (H + 2 * H_kv) * D
     _attn_io(out, h, attn_norm, wqkv, bqkv, wo, B, d, R, H * D)
-    _expect("k_pages", k_pages, (P, ps, H_kv, D), dt, dev)
-    _expect("v_pages", v_pages, (P, ps, H_kv, D), dt, dev)
-    _expect("kv_valid_pages", kv_valid_pages, (P, ps), torch.uint8, dev)
+    expect("k_pages", k_pages, (P, ps, H_kv, D), dt, dev)
+    expect("v_pages", v_pages, (P, ps, H_kv, D), dt, dev)
+    expect("kv_valid_pages", kv_valid_pages, (P, ps), torch.uint8, dev)
     M = _paged_common(block_table, pos, slot_mapping, B, D, dev)
-    _expect("row_active", row_active, (B,), torch.uint8, dev)
+    expect("row_active", row_active, (B,), torch.uint8, dev)
     _paged_rope(rope_cos, rope_sin, D, dev)
     return B, d, H, H_kv, D, P, ps, M
 
@@ -188,12 +188,12 @@ def check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, b
         raise ValueError(f"expected k_pages with num_pages >= 1 and page_size >= 1, got {tuple(k_pages.shape)}")
     B, d = src_h.shape
     dt, dev = k_pages.dtype, k_pages.device
-    _expect("k_pages", k_pages, (L, P, ps, H_kv, D), dt, dev)
-    _expect("v_pages", v_pages, (L, P, ps, H_kv, D), dt, dev)
-    _expect("kv_valid_pages", kv_valid_pages, (L, P, ps), torch.uint8, dev)
+    expect("k_pages", k_pages, (L, P, ps, H_kv, D), dt, dev)
+    expect("v_pages", v_pages, (L, P, ps, H_kv, D), dt, dev)
+    expect("kv_valid_pages", kv_valid_pages, (L, P, ps), torch.uint8, dev)
     H = _write_io(src_h, norms, wqkv, bqkv, H_kv, D, L, B, dt, dev)
     M = _paged_common(block_table, pos, slot_mapping, B, D, dev)
-    _expect("flags", flags, (L, B), torch.uint8, dev)
+    expect("flags", flags, (L, B), torch.uint8, dev)
     _paged_rope(rope_cos, rope_sin, D, dev)
     return L, B, d, H, H_kv, D, P, ps, M
 
@@ -204,10 +204,10 @@ def check_lm_head(logits, h, final_norm, w_lm) -> tuple:
         raise ValueError(f"expected h (B, d) and w_lm (V, d), got {tuple(h.shape)} and {tuple(w_lm.shape)}")
     B, d = h.shape
     V = w_lm.shape[0]
-    _expect("logits", logits, (B, V), torch.float32, h.device)
-    _expect("h", h, (B, d), h.dtype, h.device)
-    _expect("final_norm", final_norm, (d,), h.dtype, h.device)
-    _expect("w_lm", w_lm, (V, d), h.dtype, h.device)
+    expect("logits", logits, (B, V), torch.float32, h.device)
+    expect("h", h, (B, d), h.dtype, h.device)
+    expect("final_norm", final_norm, (d,), h.dtype, h.device)
+    expect("w_lm", w_lm, (V, d), h.dtype, h.device)
     return B, d, V
 
 
@@ -231,7 +231,36 @@ def check_sample(tokens, logits, noise=None) -> tuple:
         raise TypeError(f"expected logits of dtype torch.float32, got {logits.dtype}")
     if logits.stride(1) != 1 and V > 1:
         raise ValueError("logits must have unit stride along V")
-    _expect("tokens", tokens, (B,), torch.int64, logits.device)
+    expect("tokens", tokens, (B,), torch.int64, logits.device)
     if noise is not None:
-        _expect("noise", noise, (B, V), torch.float32, logits.device)
+        expect("noise", noise, (B, V), torch.float32, logits.device)
     return B, V
+
+
+def token_rows(input_ids, vocab: int, device: torch.device) -> list:
+    """Public-boundary check of prompts: normalize input_ids (LongTensor [B, T] / [T], list of ints, or list of lists) to a list of lists."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.device.type not in ("cpu", device.type) or (
+                input_ids.device.type == device.type and device.type != "cpu" and input_ids.device != device):
+            raise ValueError(f"input_ids are on {input_ids.device}; expected the model's device {device} or cpu")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+        rows = input_ids.tolist()
+    else:
+        rows = list(input_ids)
+        if rows and not isinstance(rows[0], (list, tuple)) and not isinstance(rows[0], torch.Tensor):
+            rows = [rows]
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
+    if not rows:
+        raise ValueError("input_ids is empty: give at least one prompt")
+    for b, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token")
+        bad = [t for t in r if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt {b} has token ids outside [0, {vocab}): {bad[:5]}")
+    return rows

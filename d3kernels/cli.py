@@ -24,10 +24,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=float, default=0.998, help="depth decay per token, in (0, 1]; 1 = full depth")
-    p.add_argument("--start", type=float, default=0.5, help="fraction of layers in the head core")
-    p.add_argument("--tail", type=int, default=1, help="layers in the tail core")
-    p.add_argument("--order", default="bottom",
+    from .schedule import DEFAULTS
+    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
+                   help="depth decay per token, in (0, 1]; 1 = full depth")
+    p.add_argument("--start", type=float, default=DEFAULTS["start"], help="fraction of layers in the head core")
+    p.add_argument("--tail", type=int, default=DEFAULTS["tail"], help="layers in the tail core")
+    p.add_argument("--order", default=DEFAULTS["skip_order"],
                    help="skip order: bottom, top, calibrated (measured on the model, cached), or a layer list i,j,...")
 
 
@@ -178,9 +180,9 @@ def cmd_eval(args) -> int:
     import json
     import os
 
-    from .eval import DEFAULT_NUM_PROMPTS, _check_grid, best_setting, evaluate, format_table, plot
+    from .eval import DEFAULT_NUM_PROMPTS, check_grid, best_setting, evaluate, format_table, plot
     _set_threads(args.threads)
-    alphas, starts, tails, orders, N = _check_grid(
+    alphas, starts, tails, orders, N = check_grid(
         _list(args.alphas, float, "alphas"), _list(args.starts, float, "starts"), _list(args.tails, int, "tails"),
         _list(args.orders, str, "orders"), args.max_new_tokens)
     if args.num_prompts is None and not args.prompts:

@@ -32,12 +32,27 @@ class Plan:
     """One step's plan (host tensors). kept: the layers the step runs; mask [L, B] uint8: row b runs
     layer l; project: {layer: flags [L, B]} launches of write_kv "project" (the rows whose own skipped
     run starts at that layer, marked over the run); copy: flags [L, B] of write_kv "copy" (every layer a
-    row skips) or None; slots: [B] int64 write slots on a paged cache (-1: empty row), or None."""
+    row skips) or None when no row skips a layer; active [B] uint8: the rows that run; slots: [B] int64
+    write slots on a paged cache (-1: empty row), or None; positions: [B] int32, the position each row
+    writes, or None (the engine keeps its own)."""
     kept: tuple
     mask: torch.Tensor
     project: dict
     copy: Optional[torch.Tensor]
+    active: Optional[torch.Tensor] = None
     slots: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+
+    @property
+    def key(self) -> tuple:
+        """What the launches of the step depend on (and nothing else): the kept layers, the layers a
+        "project" write is launched at, whether a "copy" write is. One CUDA graph per key."""
+        return self.kept, tuple(sorted(self.project)), self.copy is not None
+
+    @property
+    def rows(self) -> list:
+        """The rows that run."""
+        return self.active.nonzero().flatten().tolist()
 
 
 def write_slots(block_table: torch.Tensor, pos: torch.Tensor, active: torch.Tensor, page_size: int,
@@ -53,20 +68,31 @@ def write_slots(block_table: torch.Tensor, pos: torch.Tensor, active: torch.Tens
     return s if out is None else out.copy_(s)
 
 
-def _project_layers(kept: tuple, never_skipped: set, L: int) -> list:
-    """The write_kv "project" launches of a step that runs `kept`: every kept layer some row may skip, and
-    the first layer of every run the union skips. Depends only on `kept`, so it is graph-safe."""
+def _run_starts(kept: tuple, L: int) -> list:
+    """The first layer of every maximal run of layers outside `kept`."""
     ks = set(kept)
-    return [l for l in range(L) if (l in ks and l not in never_skipped) or (l not in ks and (l == 0 or l - 1 in ks))]
+    return [l for l in range(L) if l not in ks and (l == 0 or l - 1 in ks)]
+
+
+def _project_layers(row_sets: set, never_skipped: set, L: int) -> list:
+    """The write_kv "project" launches of a step whose rows run the kept sets `row_sets`. Rows that share
+    one set: the first layer of each run it skips. Rows at different steps: every layer of the union that
+    some row may skip, and the first layer of every run the union skips, which depends only on the union,
+    so a serving loop's graphs do not multiply with the rows' mix of steps."""
+    if len(row_sets) == 1:
+        return _run_starts(next(iter(row_sets)), L)
+    kept = set().union(*row_sets)
+    return sorted({l for l in kept if l not in never_skipped} | set(_run_starts(tuple(kept), L)))
 
 
 def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask",
          positions: Optional[Sequence[int]] = None, block_table: Optional[torch.Tensor] = None,
          page_size: Optional[int] = None) -> Plan:
-    """The plan of one decode step. steps[b]: the D3 step index of row b's token (>= 1; 0 is a prompt
-    token, which runs at full depth), or None for a row that does not run (an empty slot). On a paged
-    cache, positions[b] (row b's new position), the host block_table [B, max_pages] int32 and page_size
-    give plan.slots (the engine allocates the pages)."""
+    """The plan of one decode step, the only code that decides which rows run and write which layers.
+    steps[b]: the D3 step index of row b's token (>= 1; 0 is a prompt token, which runs at full depth), or
+    None for a row that does not run (an empty slot); a single request's step is a plan whose rows share
+    one index. positions[b]: the position row b writes (plan.positions). On a paged cache, the host
+    block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages)."""
     if fill not in ("mask", "project", "copy"):
         raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
     L, B = schedule.num_layers, len(steps)
@@ -79,13 +105,14 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
     for b, k in rows.items():
         mask[list(k), b] = 1
     project, copy = {}, None
-    if fill == "copy":
+    skips = any(len(k) < L for k in rows.values())
+    if fill == "copy" and skips:
         copy = torch.zeros(L, B, dtype=torch.uint8)
         for b in rows:
             copy[:, b] = 1 - mask[:, b]
-    elif fill == "project" and rows:
+    elif fill == "project" and skips:
         never = set(schedule.core_layers())
-        for l in _project_layers(kept, never, L):
+        for l in _project_layers(set(rows.values()), never, L):
             f = torch.zeros(L, B, dtype=torch.uint8)
             for b, k in rows.items():
                 ks = set(k)
@@ -96,37 +123,42 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
                     end += 1
                 f[l:end, b] = 1
             project[l] = f
+    active = torch.tensor([i is not None for i in steps], dtype=torch.uint8)
+    if positions is not None:
+        if len(positions) != B:
+            raise ValueError(f"expected {B} positions (one per row), got {len(positions)}")
+        positions = torch.tensor(list(positions), dtype=torch.int32)
     slots = None
     if block_table is not None:
-        if positions is None or page_size is None or len(positions) != B or block_table.shape[0] != B:
+        if positions is None or page_size is None or block_table.shape[0] != B:
             raise ValueError(f"write slots need positions ({B} of them), a block_table [{B}, max_pages] and "
                              "the page_size")
-        slots = write_slots(block_table, torch.tensor(positions, dtype=torch.int32),
-                            torch.tensor([i is not None for i in steps], dtype=torch.uint8), page_size)
-    return Plan(kept, mask, project, copy, slots)
+        slots = write_slots(block_table, positions, active, page_size)
+    return Plan(kept, mask, project, copy, active, slots, positions)
 
 
 class Buffers:
     """Engine-owned device buffers for plans of L layers and B rows, allocated once: load() copies a plan
     into them in place (a captured graph or compiled step keeps seeing the same storage)."""
 
-    def __init__(self, L: int, B: int, fill: str, device, schedule: Optional[D3Schedule] = None,
-                 paged: bool = False):
-        """schedule: needed for fill "project" (the layers no row ever skips launch no write).
-        paged: also hold the write slots [B] int64 (slots) of plans on a paged cache."""
-        if fill == "project" and schedule is None:
-            raise ValueError("Buffers for fill 'project' need the schedule")
+    def __init__(self, L: int, B: int, fill: str, device, paged: bool = False):
+        """Buffers for mask [L, B], active [B], pos [B], the fill's flags and, paged=True, the write slots
+        [B] int64 of plans on a paged cache."""
         self.fill = fill
-        self._never = set(schedule.core_layers()) if schedule is not None else set()
         self.mask = torch.zeros(L, B, dtype=torch.uint8, device=device)
         self._project = {l: torch.zeros(L, B, dtype=torch.uint8, device=device) for l in range(L)} \
             if fill == "project" else {}
         self.copy = torch.zeros(L, B, dtype=torch.uint8, device=device) if fill == "copy" else None
         self.slots = torch.full((B,), -1, dtype=torch.int64, device=device) if paged else None
+        self.active = torch.zeros(B, dtype=torch.uint8, device=device)
+        self.pos = torch.zeros(B, dtype=torch.int32, device=device)
 
     def load(self, p: Plan) -> "Buffers":
         """Copy plan `p` in (host to device, no allocation on the device)."""
         self.mask.copy_(p.mask, non_blocking=True)
+        self.active.copy_(p.active, non_blocking=True)
+        if p.positions is not None:
+            self.pos.copy_(p.positions, non_blocking=True)
         for l, f in p.project.items():
             self._project[l].copy_(f, non_blocking=True)
         if self.copy is not None and p.copy is not None:
@@ -139,13 +171,7 @@ class Buffers:
 
     def project_for(self, p: Plan) -> dict:
         """The project flags of plan p's launches, as views of these buffers."""
-        return self.project_for_kept(p.kept)
-
-    def project_for_kept(self, kept: tuple) -> dict:
-        """The project flags of a step that runs `kept` (the launches depend only on it)."""
-        if self.fill != "project" or not kept:
-            return {}
-        return {l: self._project[l] for l in _project_layers(kept, self._never, len(self._project))}
+        return {l: self._project[l] for l in p.project}
 
 
 def run_layers(ops, kept: tuple, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_valid: torch.Tensor,

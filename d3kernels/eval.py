@@ -47,7 +47,7 @@ DEFAULT_NUM_PROMPTS = 8
 DEFAULT_TOKENS = 32
 
 
-def _check_grid(alphas, starts, tails, orders, max_new_tokens) -> tuple:
+def check_grid(alphas, starts, tails, orders, max_new_tokens) -> tuple:
     """Validate and normalize the grid; raises ValueError with the allowed values."""
     def nonempty(name, xs):
         xs = list(xs)
@@ -96,8 +96,7 @@ class _Runner:
             logits = dec.prefill(self.rows + self.rows)
             self._saved = dec.snapshot()
             return logits
-        dec.restore(self._saved)
-        return dec._logits[: 2 * self.B]
+        return dec.restore(self._saved)
 
     def run(self, schedule: D3Schedule, ref: Optional[torch.Tensor] = None) -> tuple:
         """Decode N tokens per row under `schedule`.
@@ -174,7 +173,7 @@ def evaluate(model: Model, prompts: Optional[Sequence[Prompt]] = None, alphas: S
         (mean over rows), first_divergence_rows, tokens_per_s), "reference"
         (full-depth perplexity and tokens) and run metadata.
     """
-    alphas, starts, tails, orders, N = _check_grid(alphas, starts, tails, orders, max_new_tokens)
+    alphas, starts, tails, orders, N = check_grid(alphas, starts, tails, orders, max_new_tokens)
     if prompts is None:
         prompts = builtin_prompts()[:DEFAULT_NUM_PROMPTS]
     rows = encode_prompts(model, prompts)

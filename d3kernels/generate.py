@@ -5,7 +5,7 @@ from typing import Optional
 
 from .decoder import Decoder
 from .model import Model, load_model
-from .schedule import D3Schedule
+from .schedule import DEFAULTS, D3Schedule
 
 _DEFAULT_MODEL: Optional[Model] = None
 
@@ -26,8 +26,9 @@ def encode_prompt(model: Model, prompt: str, raw: bool = False) -> list:
     return list(tok(prompt)["input_ids"])
 
 
-def generate(prompt: str, model: Optional[Model] = None, alpha: float = 0.998, max_new_tokens: int = 64,
-             start: float = 0.5, tail: int = 1, skip_order="bottom", temperature: float = 0.0, top_k: int = 0,
+def generate(prompt: str, model: Optional[Model] = None, alpha: float = DEFAULTS["alpha"], max_new_tokens: int = 64,
+             start: float = DEFAULTS["start"], tail: int = DEFAULTS["tail"], skip_order=DEFAULTS["skip_order"],
+             temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: Optional[int] = None, raw: bool = False, backend: str = "auto",
              stop=None) -> str:
     """Generate a continuation of `prompt` with D3 and return the new text.
@@ -49,7 +50,7 @@ def generate(prompt: str, model: Optional[Model] = None, alpha: float = 0.998, m
     return model.tokenizer.decode(toks, skip_special_tokens=True)
 
 
-def _template(tok, messages: list) -> list:
+def template_ids(tok, messages: list) -> list:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):        # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
@@ -91,22 +92,9 @@ class Chat:
         if not isinstance(text, str) or not text:
             raise ValueError("the message must be a non-empty string")
         messages = self.messages + [{"role": "user", "content": text}]
-        ids = _template(self.model.tokenizer, messages)
-        dec = self.decoder
-        conv = dec.conversation
-        shared = 0
-        if conv is not None:
-            c = conv[0]
-            while shared < min(len(c), len(ids)) and c[shared] == ids[shared]:
-                shared += 1
-        if shared == 0 or shared == len(ids):          # nothing to keep (or nothing new): a fresh request
-            g = dec.generate([ids], max_new_tokens, **sampling)
-            self.prefilled.append(len(ids))
-        else:
-            if shared < len(conv[0]):
-                dec.rewind([shared])
-            g = dec.generate([ids[shared:]], max_new_tokens, continue_=True, **sampling)
-            self.prefilled.append(len(ids) - shared + 1)
+        ids = template_ids(self.model.tokenizer, messages)
+        g = self.decoder.generate([ids], max_new_tokens, reuse_prefix=True, **sampling)
+        self.prefilled.append(self.decoder.prefilled[0])
         reply = self.model.tokenizer.decode([t for t in g.tokens[0].tolist() if t >= 0], skip_special_tokens=True)
         self.messages = messages + [{"role": "assistant", "content": reply}]
         self.last = g

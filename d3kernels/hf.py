@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import logging
 import sys
 import weakref
@@ -55,18 +54,16 @@ from typing import Optional
 import torch
 
 from . import backends
-from .cache import _fmt_bytes
+from .cache import fmt_bytes
 from .decoder import Decoder
 from .model import Model, load_model
 from .ops import FILL_MODES
-from .schedule import D3Schedule
+from .schedule import DEFAULTS, D3Schedule
 
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_d3kernels_state"
 _D3_KEYS = ("alpha", "start", "tail", "order", "fill", "backend", "decay_start")
-_SCHEDULE_DEFAULTS = {k: v.default for k, v in inspect.signature(D3Schedule).parameters.items()
-                      if v.default is not inspect.Parameter.empty}
 _SEQ_ROUND = 64            # the cached Decoder's max_seq_len grows in steps of this many positions
 # model kwargs that generate() itself prepares for a forward pass; the loop derives what it needs from
 # attention_mask and ignores the rest (positions come from the mask, the cache is d3kernels')
@@ -130,7 +127,7 @@ def converted_model(hf_model) -> Model:
         "wqkv / w_gate_up rows and per-layer stacks are copies (they cannot share storage with the HF q/k/v, "
         "gate/up and per-layer weights); embed, final norm and lm_head (%s) are shared. "
         "d3kernels.hf.release(model) frees them.", type(hf_model).__name__,
-        _fmt_bytes(memory["weights_copied_bytes"]), m.device, _fmt_bytes(memory["weights_shared_bytes"]))
+        fmt_bytes(memory["weights_copied_bytes"]), m.device, fmt_bytes(memory["weights_shared_bytes"]))
     return m
 
 
@@ -168,30 +165,6 @@ def _decoder(hf_model, schedule: D3Schedule, fill: str, backend: str, rows: int,
     else:
         dec.set_schedule(schedule)
     return dec
-
-
-def _grown_decoder(state: _State, schedule: D3Schedule, seq_len: int) -> Decoder:
-    """The state's Decoder with room for seq_len positions, its request kept: a conversation continued
-    past the cache's length moves into a longer cache (at least twice as long), K/V and depth mask
-    copied on the device, positions and rows as they were."""
-    dec = state.decoder
-    dec.set_schedule(schedule)
-    n = dec.cache.max_seq_len
-    if n >= seq_len:
-        return dec
-    new = Decoder(dec.model, schedule, max_batch=dec.cache.max_batch, max_seq_len=_capacity(dec.model, seq_len, 2 * n),
-                  backend=dec.backend, fill=dec.fill, log=logger.info)
-    new.cache.k[:, :, :, :n].copy_(dec.cache.k)                # [L, B, H_kv, S, D]
-    new.cache.v[:, :, :, :n].copy_(dec.cache.v)
-    new.cache.kv_valid[:, :, :n].copy_(dec.cache.kv_valid)     # [L, B, S]
-    new._pos.copy_(dec._pos)
-    new._active.copy_(dec._active)
-    new._seq_len = list(dec._seq_len)
-    new.batch, new.i = dec.batch, dec.i
-    new._refresh_flags()
-    state.decoder = new
-    state.memory["kv_cache_bytes"] = new.cache.nbytes
-    return new
 
 
 class D3KCache:
@@ -283,22 +256,12 @@ def _user_cache(model_kwargs) -> Optional[D3KCache]:
     return None
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # --------------------------------------------------------------------------- arguments
 
 def _d3_settings(generation_config, d3: Optional[dict], explicit: dict) -> dict:
     """D3 settings: explicit d3_* keyword arguments > the d3= dict > generation_config.d3 > defaults."""
-    out = {"alpha": _SCHEDULE_DEFAULTS["alpha"], "start": _SCHEDULE_DEFAULTS["start"],
-           "tail": _SCHEDULE_DEFAULTS["tail"], "order": _SCHEDULE_DEFAULTS["skip_order"],
-           "decay_start": _SCHEDULE_DEFAULTS["decay_start"], "fill": "mask", "backend": "auto"}
+    out = {"alpha": DEFAULTS["alpha"], "start": DEFAULTS["start"], "tail": DEFAULTS["tail"],
+           "order": DEFAULTS["skip_order"], "decay_start": DEFAULTS["decay_start"], "fill": "mask", "backend": "auto"}
     for where, block in (("generation_config.d3", getattr(generation_config, "d3", None)), ("d3", d3)):
         if block is None:
             continue
@@ -457,16 +420,13 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         raise ValueError(f"input_ids has token ids outside [0, {cfg.vocab_size}) where attention_mask is 1: {bad[:5]}")
     handle = _user_cache(model_kwargs)
     state = handle._check(model, B, settings["fill"], resolved) if handle is not None else None
-    keep = None
-    if state is not None:
-        # per row: the positions to keep, those the cache holds for the shared prefix, leaving at least the
-        # input's last token to feed (its logits give the first new token)
-        keep = [min(_common_prefix(c, r), len(c) - 1, len(r) - 1) for c, r in zip(handle._conv, rows)]
-        if not any(keep):
-            keep = None                                  # nothing shared: a new request
     seq_len = max(len(r) for r in rows) + max_new      # positions a row may reach, continued or not
-    if keep is not None:
-        dec = _grown_decoder(state, schedule, seq_len)
+    if state is not None:                              # continue the handle's conversation in its cache
+        dec = state.decoder
+        dec.set_schedule(schedule)
+        if seq_len > dec.cache.max_seq_len:           # grow-only, the conversation kept (at least doubled)
+            dec.core.grow(max_seq_len=_capacity(dec.model, seq_len, 2 * dec.cache.max_seq_len))
+            state.memory["kv_cache_bytes"] = dec.cache.nbytes
     else:
         dec = _decoder(model, schedule, settings["fill"], settings["backend"], B, seq_len)
     state = getattr(model, _STATE_ATTR)
@@ -478,7 +438,6 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         handle._model_ref, handle._state_ref = weakref.ref(model), weakref.ref(state)
         handle._epoch, handle._conv = state.epoch, None
         handle._fill, handle._backend = dec.fill, dec.backend
-        handle.prefilled = [len(r) - (keep[b] if keep else 0) for b, r in enumerate(rows)]
 
     # --- the loop: the same steps as transformers' sampling loop, with D3 logits
     scores = () if want and gc.output_scores else None
@@ -487,11 +446,10 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     if pad is not None:
         pad = pad.to(device)
-    if keep is not None:
-        dec.truncate(keep)                             # also drops what finished rows were fed after their end
-        logits = dec.prefill([r[k:] for r, k in zip(rows, keep)], continue_=True)
-    else:
-        logits = dec.prefill(rows)
+    # a new request, or per row the longest prefix the cache holds of the input, and the rest prefilled
+    logits = dec.continue_with(rows) if state is not None else dec.prefill(rows)
+    if handle is not None:
+        handle.prefilled = list(dec.prefilled)
     generated = torch.zeros(B, dtype=torch.long, device=device)   # per row: tokens before it finished
     while True:
         next_logits = logits.to(copy=True, dtype=torch.float32, device=device)

@@ -535,7 +535,25 @@ def save_hf(model: Model, path: str, dtype=None) -> str:
     return path
 
 
-# --------------------------------------------------------------------------- RoPE
+# --------------------------------------------------------------------------- RMSNorm and RoPE (the model's math)
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight."""
+    if x.dtype != torch.float64:       # float64 stays float64: the same code is the tests' float64 oracle
+        x, weight = x.float(), weight.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x[..., D] with the HF rotate_half convention.
+
+    cos, sin: [..., D/2] float32, broadcastable against x[..., :D/2].
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device=None) -> tuple:
     """cos, sin tables [max_seq_len, D/2] float32 (llama3 / linear scaling folded in).

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .checks import (FILL_MODES, _expect, check_attn_block, check_attn_block_paged, check_lm_head,  # noqa: F401
+from .checks import (FILL_MODES, expect, check_attn_block, check_attn_block_paged, check_lm_head,  # noqa: F401
                      check_mlp_block, check_sample, check_sampling, check_write_kv, check_write_kv_paged)
 
 def attn_block(out: torch.Tensor, h: torch.Tensor, attn_norm: torch.Tensor, wqkv: torch.Tensor,
@@ -99,7 +99,7 @@ def sample(tokens: torch.Tensor, logits: torch.Tensor, temperature: float = 0.0,
     """tokens[B] int64 = sampled from logits[B, V] float32 (greedy when temperature == 0); no host sync."""
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape (B, V), got {tuple(logits.shape)}")
-    _expect("tokens", tokens, (logits.shape[0],), torch.int64, logits.device)
+    expect("tokens", tokens, (logits.shape[0],), torch.int64, logits.device)
     check_sampling(temperature, top_k, top_p)
     impl = backends.get(backends.resolve(backend, logits.device, torch.float32))
     impl.sample(tokens, logits, float(temperature), int(top_k), float(top_p), generator)

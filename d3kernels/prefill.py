@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .reference.ops import apply_rope, rms_norm     # the spec's float32 RMSNorm and RoPE math
+from .model import apply_rope, rms_norm
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

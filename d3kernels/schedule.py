@@ -21,6 +21,10 @@ SkipOrder = Union[str, Sequence[int]]
 PRESET_ORDERS = ("bottom", "top")
 
 
+# The D3 defaults, in one place: D3Schedule's signature, the CLI, generate() and hf.generate read them.
+DEFAULTS = {"alpha": 0.998, "start": 0.5, "tail": 1, "skip_order": "bottom", "decay_start": 0}
+
+
 class D3Schedule:
     """Position-aware depth decay over ``num_layers`` decoder layers.
 
@@ -37,8 +41,9 @@ class D3Schedule:
             begins (>= 0).
     """
 
-    def __init__(self, num_layers: int, alpha: float = 0.998, start: float = 0.5,
-                 tail: int = 1, skip_order: SkipOrder = "bottom", decay_start: int = 0):
+    def __init__(self, num_layers: int, alpha: float = DEFAULTS["alpha"], start: float = DEFAULTS["start"],
+                 tail: int = DEFAULTS["tail"], skip_order: SkipOrder = DEFAULTS["skip_order"],
+                 decay_start: int = DEFAULTS["decay_start"]):
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
         L = num_layers
@@ -90,7 +95,7 @@ class D3Schedule:
         self.flex_layers = tuple(flex)
         self.skip_order = tuple(order)
         self.order_name = skip_order if isinstance(skip_order, str) else "explicit"
-        self._kept = lru_cache(maxsize=None)(self._kept_for_count)
+        self._kept = lru_cache(maxsize=None)(self.kept_for_count)
 
     def core_layers(self) -> tuple:
         """The ascending tuple of layers no step ever skips: the head core [0, s) and the last `tail`
@@ -112,7 +117,7 @@ class D3Schedule:
         n = math.floor(L * self.alpha ** (i - self.decay_start) + 1e-9)
         return max(self.n_core, min(L, n))
 
-    def _kept_for_count(self, n: int) -> tuple:
+    def kept_for_count(self, n: int) -> tuple:
         dropped = set(self.skip_order[: self.num_layers - n])
         return tuple(l for l in range(self.num_layers) if l not in dropped)
 

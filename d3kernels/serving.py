@@ -20,14 +20,14 @@ every row that crosses into a new one, finish/EOS/length returns them. When the 
 add() or step() raises cache.PoolFull before doing anything: the caller finishes (preempts) a request
 and retries; nothing is corrupted and the other requests continue as if it had not happened.
 
-A new request is prefilled in its own call, between decode steps, at full depth (the prefill is the
-reference's; it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
+A new request is prefilled in its own call, between decode steps, at full depth (the batched prefill;
+it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
 Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
 needs a prefill kernel first.
 
-This module holds the serving state (requests, slots, step indices). The per-step plan is
-d3kernels.engine.plan (host) loaded into engine.Buffers (device); the device step is Decoder._step_body,
-shared with single-request decoding.
+This module holds the serving state (requests, slots, step indices). The device state and the step are
+d3kernels.step.StepCore's, shared with single-request decoding: a serving step is
+`core.run(core.plan(steps))` with each slot's own step index.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ from typing import Optional
 
 import torch
 
-from . import engine
-from .decoder import Decoder, _as_rows
+from .checks import check_sampling, token_rows
 from .model import Model
 from .schedule import D3Schedule
+from .step import StepCore
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Request:
 
 
 class Server:
-    """Continuous batching with D3 over a Decoder's cache: add(), step(), finish(), result().
+    """Continuous batching with D3 over one StepCore: add(), step(), finish(), result().
 
     Args: as Decoder (max_batch is the number of slots; page_size / num_pages: a paged KV cache whose
     pages the requests share). temperature etc. apply to every request.
@@ -68,27 +68,30 @@ class Server:
                  max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask", temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, cuda_graphs=None, log=None,
                  page_size: Optional[int] = None, num_pages: Optional[int] = None):
-        self.decoder = Decoder(model, schedule, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend,
-                               fill=fill, cuda_graphs=cuda_graphs, log=log, page_size=page_size,
-                               num_pages=num_pages)
-        dec = self.decoder
-        dec.reset()
-        dec._active.zero_()
-        dec.batch = max_batch
-        self.schedule = dec.schedule
+        self.schedule = schedule if schedule is not None else D3Schedule(model.config.num_layers)
+        self.core = StepCore(model, self.schedule, max_batch, max_seq_len, backend, fill, cuda_graphs, log,
+                             page_size, num_pages)
+        check_sampling(temperature, top_k, top_p)
+        self.model, self.fill = model, fill
         self.sampling = (temperature, top_k, top_p)
         self.generator = None
         if temperature > 0:
-            self.generator = torch.Generator(device=dec.device)
+            self.generator = torch.Generator(device=model.device)
             self.generator.manual_seed(seed if seed is not None else torch.seed())
-        self.fill = fill
-        self.buffers = engine.Buffers(model.config.num_layers, max_batch, fill, dec.device, self.schedule,
-                                      paged=dec.cache.paged)
         self._slots: list = [None] * max_batch
         self._ids = itertools.count()
         self.requests: dict = {}
         self.step_depths: list = []          # union depth of every step run
         self.row_depths: list = []           # per step: the mean of the live rows' own depths
+
+    @property
+    def cache(self):
+        return self.core.cache
+
+    @property
+    def max_batch(self) -> int:
+        """The number of slots."""
+        return len(self._slots)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -100,16 +103,16 @@ class Server:
         """Prefill a request into a free slot; returns its id. Its first token is sampled at once
         (result(rid).tokens[0]). Raises, changing nothing, if no slot is free, it cannot fit max_seq_len,
         or (paged cache) the pool has too few free pages for its prompt (cache.PoolFull)."""
-        dec = self.decoder
-        rows = _as_rows(prompt, dec.cfg.vocab, dec.device)
+        core = self.core
+        rows = token_rows(prompt, self.model.config.vocab, self.model.device)
         if len(rows) != 1:
             raise ValueError(f"add() takes one prompt, got {len(rows)}")
         ids = rows[0]
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if len(ids) + max_new_tokens > dec.cache.max_seq_len:
+        if len(ids) + max_new_tokens > core.max_seq_len:
             raise ValueError(f"cache overflow: prompt of {len(ids)} tokens + {max_new_tokens} new tokens > "
-                             f"max_seq_len={dec.cache.max_seq_len}")
+                             f"max_seq_len={core.max_seq_len}")
         free = [b for b, r in enumerate(self._slots) if r is None]
         if not free:
             raise RuntimeError(f"the cache is full: all {len(self._slots)} slots hold live requests "
@@ -117,9 +120,9 @@ class Server:
                                "max_batch")
         b = free[0]
         r = Request(next(self._ids), b, list(ids), max_new_tokens,
-                    frozenset() if ignore_eos else frozenset(dec.cfg.eos_token_ids))
-        dec._admit_row(b, ids)
-        tok = self._sample(b)[0]
+                    frozenset() if ignore_eos else frozenset(self.model.config.eos_token_ids))
+        core.admit(range(b, b + 1), [ids])
+        tok = core.sample(range(b, b + 1), *self.sampling, self.generator).tolist()[0]
         self._slots[b] = r
         self.requests[r.rid] = r
         r.layers.append(self.schedule.kept_layers(0))
@@ -145,16 +148,9 @@ class Server:
         live = [r for r in self._slots if r is not None]
         if not live:
             return {}
-        dec, c = self.decoder, self.decoder.cache
-        c.reserve({r.slot: dec._seq_len[r.slot] + 1 for r in live})       # paged: PoolFull, nothing changed
-        steps = [None] * len(self._slots)
-        for r in live:
-            steps[r.slot] = r.i
-        paged = dict(positions=dec._seq_len, block_table=c.host_block_table(), page_size=c.page_size) \
-            if c.paged else {}
-        p = engine.plan(self.schedule, steps, self.fill, **paged)
-        dec._rows_step(p.kept, self.buffers.load(p), [r.slot for r in live])
-        toks = self._sample()
+        p = self.core.plan([None if r is None else r.i for r in self._slots])   # paged: PoolFull, no change
+        self.core.run(p)
+        toks = self.core.sample(range(len(self._slots)), *self.sampling, self.generator).tolist()
         kept = [self.schedule.kept_layers(r.i) for r in live]
         self.step_depths.append(len(p.kept))
         self.row_depths.append(sum(len(k) for k in kept) / len(kept))
@@ -175,20 +171,13 @@ class Server:
         """Steps run, mean union depth per step, mean depth of the rows, CUDA graphs captured, free pages
         (paged cache; None otherwise)."""
         n = len(self.step_depths)
-        c = self.decoder.cache
+        c = self.core.cache
         return {"steps": n, "mean_step_depth": sum(self.step_depths) / n if n else float("nan"),
                 "mean_row_depth": sum(self.row_depths) / n if n else float("nan"),
-                "graphs": len(self.decoder._graphs), "backend": self.decoder.backend,
+                "graphs": self.core.stats()["graphs"], "backend": self.core.backend,
                 "free_pages": c.free_pages if c.paged else None}
 
     # ------------------------------------------------------------------ internals
-    def _sample(self, slot: Optional[int] = None) -> list:
-        """Sample every slot's next token (or only `slot`'s) into the token buffer; returns them."""
-        dec = self.decoder
-        rows = slice(None) if slot is None else slice(slot, slot + 1)
-        dec.ops.sample(dec._tokens[rows], dec._logits[rows], *self.sampling, self.generator)
-        return dec._tokens[rows].tolist()
-
     def _emit(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)
         if tok in r.eos:
@@ -199,8 +188,7 @@ class Server:
     def _release(self, r: Request, why: str) -> None:
         r.finished = why
         self._slots[r.slot] = None
-        self.decoder._active[r.slot] = 0
-        self.decoder.cache.release(r.slot)
+        self.core.release(r.slot)
 
     def _live(self, rid: int) -> Request:
         r = self.requests.get(rid)

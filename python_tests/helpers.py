@@ -24,7 +24,7 @@ def serve_staggered(server, prompts: list, lengths: list, arrive: dict, after_st
     """Run requests through a d3kernels.Server with staggered arrivals: arrive {step: [request k, ...]}
     queues request k (prompts[k], lengths[k] new tokens) before that step; queued requests are admitted
     while a slot is free. after_step(server) runs after every step. Returns {k: request id}."""
-    slots = len(server._slots)
+    slots = server.max_batch
     waiting, rid_of = [], {}
     for t in range(steps):
         waiting += arrive.get(t, [])

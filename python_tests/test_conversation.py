@@ -73,7 +73,7 @@ def _stream_with_logits(dec, prompts, n, continue_):
     """stream() one turn; returns (tokens [B, n], kept sets, the logits each step's tokens came from)."""
     logits = []
     for _ in dec.stream(prompts, max_new_tokens=n, ignore_eos=True, continue_=continue_):
-        logits.append(dec._logits[: len(prompts)].double().clone())   # the static buffer they were sampled from
+        logits.append(dec.core.logits[: len(prompts)].double().clone())   # the static buffer they were sampled from
     g = dec.last
     return g.tokens, g.layers, logits
 
@@ -160,14 +160,15 @@ def test_continue_errors_change_nothing():
     with pytest.raises(ValueError, match="cache overflow"):
         dec.generate([[5] * 10, [6]], max_new_tokens=10, continue_=True)
     after = dec.snapshot()
-    for k in ("k", "v", "kv_valid", "pos"):
+    for k in ("k", "v", "kv_valid"):
         assert torch.equal(before[k], after[k]), k
+    assert before["lengths"] == after["lengths"]
     assert dec.conversation == conv
     dec.step([1, 1])                                  # driving steps by hand ends the kept conversation
     with pytest.raises(RuntimeError, match="prefill\\(ids, continue_=True\\)"):
         dec.generate([[5], [6]], max_new_tokens=2, continue_=True)
     logits = dec.prefill([[5], [6]], continue_=True)  # the low-level path appends after what the cache holds
-    assert logits.shape == (2, 101) and dec._seq_len[:2] == [3 + 3 + 1 + 1, 1 + 3 + 1 + 1]   # prompt + 3 fed + step + 1
+    assert logits.shape == (2, 101) and dec.lengths == [3 + 3 + 1 + 1, 1 + 3 + 1 + 1]   # prompt + 3 fed + step + 1
 
 
 @pytest.mark.slow
@@ -175,7 +176,7 @@ def test_chat_prefills_only_the_new_turn():
     """d3kernels.Chat on the embedded model: the second turn prefills only its new tokens, and at full depth
     its reply equals a fresh request over the whole templated conversation."""
     import d3kernels
-    from d3kernels.generate import _template
+    from d3kernels.generate import template_ids
     try:
         model = d3kernels.load_model()
     except FileNotFoundError as e:
@@ -183,7 +184,7 @@ def test_chat_prefills_only_the_new_turn():
     chat = d3kernels.Chat(model, D3Schedule(model.config.num_layers, alpha=1.0), max_seq_len=256)
     chat.send("What is the capital of France?", max_new_tokens=8)
     second = chat.send("And of Italy?", max_new_tokens=8)
-    ids = _template(model.tokenizer, chat.messages[:-1])
+    ids = template_ids(model.tokenizer, chat.messages[:-1])
     assert chat.prefilled[1] < len(ids) // 2, chat.prefilled
     fresh = Decoder(model, D3Schedule(model.config.num_layers, alpha=1.0), max_seq_len=256)
     g = fresh.generate([ids], max_new_tokens=8)

@@ -50,7 +50,7 @@ def test_no_allocation_or_sync_after_warmup(backend):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(120):
-            dec._decode_step()                      # no host sync, no allocation, no recapture
+            dec.step(dec.core.tokens[:1])           # no host sync, no allocation, no recapture
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

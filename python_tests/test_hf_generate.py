@@ -11,7 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import d3kernels.hf as d3hf  # noqa: E402
+import d3kernels.hf as d3hf
+from d3kernels.step import StepCore  # noqa: E402
 from d3kernels import D3Schedule, Decoder, load_model  # noqa: E402
 from helpers import tiny_hf_model  # noqa: E402
 
@@ -219,16 +220,17 @@ def test_defaults_are_the_librarys():
 # --------------------------------------------------------------------------- multi-turn: the cache passed back
 
 class PrefillSpy:
-    """Wraps Decoder.prefill: records, per call, the tokens prefilled per row and continue_."""
+    """Wraps StepCore.admit (every prefill): records, per call, the tokens prefilled per row and whether
+    they continued what the rows held."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = Decoder.prefill
+        real = StepCore.admit
 
-        def prefill(dec, input_ids, continue_=False):
-            self.calls.append(([len(r) for r in input_ids], continue_))
-            return real(dec, input_ids, continue_=continue_)
-        monkeypatch.setattr(Decoder, "prefill", prefill)
+        def admit(core, rows, ids, continued=False):
+            self.calls.append(([len(r) for r in ids], continued))
+            return real(core, rows, ids, continued)
+        monkeypatch.setattr(StepCore, "admit", admit)
 
 
 def _fresh_state(model):

@@ -67,7 +67,7 @@ def test_project_fill_writes_the_formula(model):
                 src = h_enter["mlp_out"][below[-1]][b] if below else h_enter["embed"][b]
                 x = rms_norm(src, w.attn_norm[l], cfg.eps)
                 kv = x @ w.wqkv[l, H * D:].float().t()
-                k = apply_rope(kv[: Hkv * D].view(Hkv, D), dec.rope_cos[p], dec.rope_sin[p])
+                k = apply_rope(kv[: Hkv * D].view(Hkv, D), dec.core.rope_cos[p], dec.core.rope_sin[p])
                 torch.testing.assert_close(c.k[l, b, :, p], k, atol=1e-5, rtol=0)
                 torch.testing.assert_close(c.v[l, b, :, p], kv[Hkv * D:].view(Hkv, D), atol=1e-5, rtol=0)
                 assert c.kv_valid[l, b, p] == 1

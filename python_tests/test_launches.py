@@ -34,8 +34,8 @@ def _model(L):
 def _calls_per_step(L, alpha, fill, steps=24):
     dec = Decoder(_model(L), D3Schedule(L, alpha=alpha, start=0.0, tail=1), max_seq_len=64, fill=fill)
     dec.prefill([[1, 2, 3]])
-    counter = Counting(dec.ops)
-    dec.ops = counter
+    counter = Counting(dec.core.ops)
+    dec.core.ops = counter
     rows = []
     for _ in range(steps):
         n_kept = dec.schedule.num_kept(dec.i)

@@ -373,13 +373,16 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # independent, and there is no cycle). Packages (reference/, triton/) count as one module; "__init__" is the
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
-    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "reference", "tolerance"),  # torch and the stdlib
-    ("cache", "speed", "triton", "engine", "prefill"),
+    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "tolerance"),  # torch and the stdlib
+    ("cache",),        # the KV cache layouts (their slot rule is the reference's too)
+    ("reference",),    # the specification
+    ("speed", "triton", "engine", "prefill"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu
     ("verify",),       # the selftest records: which backends this device has verified
     ("backends",),     # the backend table
     ("ops",),          # the public op API
-    ("decoder",),      # the driver
+    ("step",),         # the step core: device state, plan and run
+    ("decoder",),      # the single-request driver
     ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
     ("calibrate", "selftest"),
     ("eval",),
@@ -474,5 +477,5 @@ def test_ops_still_exports_the_checks():
     """Code that imported the checks from d3kernels.ops keeps working."""
     from d3kernels import checks, ops
     for name in ("FILL_MODES", "check_attn_block", "check_mlp_block", "check_write_kv", "check_lm_head",
-                 "check_sampling", "check_sample", "_expect"):
+                 "check_sampling", "check_sample", "expect"):
         assert getattr(ops, name) is getattr(checks, name)

@@ -84,7 +84,7 @@ def test_decoder_on_pages_equals_the_contiguous_cache(fill, page_size):
     ga = a.generate(prompts, max_new_tokens=30, ignore_eos=True)
     gb = b.generate(prompts, max_new_tokens=30, ignore_eos=True)
     assert torch.equal(ga.tokens, gb.tokens) and ga.layers == gb.layers
-    assert torch.equal(a._logits, b._logits)
+    assert torch.equal(a.core.logits, b.core.logits)
     c = b.cache
     assert [len(c.pages(r)) for r in range(3)] == [-(-(len(p) + 29) // page_size) for p in prompts]
     ka, va, valid_a = a.cache.gather(range(3), 64)
@@ -95,7 +95,7 @@ def test_decoder_on_pages_equals_the_contiguous_cache(fill, page_size):
     # the next turn continues in the pages (only the new tokens prefilled), as in the contiguous cache
     ga = a.generate([[4, 4], [8], [50, 51, 52]], max_new_tokens=9, ignore_eos=True, continue_=True)
     gb = b.generate([[4, 4], [8], [50, 51, 52]], max_new_tokens=9, ignore_eos=True, continue_=True)
-    assert torch.equal(ga.tokens, gb.tokens) and torch.equal(a._logits, b._logits)
+    assert torch.equal(ga.tokens, gb.tokens) and torch.equal(a.core.logits, b.core.logits)
     b.reset()
     assert c.free_pages == c.num_pages
 
@@ -108,13 +108,13 @@ def test_decoder_pool_too_small_is_a_clear_error():
     dec.prefill([[1] * 5, [2] * 3])                    # 2 + 1 pages: the pool is now empty
     with pytest.raises(PoolFull):
         dec.decode(8)                                  # checked for all 8 steps before the first runs
-    assert dec.cache.free_pages == 0 and dec._seq_len[:2] == [5, 3]
+    assert dec.cache.free_pages == 0 and dec.lengths == [5, 3]
     dec.step([7, 7])                                   # positions 5 and 3 are in held pages
     state = dec.snapshot()
     with pytest.raises(PoolFull, match="1 more pages"):
         dec.step([7, 7])                               # row 1 reaches position 4: a fourth page
     after = dec.snapshot()
-    for key in ("k", "v", "kv_valid", "block_table", "pos", "rows", "free", "seq_len", "i"):
+    for key in ("k", "v", "kv_valid", "block_table", "lengths", "rows", "free", "i"):
         assert state[key] == after[key] if not torch.is_tensor(state[key]) else torch.equal(state[key], after[key])
     with pytest.raises(ValueError, match="num_pages needs a page_size"):
         Decoder(model, sched, backend="reference", num_pages=3)
@@ -138,7 +138,7 @@ def _check_row_validity(server, r):
     """Under fill "mask", a row's pages hold kv_valid = 1 exactly at the (layer, position) pairs it ran: the
     prompt's positions at every layer, the position of step j at r.layers[j], nothing past its length
     (a page's former owner leaves nothing behind)."""
-    c = server.decoder.cache
+    c = server.cache
     n = len(c.pages(r.slot)) * c.page_size
     _, _, valid = c.gather(range(r.slot, r.slot + 1), n)
     want = torch.zeros(L, n, dtype=torch.uint8)
@@ -161,7 +161,7 @@ def test_server_on_pages_equals_each_request_alone(fill):
     def check(server):
         for rid in server.live:
             r = server.result(rid)
-            for pg in server.decoder.cache.pages(r.slot):
+            for pg in server.cache.pages(r.slot):
                 owners.setdefault(pg, set()).add(rid)
             if fill == "mask":
                 _check_row_validity(server, r)
@@ -190,12 +190,12 @@ def test_server_full_pool_is_rejected_and_nothing_disturbed():
             break
     else:
         raise AssertionError("the pool must run out")
-    state = server.decoder.snapshot()
+    state = server.core.state()
     tokens = {r: list(server.result(r).tokens) for r in (a, b)}
     with pytest.raises(PoolFull):
         server.step()                                  # again: still nothing changes
-    after = server.decoder.snapshot()
-    for key in ("k", "v", "kv_valid", "block_table", "pos", "active", "rows", "free", "seq_len"):
+    after = server.core.state()
+    for key in ("k", "v", "kv_valid", "block_table", "lengths", "rows", "free"):
         assert state[key] == after[key] if not torch.is_tensor(state[key]) else torch.equal(state[key], after[key])
     assert {r: server.result(r).tokens for r in (a, b)} == tokens
     server.finish(b)                                   # preempt the younger request: its pages return

@@ -58,14 +58,15 @@ def test_full_cache_is_rejected_and_nothing_disturbed():
     a = server.add(prompts[0], max_new_tokens=6, ignore_eos=True)
     server.step()
     b = server.add(prompts[1], max_new_tokens=6, ignore_eos=True)
-    state = server.decoder.snapshot()
+    state = server.core.state()
     with pytest.raises(RuntimeError, match="cache is full"):
         server.add(prompts[2], max_new_tokens=4)
     with pytest.raises(ValueError, match="cache overflow"):
         server.add([1] * 30, max_new_tokens=4)
-    after = server.decoder.snapshot()
-    for key in ("k", "v", "kv_valid", "pos", "active"):
+    after = server.core.state()
+    for key in ("k", "v", "kv_valid"):
         assert torch.equal(state[key], after[key]), key
+    assert state["lengths"] == after["lengths"]
     server.run()
     for k, rid in ((0, a), (1, b)):
         assert server.result(rid).tokens == _alone(model, sched, "mask", prompts[k], 6)[0]

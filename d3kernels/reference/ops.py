@@ -13,28 +13,15 @@ from typing import Optional
 
 import torch
 
+from ..cache import paged_slots
+from ..model import apply_rope, rms_norm
+
 FILL_MODES = ("mask", "project", "copy")
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
     """Upcast to float32; float64 stays float64, so the same code is the float64 oracle in tests."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * weight."""
-    x = _f(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * _f(weight)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x[..., D] with the HF rotate_half convention.
-
-    cos, sin: [..., D/2] float32, broadcastable against x[..., :D/2].
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def _check_positions(positions: list, rows: list, limit: int, op: str) -> None:
@@ -289,12 +276,6 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
 # s % page_size). slot_mapping [B] int64: the slot where row b's new K/V go; -1 = write nothing (and, in
 # attn_block_paged, run nothing: out = h). The kernels cannot check block_table or slot values without a
 # host sync; the reference reads them on the host and raises (_check_paged).
-
-def paged_slots(block_table: torch.Tensor, b: int, n: int, page_size: int) -> torch.Tensor:
-    """The physical slots [n] (int64) of row b's logical positions 0..n-1."""
-    p = torch.arange(n, device=block_table.device)
-    return block_table[b].long()[p // page_size] * page_size + p % page_size
-
 
 def _check_paged(op: str, rows: list, positions: list, slots: list, block_table: torch.Tensor, page_size: int,
                  num_pages: int, limit: int) -> None:

@@ -68,7 +68,7 @@ def schedule_from_config(hf_config: Any):
     """The D3Schedule a D3 model runs, from its HF config's d3_* fields. A bad or unknown field raises
     ValueError naming it."""
     from ..schedule import D3Schedule
-    given = {k for k in _config_keys(hf_config) if k.startswith("d3_")}
+    given = {k for k in config_keys(hf_config) if k.startswith("d3_")}
     unknown = sorted(given - set(PARAMS))
     if unknown:
         raise ValueError(f"unknown D3 parameter(s) {unknown} in hf_overrides; the D3 parameters are {list(PARAMS)}")
@@ -85,7 +85,7 @@ def schedule_from_config(hf_config: Any):
         raise ValueError(f"bad D3 parameter {key}: {e}") from None
 
 
-def _config_keys(hf_config: Any) -> list:
+def config_keys(hf_config: Any) -> list:
     try:
         return list(hf_config.to_dict().keys())
     except Exception:

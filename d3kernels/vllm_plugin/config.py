@@ -9,7 +9,7 @@ from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from . import PARAMS, _config_keys, schedule_from_config
+from . import PARAMS, config_keys, schedule_from_config
 
 logger = init_logger("vllm.plugins.d3kernels")   # under "vllm": vLLM configures only its own loggers
 
@@ -58,7 +58,7 @@ class StockModelConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         hf = vllm_config.model_config.hf_config
-        given = sorted(k for k in _config_keys(hf) if k in PARAMS)
+        given = sorted(k for k in config_keys(hf) if k in PARAMS)
         if given:
             arch = vllm_config.model_config.architecture
             raise ValueError(f"D3 parameters {given} were given for architecture {arch}, which ignores them: "
