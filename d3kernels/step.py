@@ -264,10 +264,12 @@ class StepCore:
             return False
         if self.cache.paged:
             raise ValueError("a paged cache grows by pages: create it with the num_pages and max_seq_len it needs")
-        old, lengths, log = self.cache, self._lengths, self._log
+        old, lengths, log, logits, tokens = self.cache, self._lengths, self._log, self.logits, self.tokens
         self.cache = None
         self._allocate(B, S, None, None)
         self._log[:old.max_batch, :old.max_seq_len].copy_(log)
+        self.logits[:old.max_batch].copy_(logits)       # the last step's outputs, still to be sampled / fed
+        self.tokens[:old.max_batch].copy_(tokens)
         nb, ns = old.max_batch, old.max_seq_len
         self.cache.k[:, :nb, :, :ns].copy_(old.k)          # [L, B, H_kv, S, D]
         self.cache.v[:, :nb, :, :ns].copy_(old.v)
