@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "d3k/internal.cuh"
+#include "d3k/limits.h"
 #include "d3k/ops.h"
 
 namespace d3k {
@@ -18,7 +19,7 @@ std::string check_shapes(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S
   if (B < 1) return e + "B must be >= 1, got " + std::to_string(B);
   if (H < 1 || Hkv < 1) return e + "H and H_kv must be >= 1, got H=" + std::to_string(H) + " H_kv=" + std::to_string(Hkv);
   if (H % Hkv != 0) return e + "H=" + std::to_string(H) + " must be a multiple of H_kv=" + std::to_string(Hkv);
-  if (D != 64 && D != 128) return e + "head_dim " + std::to_string(D) + " is not supported by the CUDA kernels (64, 128)";
+  if (!head_dim_supported(D)) return e + "head_dim " + std::to_string(D) + " is not supported by the CUDA kernels " + head_dims_text();
   if (S < 1 || S > INT_MAX / 2) return e + "cache length S=" + std::to_string(S) + " out of range [1, 2^30]";
   if ((H + 2 * Hkv) * D > INT_MAX) return e + "(H + 2 H_kv) * D is too large";
   return "";
@@ -74,18 +75,18 @@ std::string attn_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t
 }
 
 std::string attn_block(const AttnBlockArgs& a) {
-  const bool paged = a.slot_mapping != 0;
+  const bool paged = a.layout == CacheLayout::kPaged;
   const std::string op = paged ? "d3k.attn_block_paged: " : kOp;
   if (paged) {
-    D3K_CHECK(a.page_size >= 16 && a.page_size % 16 == 0 && a.page_size <= (1 << 20),
-              op + "page_size " + std::to_string(a.page_size) +
-                  " is not supported by the CUDA attention kernel (a multiple of 16)");
+    D3K_CHECK(a.page_size >= kPageSizeMultiple && a.page_size % kPageSizeMultiple == 0 && a.page_size <= kMaxPageSize,
+              op + "page_size " + std::to_string(a.page_size) + " is not supported by the CUDA attention kernel (a multiple of " +
+                  std::to_string(kPageSizeMultiple) + ")");
     D3K_CHECK(a.num_pages >= 1 && a.num_pages <= INT_MAX,
               op + "num_pages=" + std::to_string(a.num_pages) + " out of range [1, 2^31)");
     D3K_CHECK(a.max_pages >= 1 && a.max_pages <= INT_MAX / a.page_size,
               op + "max_pages=" + std::to_string(a.max_pages) + " out of range");
     D3K_CHECK(a.S == a.max_pages * a.page_size, op + "S must be max_pages * page_size");
-    D3K_CHECK(a.block_table != 0 && a.rows_ws != 0, op + "null pointer argument");
+    D3K_CHECK(a.block_table != 0 && a.slot_mapping != 0 && a.rows_ws != 0, op + "null pointer argument");
   }
   if (a.dtype != kFloat16 && a.dtype != kBFloat16)
     return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
@@ -140,7 +141,7 @@ std::string attn_block(const AttnBlockArgs& a) {
   int* counters = reinterpret_cast<int*>(a.counters);
   const int64_t cache_row = paged ? 0 : static_cast<int64_t>(Hkv) * S * D;  // elements per batch row
   const int64_t valid_row = paged ? 0 : S;                                    // (paged: one pool)
-  const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
+  const int64_t* slots = paged ? reinterpret_cast<const int64_t*>(a.slot_mapping) : nullptr;  // device side: nullptr = contiguous
   const int* btab = reinterpret_cast<const int*>(a.block_table);
   const int64_t num_slots = paged ? a.num_pages * a.page_size : 0;
   int* rows_pos = reinterpret_cast<int*>(a.rows_ws);                                 // [B] int32

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "d3k/build_info.h"
+#include "d3k/limits.h"
 #include "d3k/ops.h"
 #if defined(D3K_EMU)
 #include "d3k_emu/control.h"
@@ -71,6 +72,15 @@ py::dict build_info() {
   d["cuda_archs"] = parse_archs(D3K_CUDA_ARCHS);
   d["nvcc_version"] = d3k::compiled_cudart_version();
   d["compiled_with"] = D3K_COMPILED_WITH;
+  py::dict limits;  // what the kernels take (d3k/limits.h): backends and CudaKernels read these
+  py::list head_dims, dtypes;
+  for (int hd : d3k::kHeadDims) head_dims.append(hd);
+  for (const char* dt : d3k::kDtypes) dtypes.append(dt);
+  limits["head_dims"] = head_dims;
+  limits["dtypes"] = dtypes;
+  limits["page_size_multiple"] = d3k::kPageSizeMultiple;
+  limits["max_page_size"] = d3k::kMaxPageSize;
+  d["limits"] = limits;
   return d;
 }
 
@@ -237,7 +247,6 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
          int64_t H, int64_t Hkv, int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages,
          int64_t rope_len, int64_t rope_ld, int64_t num_splits, double eps, int dtype, int device,
          uintptr_t stream) {
-        if (slot_mapping == 0) throw std::runtime_error("d3k.attn_block_paged: null pointer argument");
         d3k::AttnBlockArgs a;
         a.out = out; a.h = h; a.attn_norm = attn_norm; a.wqkv = wqkv; a.bqkv = bqkv; a.wo = wo;
         a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.pos = pos;
@@ -246,6 +255,7 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
         a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = max_pages * page_size; a.rope_len = rope_len;
         a.rope_ld = rope_ld; a.num_splits = num_splits; a.eps = eps; a.dtype = dtype; a.device = device;
         a.stream = stream;
+        a.layout = d3k::CacheLayout::kPaged;
         a.block_table = block_table; a.slot_mapping = slot_mapping; a.num_pages = num_pages;
         a.page_size = page_size; a.max_pages = max_pages; a.rows_ws = rows_ws;
         check(d3k::attn_block(a));
@@ -299,13 +309,13 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
          uintptr_t rope_sin, uintptr_t flags, int mode, int64_t L, int64_t B, int64_t d, int64_t H, int64_t Hkv,
          int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t rope_len, int64_t rope_ld,
          double eps, int dtype, int device, uintptr_t stream) {
-        if (slot_mapping == 0) throw std::runtime_error("d3k.write_kv_paged: null pointer argument");
         d3k::WriteKvArgs a;
         a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.src_h = src_h; a.norms = norms;
         a.wqkv = wqkv; a.bqkv = bqkv; a.pos = pos; a.rope_cos = rope_cos; a.rope_sin = rope_sin;
         a.flags = flags; a.mode = mode; a.L = L; a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D;
         a.S = max_pages * page_size; a.rope_len = rope_len; a.rope_ld = rope_ld; a.eps = eps; a.dtype = dtype;
         a.device = device; a.stream = stream;
+        a.layout = d3k::CacheLayout::kPaged;
         a.slot_mapping = slot_mapping; a.num_pages = num_pages; a.page_size = page_size; a.max_pages = max_pages;
         check(d3k::write_kv(a));
       },

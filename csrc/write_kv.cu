@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "d3k/internal.cuh"
+#include "d3k/limits.h"
 #include "d3k/ops.h"
 
 namespace d3k {
@@ -20,13 +21,14 @@ cudaError_t launch_copy(const KvLayout& kv, cudaStream_t st, bool pdl) {
 }  // namespace
 
 std::string write_kv(const WriteKvArgs& a) {
-  const bool paged = a.slot_mapping != 0;
+  const bool paged = a.layout == CacheLayout::kPaged;
   const std::string op = paged ? "d3k.write_kv_paged: " : "d3k.write_kv: ";
   if (paged) {
     D3K_CHECK(a.page_size >= 1 && a.num_pages >= 1 && a.max_pages >= 1 && a.page_size <= INT_MAX / 2 &&
                   a.max_pages <= (INT_MAX / 2) / a.page_size && a.num_pages <= (INT64_MAX / 4) / a.page_size,
               op + "num_pages, page_size and max_pages must be >= 1 and max_pages * page_size < 2^30");
     D3K_CHECK(a.S == a.max_pages * a.page_size, op + "S must be max_pages * page_size");
+    D3K_CHECK(a.slot_mapping != 0, op + "null pointer argument");
     D3K_CHECK(a.rope_len >= 1 && a.rope_ld >= a.D / 2,
               op + "rope tables must be [rope_len >= 1, D/2] with row stride >= D/2");
   }
@@ -36,7 +38,7 @@ std::string write_kv(const WriteKvArgs& a) {
   D3K_CHECK(a.L >= 1 && a.L <= 65535, op + "L=" + std::to_string(a.L) + " out of range [1, 65535]");
   D3K_CHECK(a.B >= 1 && a.B <= INT_MAX / 2, op + "B must be >= 1, got " + std::to_string(a.B));
   D3K_CHECK(a.Hkv >= 1 && a.H >= 0, op + "need H_kv >= 1 and H >= 0");
-  D3K_CHECK(a.D == 64 || a.D == 128, op + "head_dim " + std::to_string(a.D) + " is not supported by the CUDA kernels (64, 128)");
+  D3K_CHECK(head_dim_supported(a.D), op + "head_dim " + std::to_string(a.D) + " is not supported by the CUDA kernels " + head_dims_text());
   D3K_CHECK(a.S >= 1 && a.S <= INT_MAX / 2, op + "cache length S out of range");
   D3K_CHECK(a.k_cache && a.v_cache && a.kv_valid && a.pos && a.flags, op + "null pointer argument");
   D3K_CHECK(aligned16(reinterpret_cast<void*>(a.k_cache)) && aligned16(reinterpret_cast<void*>(a.v_cache)),

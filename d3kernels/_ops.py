@@ -80,9 +80,27 @@ _KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "attn_block
             "argmax", "device_facts")
 CUDA_OPS_AVAILABLE: bool = C is not None and all(hasattr(C, n) for n in _KERNELS)
 
-CUDA_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-CUDA_HEAD_DIMS = (64, 128)
+# What the kernels take (csrc/include/d3k/limits.h), from the build itself: _C, or the emulated build of the
+# same sources. None when neither is built (no CUDA backend can run then).
+_BUILT = C or C_EMU
+KERNEL_LIMITS: Optional[dict] = _BUILT.build_info().get("limits") if _BUILT is not None else None
+CUDA_DTYPES = {getattr(torch, name): code for code, name in enumerate((KERNEL_LIMITS or {}).get("dtypes", ()))}
+CUDA_HEAD_DIMS = tuple((KERNEL_LIMITS or {}).get("head_dims", ()))
 FILL_MODE_CODES = {"mask": 0, "project": 1, "copy": 2}
+
+
+def kernel_limits_problem(dtype: torch.dtype, head_dim: Optional[int], page_size: Optional[int]) -> Optional[str]:
+    """What the CUDA kernels (native or emulated) cannot take, from the build's limits; None if they can."""
+    if KERNEL_LIMITS is None:
+        return C_ERROR
+    if dtype not in CUDA_DTYPES:
+        return f"dtype {dtype} is not supported by the CUDA kernels ({', '.join(KERNEL_LIMITS['dtypes'])})"
+    if head_dim is not None and head_dim not in CUDA_HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by the CUDA kernels {CUDA_HEAD_DIMS}"
+    m = KERNEL_LIMITS["page_size_multiple"]
+    if page_size is not None and page_size % m:
+        return f"page_size {page_size} is not supported by the CUDA attention kernel (a multiple of {m})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,8 +287,9 @@ class CudaKernels:
         B, d, H, H_kv, D, P, ps, M = _checks.check_attn_block_paged(
             out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos, slot_mapping,
             rope_cos, rope_sin, row_active)
-        if ps % 16:
-            raise RuntimeError(f"page_size {ps} is not supported by the CUDA attention kernel (a multiple of 16)")
+        problem = kernel_limits_problem(h.dtype, D, ps)
+        if problem:
+            raise RuntimeError(problem)
         T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
         ws = self._attn_scratch(idx, B, H, H_kv, D, M * ps)   # the split plan of a cache of max_pages pages
         rows = self._buffer(("attn", idx, B, H, H_kv, D, M * ps, "rows"), idx, ws["plan"]["rows_elems"],

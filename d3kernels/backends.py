@@ -48,17 +48,6 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _cuda_kernel_limits(dtype: torch.dtype, head_dim: Optional[int], page_size: Optional[int]) -> Optional[str]:
-    """What the CUDA kernels (native or emulated) cannot take, or None."""
-    if dtype not in GPU_DTYPES:
-        return f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16)"
-    if head_dim is not None and head_dim not in (64, 128):
-        return f"head_dim {head_dim} is not supported by the CUDA kernels (64, 128)"
-    if page_size is not None and page_size % 16:
-        return f"page_size {page_size} is not supported by the CUDA attention kernel (a multiple of 16)"
-    return None
-
-
 def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = None,
             page_size: Optional[int] = None) -> Optional[str]:
     """None if `backend` can run ops on (device, dtype, head_dim), else the reason it cannot. page_size: the
@@ -90,13 +79,13 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
             return "the CUDA kernels are not part of this build yet (d3kernels._C holds build info only)"
         if device.type != "cuda":
             return f"tensors are on {device.type}; the CUDA backend needs CUDA tensors"
-        return _cuda_kernel_limits(dtype, head_dim, page_size) or _ops.arch_problem(device)
+        return _ops.kernel_limits_problem(dtype, head_dim, page_size) or _ops.arch_problem(device)
     if backend == "cuda-emu":
         if not _ops.cuda_emu_ops.available:
             return _ops.C_EMU_ERROR or "d3kernels._C_emu has no CUDA kernels; rebuild it"
         if device.type != "cpu":
             return f"tensors are on {device.type}; the emulated CUDA build runs on CPU tensors"
-        return _cuda_kernel_limits(dtype, head_dim, page_size)
+        return _ops.kernel_limits_problem(dtype, head_dim, page_size)
     raise ValueError(f"backend must be one of {('auto',) + ALL_BACKENDS}, got {backend!r}")
 
 

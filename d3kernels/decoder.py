@@ -13,7 +13,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .cache import PoolFull
 from .checks import check_sampling, token_rows
 from .model import Model
 from .schedule import D3Schedule
@@ -152,9 +151,9 @@ class Decoder:
                 raise RuntimeError("continue_=True needs a request to continue: prefill or generate first")
             if len(rows) != self.batch:
                 raise ValueError(f"continue_=True: the request has {self.batch} rows, got {len(rows)} prompts")
-            self._check_fit([n + len(r) for n, r in zip(self.lengths, rows)], 0)
+            self.core.check_fit([n + len(r) for n, r in zip(self.lengths, rows)], 0)
         else:
-            self._check_fit([len(r) for r in rows], 0)
+            self.core.check_fit([len(r) for r in rows], 0)
         self._conv = None
         return self._feed(rows, continue_)
 
@@ -168,7 +167,7 @@ class Decoder:
         rows = token_rows(histories, self.cfg.vocab, self.device)
         held = self.history if len(rows) == self.batch else [[]] * len(rows)
         keep = [min(common_prefix(h, r), len(r) - 1) for h, r in zip(held, rows)]
-        self._check_fit([len(r) for r in rows], new_tokens)
+        self.core.check_fit([len(r) for r in rows], new_tokens)
         if not any(keep):
             return self._feed(rows, False)
         for b, n in enumerate(keep):
@@ -182,21 +181,6 @@ class Decoder:
         logits = self.core.admit(range(len(rows)), rows, continued)
         self.batch, self.i, self.prefilled = len(rows), 1, [len(r) for r in rows]
         return logits
-
-    def _check_fit(self, ends: list, new_tokens: int) -> None:
-        """Rows reaching positions ends[b] + new_tokens fit the cache (paged: a new request's pages fit the
-        pool); raises before anything changes."""
-        c = self.cache
-        if len(ends) > c.max_batch:
-            raise ValueError(f"{len(ends)} prompts exceed max_batch={c.max_batch}")
-        for b, n in enumerate(ends):
-            if n + new_tokens > c.max_seq_len:
-                raise ValueError(f"cache overflow: row {b} needs {n} positions + {new_tokens} new tokens > "
-                                 f"max_seq_len={c.max_seq_len}; create the Decoder with a larger max_seq_len")
-        need = sum(-(-n // c.page_size) for n in ends) if c.paged else 0
-        if c.paged and need > c.num_pages:
-            raise PoolFull(f"the KV page pool is full: the prompts need {need} pages of {c.page_size} positions, "
-                           f"the pool has {c.num_pages}; create the Decoder with more num_pages")
 
     def truncate(self, lengths: Sequence[int]) -> None:
         """Cut row b's cache back to its first lengths[b] positions (0 <= lengths[b] <= what it holds): the
@@ -234,21 +218,18 @@ class Decoder:
         if self.batch == 0:
             raise RuntimeError("step() before prefill(): start a request with prefill(input_ids)")
         B, buf = self.batch, self.core.tokens[: self.batch]
-        if isinstance(tokens, torch.Tensor):
-            if tokens.device.type not in ("cpu", self.device.type):
-                raise ValueError(f"tokens are on {tokens.device}; expected {self.device} or cpu")
-            tokens = tokens.reshape(-1)
-            if tokens.numel() != B:
-                raise ValueError(f"expected {B} tokens (one per row), got {tokens.numel()}")
-            if tokens.device.type == "cpu":
-                token_rows([tokens.tolist()], self.cfg.vocab, self.device)
-            buf.copy_(tokens)
-        else:
-            tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
-            if len(tokens) != B:
-                raise ValueError(f"expected {B} tokens (one per row), got {len(tokens)}")
-            token_rows([tokens], self.cfg.vocab, self.device)
-            buf.copy_(torch.tensor(tokens, dtype=torch.int64))
+        on_device = isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu"
+        if on_device and tokens.device.type != self.device.type:
+            raise ValueError(f"tokens are on {tokens.device}; expected {self.device} or cpu")
+        if not on_device:           # a host tensor, a list or an int: checked on the host
+            tokens = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens
+            tokens = token_rows([[int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]],
+                                self.cfg.vocab, self.device)[0]
+            tokens = torch.tensor(tokens, dtype=torch.int64)
+        tokens = tokens.reshape(-1)
+        if tokens.numel() != B:
+            raise ValueError(f"expected {B} tokens (one per row), got {tokens.numel()}")
+        buf.copy_(tokens)
         self._conv = None
         return self._step()
 
@@ -267,7 +248,7 @@ class Decoder:
         if self.batch == 0:
             raise RuntimeError("decode() before prefill(): start a request with prefill(input_ids)")
         B = range(self.batch)
-        self._check_fit(self.lengths, n)
+        self.core.check_fit(self.lengths, n)
         check_sampling(temperature, top_k, top_p)
         self.cache.reserve({b: self.core.lengths[b] + n for b in B})   # paged: PoolFull before any step
         self._conv = None
@@ -316,7 +297,7 @@ class Decoder:
         if continue_ or reuse_prefix:
             self.continue_with(rows, max_new_tokens)
         else:
-            self._check_fit([len(r) for r in rows], max_new_tokens)
+            self.core.check_fit([len(r) for r in rows], max_new_tokens)
             self._feed(rows, False)
         B, eos = len(rows), set() if ignore_eos else set(self.cfg.eos_token_ids)
         conv, out = [list(r) for r in rows], torch.full((B, max_new_tokens), -1, dtype=torch.int64)

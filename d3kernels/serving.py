@@ -110,9 +110,7 @@ class Server:
         ids = rows[0]
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if len(ids) + max_new_tokens > core.max_seq_len:
-            raise ValueError(f"cache overflow: prompt of {len(ids)} tokens + {max_new_tokens} new tokens > "
-                             f"max_seq_len={core.max_seq_len}")
+        core.check_fit([len(ids)], max_new_tokens)
         free = [b for b, r in enumerate(self._slots) if r is None]
         if not free:
             raise RuntimeError(f"the cache is full: all {len(self._slots)} slots hold live requests "

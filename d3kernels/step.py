@@ -115,6 +115,21 @@ class StepCore:
         self.cache.release(b)
         self._lengths[b] = 0
 
+    def check_fit(self, ends: Sequence[int], new_tokens: int = 0) -> None:
+        """Rows b = 0.. that will hold ends[b] positions, then new_tokens more, fit: at most max_batch rows,
+        max_seq_len positions, and (paged) the rows' pages in the pool. Raises ValueError / PoolFull."""
+        c = self.cache
+        if len(ends) > c.max_batch:
+            raise ValueError(f"{len(ends)} prompts exceed max_batch={c.max_batch}")
+        for b, n in enumerate(ends):
+            if n + new_tokens > c.max_seq_len:
+                raise ValueError(f"cache overflow: row {b} needs {n} positions + {new_tokens} new tokens > "
+                                 f"max_seq_len={c.max_seq_len}; create it with a larger max_seq_len")
+        need = sum(-(-n // c.page_size) for n in ends) if c.paged else 0
+        if c.paged and need > c.num_pages:
+            raise PoolFull(f"the KV page pool is full: the prompts need {need} pages of {c.page_size} positions, "
+                           f"the pool has {c.num_pages}; create it with more num_pages")
+
     def truncate(self, b: int, n: int) -> None:
         """Cut row b back to its first n positions (0 <= n <= its length): the positions after are masked
         (kv_valid = 0) and written again by the next admit or step."""

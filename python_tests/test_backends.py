@@ -81,3 +81,19 @@ def test_emulated_build_is_installed():
         pytest.skip("D3K_SKIP_EMU_BUILD is set")
     assert _ops.cuda_emu_ops.available, _ops.C_EMU_ERROR
     assert _ops.C_EMU.build_info()["compiled_with"] == "emu"
+
+
+def test_kernel_limits_come_from_the_build():
+    """The capability limits live in csrc/include/d3k/limits.h: build_info() exports them, and the backend
+    rules and CudaKernels read them from there (a build with other limits changes the rules)."""
+    from d3kernels import _ops
+    if _ops.C_EMU is None and _ops.C is None:
+        pytest.skip("no CUDA build (native or emulated)")
+    limits = (_ops.C or _ops.C_EMU).build_info()["limits"]
+    assert limits["head_dims"] == list(_ops.CUDA_HEAD_DIMS) and limits["page_size_multiple"] >= 1
+    assert [str(d).replace("torch.", "") for d in _ops.CUDA_DTYPES] == limits["dtypes"]
+    if _ops.cuda_emu_ops.available:
+        assert "head_dim 96" in backends.why_not("cuda-emu", "cpu", torch.bfloat16, 96)
+        assert "page_size 8" in backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64, page_size=8)
+        assert backends.why_not("cuda-emu", "cpu", torch.bfloat16, limits["head_dims"][-1],
+                                page_size=limits["page_size_multiple"]) is None

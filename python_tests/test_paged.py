@@ -477,6 +477,8 @@ def test_paged_launchers_validate_before_touching_the_gpu():
         C.write_kv_paged(*[p] * 12, 5, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
     with pytest.raises(RuntimeError, match="num_pages, page_size and max_pages"):
         C.write_kv_paged(*[p] * 12, 0, 2, 1, 8, 2, 1, 64, 0, 16, 2, 16, 32, EPS, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="write_kv_paged: null pointer"):    # the layout is paged: slots needed
+        C.write_kv_paged(*[p] * 8, 0, *[p] * 3, 0, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
 
 
 @pytest.mark.gpu

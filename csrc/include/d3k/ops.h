@@ -29,6 +29,9 @@ struct AttnWorkspace {
 };
 std::string attn_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, int device, AttnWorkspace* out);
 
+// The KV cache layout an op reads and writes, said explicitly (not by which pointers are set).
+enum class CacheLayout : int { kContiguous = 0, kPaged = 1 };
+
 struct AttnBlockArgs {
   uintptr_t out = 0;        // [B, d] dtype (written)
   uintptr_t h = 0;          // [B, d] dtype (may alias out)
@@ -48,14 +51,15 @@ struct AttnBlockArgs {
   double eps = 0;
   int dtype = 0, device = 0;
   uintptr_t stream = 0;
-  // Paged KV cache (slot_mapping != 0): k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
+  // Paged KV cache (layout kPaged): k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
   // kv_valid [num_pages, page_size]; S must be max_pages * page_size (the split plan's length).
+  CacheLayout layout = CacheLayout::kContiguous;
   uintptr_t block_table = 0;   // [B, max_pages] int32
   uintptr_t slot_mapping = 0;  // [B] int64, -1 = the row runs nothing
   uintptr_t rows_ws = 0;       // AttnWorkspace::rows_elems int32 of scratch
   int64_t num_pages = 0, page_size = 0, max_pages = 0;
 };
-// attn_block on a contiguous cache, or (a.slot_mapping != 0) on a paged one: attn_block_paged.
+// attn_block on a contiguous cache, or (layout kPaged) on a paged one: attn_block_paged.
 std::string attn_block(const AttnBlockArgs& a);
 
 // ---------------------------------------------------------------- mlp_block
@@ -103,12 +107,13 @@ struct WriteKvArgs {
   double eps = 0;
   int dtype = 0, device = 0;
   uintptr_t stream = 0;
-  // Paged KV cache (slot_mapping != 0): k_cache / v_cache [L, num_pages, page_size, H_kv, D], kv_valid
+  // Paged KV cache (layout kPaged): k_cache / v_cache [L, num_pages, page_size, H_kv, D], kv_valid
   // [L, num_pages, page_size]; S must be max_pages * page_size.
+  CacheLayout layout = CacheLayout::kContiguous;
   uintptr_t slot_mapping = 0;  // [B] int64, -1 = nothing
   int64_t num_pages = 0, page_size = 0, max_pages = 0;
 };
-// write_kv on a contiguous cache, or (a.slot_mapping != 0) on a paged one: write_kv_paged.
+// write_kv on a contiguous cache, or (layout kPaged) on a paged one: write_kv_paged.
 std::string write_kv(const WriteKvArgs& a);
 
 // ---------------------------------------------------------------- sample
