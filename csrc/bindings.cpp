@@ -180,10 +180,8 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       py::arg("dev") = 0, "Compute capability of device dev as \"major.minor\", e.g. \"9.0\".");
 
   // ------------------------------------------------------------ launchers
-  // One m.def per op (csrc/README.md, "How to add a kernel", step 4).
-  // Arguments are raw device pointers (ints), sizes, dtype code (0 float16,
-  // 1 bfloat16), device index and a cudaStream_t as an int; a launcher error
-  // becomes RuntimeError. d3kernels/_ops.py is the only caller.
+  // Pointers are raw device addresses (ints), dtype a code (0 float16, 1 bfloat16), stream a
+  // cudaStream_t as an int; a launcher error becomes RuntimeError. d3kernels/_ops.py is the only caller.
   m.def(
       "device_facts",
       [](int device) {
@@ -217,111 +215,28 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       py::arg("B"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("S"), py::arg("device"),
       "Scratch sizes of attn_block: {num_splits, split_len, head_groups, q_elems, o_elems, ml_elems "
       "(fp32), acc_elems (fp32), counters (int32), rows_elems (int32, attn_block_paged only)}.");
-  m.def(
-      "attn_block",
-      [](uintptr_t out, uintptr_t h, uintptr_t attn_norm, uintptr_t wqkv, uintptr_t bqkv, uintptr_t wo,
-         uintptr_t k_cache, uintptr_t v_cache, uintptr_t kv_valid, uintptr_t pos, uintptr_t rope_cos,
-         uintptr_t rope_sin, uintptr_t row_active, uintptr_t q_ws, uintptr_t o_ws, uintptr_t part_ml,
-         uintptr_t part_acc, uintptr_t counters, int64_t B, int64_t d, int64_t H, int64_t Hkv, int64_t D,
-         int64_t S, int64_t rope_len, int64_t rope_ld, int64_t num_splits, double eps, int dtype, int device,
-         uintptr_t stream) {
-        d3k::AttnBlockArgs a;
-        a.out = out; a.h = h; a.attn_norm = attn_norm; a.wqkv = wqkv; a.bqkv = bqkv; a.wo = wo;
-        a.k_cache = k_cache; a.v_cache = v_cache; a.kv_valid = kv_valid; a.pos = pos;
-        a.rope_cos = rope_cos; a.rope_sin = rope_sin; a.row_active = row_active;
-        a.q_ws = q_ws; a.o_ws = o_ws; a.part_ml = part_ml; a.part_acc = part_acc; a.counters = counters;
-        a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = S; a.rope_len = rope_len; a.rope_ld = rope_ld;
-        a.num_splits = num_splits; a.eps = eps; a.dtype = dtype; a.device = device; a.stream = stream;
-        check(d3k::attn_block(a));
-      },
-      "attn_block(out, h, attn_norm, wqkv, bqkv|0, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin, "
-      "row_active, q_ws, o_ws, part_ml, part_acc, counters, B, d, H, H_kv, D, S, rope_len, rope_ld, "
-      "num_splits, eps, dtype, device, stream)");
-  m.def(
-      "attn_block_paged",
-      [](uintptr_t out, uintptr_t h, uintptr_t attn_norm, uintptr_t wqkv, uintptr_t bqkv, uintptr_t wo,
-         uintptr_t k_pages, uintptr_t v_pages, uintptr_t kv_valid_pages, uintptr_t block_table, uintptr_t pos,
-         uintptr_t slot_mapping, uintptr_t rope_cos, uintptr_t rope_sin, uintptr_t row_active, uintptr_t q_ws,
-         uintptr_t o_ws, uintptr_t part_ml, uintptr_t part_acc, uintptr_t counters, uintptr_t rows_ws, int64_t B,
-         int64_t d,
-         int64_t H, int64_t Hkv, int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages,
-         int64_t rope_len, int64_t rope_ld, int64_t num_splits, double eps, int dtype, int device,
-         uintptr_t stream) {
-        d3k::AttnBlockArgs a;
-        a.out = out; a.h = h; a.attn_norm = attn_norm; a.wqkv = wqkv; a.bqkv = bqkv; a.wo = wo;
-        a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.pos = pos;
-        a.rope_cos = rope_cos; a.rope_sin = rope_sin; a.row_active = row_active;
-        a.q_ws = q_ws; a.o_ws = o_ws; a.part_ml = part_ml; a.part_acc = part_acc; a.counters = counters;
-        a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = max_pages * page_size; a.rope_len = rope_len;
-        a.rope_ld = rope_ld; a.num_splits = num_splits; a.eps = eps; a.dtype = dtype; a.device = device;
-        a.stream = stream;
-        a.layout = d3k::CacheLayout::kPaged;
-        a.block_table = block_table; a.slot_mapping = slot_mapping; a.num_pages = num_pages;
-        a.page_size = page_size; a.max_pages = max_pages; a.rows_ws = rows_ws;
-        check(d3k::attn_block(a));
-      },
-      "attn_block_paged(out, h, attn_norm, wqkv, bqkv|0, wo, k_pages, v_pages, kv_valid_pages, block_table "
-      "(int32), pos, slot_mapping (int64), rope_cos, rope_sin, row_active, q_ws, o_ws, part_ml, part_acc, "
-      "counters, rows_ws, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld, num_splits, eps, dtype, "
-      "device, stream); scratch sized by attn_workspace(B, H, H_kv, D, max_pages * page_size, device)");
-  m.def(
-      "mlp_block",
-      [](uintptr_t out, uintptr_t h, uintptr_t mlp_norm, uintptr_t w_gate_up, uintptr_t w_down,
-         uintptr_t row_active, uintptr_t act_ws, int64_t B, int64_t d, int64_t F, double eps, int dtype,
-         int device, uintptr_t stream) {
-        d3k::MlpBlockArgs a;
-        a.out = out; a.h = h; a.mlp_norm = mlp_norm; a.w_gate_up = w_gate_up; a.w_down = w_down;
-        a.row_active = row_active; a.act_ws = act_ws; a.B = B; a.d = d; a.F = F; a.eps = eps;
-        a.dtype = dtype; a.device = device; a.stream = stream;
-        check(d3k::mlp_block(a));
-      },
-      "mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, act_ws, B, d, F, eps, dtype, device, stream)");
-  m.def(
-      "lm_head",
-      [](uintptr_t logits, uintptr_t h, uintptr_t final_norm, uintptr_t w_lm, int64_t B, int64_t d, int64_t V,
-         double eps, int dtype, int device, uintptr_t stream) {
-        d3k::LmHeadArgs a;
-        a.logits = logits; a.h = h; a.final_norm = final_norm; a.w_lm = w_lm; a.B = B; a.d = d; a.V = V;
-        a.eps = eps; a.dtype = dtype; a.device = device; a.stream = stream;
-        check(d3k::lm_head(a));
-      },
-      "lm_head(logits, h, final_norm, w_lm, B, d, V, eps, dtype, device, stream)");
-  m.def(
-      "write_kv",
-      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t kv_valid, uintptr_t src_h, uintptr_t norms,
-         uintptr_t wqkv, uintptr_t bqkv, uintptr_t pos, uintptr_t rope_cos, uintptr_t rope_sin, uintptr_t flags,
-         int mode, int64_t L, int64_t B, int64_t d, int64_t H, int64_t Hkv, int64_t D, int64_t S,
-         int64_t rope_len, int64_t rope_ld, double eps, int dtype, int device, uintptr_t stream) {
-        d3k::WriteKvArgs a;
-        a.k_cache = k_cache; a.v_cache = v_cache; a.kv_valid = kv_valid; a.src_h = src_h; a.norms = norms;
-        a.wqkv = wqkv; a.bqkv = bqkv; a.pos = pos; a.rope_cos = rope_cos; a.rope_sin = rope_sin;
-        a.flags = flags; a.mode = mode; a.L = L; a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D; a.S = S;
-        a.rope_len = rope_len; a.rope_ld = rope_ld; a.eps = eps; a.dtype = dtype; a.device = device;
-        a.stream = stream;
-        check(d3k::write_kv(a));
-      },
-      "write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv|0, pos, rope_cos, rope_sin, flags, "
-      "mode (0 mask, 1 project, 2 copy), L, B, d, H, H_kv, D, S, rope_len, rope_ld, eps, dtype, device, stream)");
-  m.def(
-      "write_kv_paged",
-      [](uintptr_t k_pages, uintptr_t v_pages, uintptr_t kv_valid_pages, uintptr_t src_h, uintptr_t norms,
-         uintptr_t wqkv, uintptr_t bqkv, uintptr_t pos, uintptr_t slot_mapping, uintptr_t rope_cos,
-         uintptr_t rope_sin, uintptr_t flags, int mode, int64_t L, int64_t B, int64_t d, int64_t H, int64_t Hkv,
-         int64_t D, int64_t num_pages, int64_t page_size, int64_t max_pages, int64_t rope_len, int64_t rope_ld,
-         double eps, int dtype, int device, uintptr_t stream) {
-        d3k::WriteKvArgs a;
-        a.k_cache = k_pages; a.v_cache = v_pages; a.kv_valid = kv_valid_pages; a.src_h = src_h; a.norms = norms;
-        a.wqkv = wqkv; a.bqkv = bqkv; a.pos = pos; a.rope_cos = rope_cos; a.rope_sin = rope_sin;
-        a.flags = flags; a.mode = mode; a.L = L; a.B = B; a.d = d; a.H = H; a.Hkv = Hkv; a.D = D;
-        a.S = max_pages * page_size; a.rope_len = rope_len; a.rope_ld = rope_ld; a.eps = eps; a.dtype = dtype;
-        a.device = device; a.stream = stream;
-        a.layout = d3k::CacheLayout::kPaged;
-        a.slot_mapping = slot_mapping; a.num_pages = num_pages; a.page_size = page_size; a.max_pages = max_pages;
-        check(d3k::write_kv(a));
-      },
-      "write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv|0, pos, slot_mapping (int64), "
-      "rope_cos, rope_sin, flags, mode (0 mask, 1 project, 2 copy), L, B, d, H, H_kv, D, num_pages, page_size, "
-      "max_pages, rope_len, rope_ld, eps, dtype, device, stream)");
+  // The launch arguments are the Args structs of d3k/ops.h, bound field by field from their X-macro lists:
+  // Python sets each field by name (an unknown name raises), then calls the launcher with the struct.
+  // module_local: _C and _C_emu bind the same C++ types, and both load in one process.
+  py::enum_<d3k::CacheLayout>(m, "CacheLayout", py::module_local())
+      .value("contiguous", d3k::CacheLayout::kContiguous)
+      .value("paged", d3k::CacheLayout::kPaged);
+#define D3K_BIND_FIELD(type, name) cls.def_readwrite(#name, &Args::name);
+#define D3K_BIND_ARGS(ARGS, FIELDS, LAUNCHER)                                                   \
+  {                                                                                             \
+    using Args = d3k::ARGS;                                                                     \
+    py::class_<Args> cls(m, #ARGS, py::module_local());                                         \
+    cls.def(py::init<>());                                                                      \
+    FIELDS(D3K_BIND_FIELD)                                                                      \
+    m.def(#LAUNCHER, [](const Args& a) { check(d3k::LAUNCHER(a)); }, py::arg("args"),           \
+          "d3k::" #LAUNCHER "(" #ARGS "): launch on args.stream; RuntimeError with the launcher's message.");   \
+  }
+  D3K_BIND_ARGS(AttnBlockArgs, D3K_ATTN_BLOCK_FIELDS, attn_block)
+  D3K_BIND_ARGS(MlpBlockArgs, D3K_MLP_BLOCK_FIELDS, mlp_block)
+  D3K_BIND_ARGS(LmHeadArgs, D3K_LM_HEAD_FIELDS, lm_head)
+  D3K_BIND_ARGS(WriteKvArgs, D3K_WRITE_KV_FIELDS, write_kv)
+#undef D3K_BIND_ARGS
+#undef D3K_BIND_FIELD
   m.def(
       "argmax",
       [](uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int64_t ld, int device, uintptr_t stream) {

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import checks as _checks
+from . import declare, workspace
 from . import reference as _ref
 
 
@@ -76,8 +77,8 @@ def runtime_info() -> dict | str:
 
 
 # --------------------------------------------------------------------------- availability
-_KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "attn_block_paged", "write_kv_paged", "lm_head",
-            "argmax", "device_facts")
+_KERNELS = ("attn_block", "attn_workspace", "mlp_block", "write_kv", "lm_head", "argmax", "device_facts",
+            "AttnBlockArgs", "MlpBlockArgs", "LmHeadArgs", "WriteKvArgs", "CacheLayout")
 CUDA_OPS_AVAILABLE: bool = C is not None and all(hasattr(C, n) for n in _KERNELS)
 
 # What the kernels take (csrc/include/d3k/limits.h), from the build itself: _C, or the emulated build of the
@@ -156,9 +157,10 @@ class CudaKernels:
     d3kernels._C_emu (the same csrc/ code on the SIMT emulation layer) on CPU tensors.
 
     Scratch (q, split-K partials, the attention output, the MLP activation, split counters):
-    - cuda: allocated on the first call per (device, shape) and reused, so later calls and CUDA graph
-      capture allocate nothing. Calls on one device share it: do not run d3k ops on two streams of one
-      device at the same time.
+    - cuda: from the active workspace (d3kernels.workspace): made on the first call per (device, shape) and
+      reused, so later calls and CUDA graph capture allocate nothing. Each decoding state (StepCore) has its
+      own workspace, so two decoders on two streams share nothing; direct calls outside one share the
+      default workspace.
     - cuda-emu: allocated for every call in page-guarded buffers (d3kernels.guarded) and poisoned
       (NaN, 0x7b bytes), so a kernel that reads scratch it did not write, or runs past it, is caught.
     """
@@ -169,7 +171,6 @@ class CudaKernels:
         self.name = name
         self.error = error
         self.available = module is not None and all(hasattr(module, n) for n in _KERNELS)
-        self._scratch: dict = {}
 
     def __repr__(self) -> str:
         return f"CudaKernels({self.name!r} on {self.device_type} tensors, available={self.available})"
@@ -199,27 +200,18 @@ class CudaKernels:
             raise RuntimeError(guarded.describe(str(e))) from None
 
     def _buffer(self, key: tuple, index: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Scratch of n elements from the active workspace (int32 counters are zeroed once, when made)."""
         if self.device_type == "cpu":
             from . import guarded
             # 16-byte aligned, as the launchers require (a GPU allocation is 256-byte aligned)
             return guarded.poison_(guarded.empty((max(1, n),), dtype, align=16))
-        t = self._scratch.get(key)
-        if t is None:
-            dev = torch.device("cuda", index)
-            t = (torch.zeros if dtype == torch.int32 else torch.empty)(max(1, n), device=dev, dtype=dtype)
-            self._scratch[key] = t
-        return t
-
-    def clear_scratch(self) -> None:
-        """Drop every cached scratch buffer (they are re-allocated on the next call)."""
-        self._scratch.clear()
+        return workspace.active().tensor(f"{self.name}:{key}", (max(1, n),), torch.device("cuda", index), dtype,
+                                         zero=dtype == torch.int32)
 
     def _attn_scratch(self, index: int, B: int, H: int, H_kv: int, D: int, S: int) -> dict:
         key = ("attn", index, B, H, H_kv, D, S)
-        plan = self._scratch.get(key + ("plan",))
-        if plan is None:
-            plan = self.C.attn_workspace(B, H, H_kv, D, S, index)
-            self._scratch[key + ("plan",)] = plan
+        plan = workspace.active().get((self.name,) + key + ("plan",),
+                                      lambda: self.C.attn_workspace(B, H, H_kv, D, S, index))
         f32 = torch.float32
         return {"plan": plan, "q": self._buffer(key + ("q",), index, plan["q_elems"], f32),
                 "o": self._buffer(key + ("o",), index, plan["o_elems"], f32),
@@ -228,106 +220,74 @@ class CudaKernels:
                 "counters": self._buffer(key + ("counters",), index, plan["counters"], torch.int32)}
 
     # ------------------------------------------------------------------ ops
-    def attn_block(self, out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
-                   row_active, eps) -> None:
-        """attn_block (reference signature). An active row whose pos is outside [0, S) gets NaN in out and
-        writes nothing: the kernels cannot raise without a host sync."""
-        idx = self._device(h)
-        code = _dtype_code(h.dtype)
-        if k_cache.dim() == 4:
-            _head_dim(k_cache.shape[3])
-        B, d, H, H_kv, D, S = _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache,
-                                                       kv_valid, pos, rope_cos, rope_sin, row_active)
-        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-        ws = self._attn_scratch(idx, B, H, H_kv, D, S)
-        self._call(self.C.attn_block, out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
-                   0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   kv_valid.data_ptr(), pos.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
-                   row_active.data_ptr(), ws["q"].data_ptr(), ws["o"].data_ptr(), ws["ml"].data_ptr(),
-                   ws["acc"].data_ptr(), ws["counters"].data_ptr(), B, d, H, H_kv, D, S, T, rope_ld,
-                   ws["plan"]["num_splits"], float(eps), code, idx, self._stream(idx))
+    def _launch(self, name: str, args: tuple) -> None:
+        """Check op `name`'s arguments (its declaration), fill the C++ Args struct by field name (tensors as
+        pointers, None as 0, the fill mode as its code, the sizes the check found, the layout, scratch) and
+        launch. The kernels cannot raise without a host sync: an active row with a position outside its
+        cache gets NaN (attention) or writes nothing; see the reference for the data checks."""
+        op = declare.OPS[name]
+        t = args[op.names.index(op.dispatch[0])]
+        idx = self._device(t)
+        code = _dtype_code(t.dtype)
+        sizes = op.sizes_of(args)
+        if "D" in sizes:
+            _head_dim(sizes["D"])
+        launcher = {"attn_block_paged": "attn_block", "write_kv_paged": "write_kv"}.get(name, name)
+        a = getattr(self.C, {"attn_block": "AttnBlockArgs", "mlp_block": "MlpBlockArgs", "lm_head": "LmHeadArgs",
+                             "write_kv": "WriteKvArgs"}[launcher])()
+        for arg, v in zip(op.names, args):
+            v = v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v
+            setattr(a, op.fields.get(arg, arg), FILL_MODE_CODES[v] if arg == "mode" else v)
+        for k, v in sizes.items():
+            setattr(a, k, v)
+        if "page_size" in sizes:
+            a.layout, a.S = self.C.CacheLayout.paged, sizes["max_pages"] * sizes["page_size"]
+            problem = kernel_limits_problem(t.dtype, sizes["D"], sizes["page_size"]) if name == "attn_block_paged" \
+                else None
+            if problem:
+                raise RuntimeError(problem)
+        if "rope_cos" in op.names:
+            rope = args[op.names.index("rope_cos")]
+            a.rope_len, a.rope_ld = rope.shape[0], rope.stride(0)
+        a.dtype, a.device, a.stream, a.eps = code, idx, self._stream(idx), float(args[-1])
+        scratch = {}            # held until the launch returns (a CPU guard buffer is freed with its tensor)
+        if launcher == "attn_block":
+            scratch = self._attn_scratch(idx, a.B, a.H, a.Hkv, a.D, a.S)
+            a.q_ws, a.o_ws, a.part_ml, a.part_acc, a.counters = (scratch[k].data_ptr() for k in ("q", "o", "ml",
+                                                                                                   "acc", "counters"))
+            a.num_splits = scratch["plan"]["num_splits"]
+            if name == "attn_block_paged":     # k1's effective row status, read by k2 and k3
+                scratch["rows"] = self._buffer(("attn", idx, a.B, a.H, a.Hkv, a.D, a.S, "rows"), idx,
+                                               scratch["plan"]["rows_elems"], torch.int32)
+                a.rows_ws = scratch["rows"].data_ptr()
+        elif launcher == "mlp_block":
+            scratch["act"] = self._buffer(("mlp", idx, a.B, a.F), idx, a.B * a.F, torch.float32)
+            a.act_ws = scratch["act"].data_ptr()
+        self._call(getattr(self.C, launcher), a)
 
-    def mlp_block(self, out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
+    def attn_block(self, *args) -> None:
+        """attn_block (reference signature)."""
+        self._launch("attn_block", args)
+
+    def mlp_block(self, *args) -> None:
         """mlp_block (reference signature)."""
-        idx = self._device(h)
-        code = _dtype_code(h.dtype)
-        B, d, F = _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
-        act = self._buffer(("mlp", idx, B, F), idx, B * F, torch.float32)
-        self._call(self.C.mlp_block, out.data_ptr(), h.data_ptr(), mlp_norm.data_ptr(), w_gate_up.data_ptr(),
-                   w_down.data_ptr(), row_active.data_ptr(), act.data_ptr(), B, d, F, float(eps), code, idx,
-                   self._stream(idx))
+        self._launch("mlp_block", args)
 
-    def write_kv(self, k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags, mode,
-                 eps) -> None:
-        """write_kv (reference signature). Flagged rows whose pos is outside [0, S) are left untouched."""
-        idx = self._device(k_cache)
-        code = _dtype_code(k_cache.dtype)
-        if k_cache.dim() == 5:
-            _head_dim(k_cache.shape[4])
-        L, B, d, H, H_kv, D, S = _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos,
-                                                        rope_cos, rope_sin, flags, mode)
-        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-        self._call(self.C.write_kv, k_cache.data_ptr(), v_cache.data_ptr(), kv_valid.data_ptr(), src_h.data_ptr(),
-                   norms.data_ptr(), wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(), pos.data_ptr(),
-                   rope_cos.data_ptr(), rope_sin.data_ptr(), flags.data_ptr(), FILL_MODE_CODES[mode], L, B, d, H, H_kv,
-                   D, S, T, rope_ld, float(eps), code, idx, self._stream(idx))
+    def write_kv(self, *args) -> None:
+        """write_kv (reference signature)."""
+        self._launch("write_kv", args)
 
-    def attn_block_paged(self, out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table,
-                         pos, slot_mapping, rope_cos, rope_sin, row_active, eps) -> None:
-        """attn_block_paged (reference signature). page_size must be a multiple of 16. The kernels cannot raise
-        without a host sync, so: a running row (row_active = 1, slot_mapping >= 0) whose pos is outside
-        [0, min(max_pages * page_size, rope rows)) or whose slot is past the pool gets NaN in out and writes
-        nothing; a block_table entry outside [0, num_pages) among the pages a running row reads makes that
-        row's out NaN (its K/V are still written); K/V are written at slot_mapping and read through
-        block_table, whether or not the two agree."""
-        idx = self._device(h)
-        code = _dtype_code(h.dtype)
-        if k_pages.dim() == 4:
-            _head_dim(k_pages.shape[3])
-        B, d, H, H_kv, D, P, ps, M = _checks.check_attn_block_paged(
-            out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos, slot_mapping,
-            rope_cos, rope_sin, row_active)
-        problem = kernel_limits_problem(h.dtype, D, ps)
-        if problem:
-            raise RuntimeError(problem)
-        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-        ws = self._attn_scratch(idx, B, H, H_kv, D, M * ps)   # the split plan of a cache of max_pages pages
-        rows = self._buffer(("attn", idx, B, H, H_kv, D, M * ps, "rows"), idx, ws["plan"]["rows_elems"],
-                            torch.int32)                      # k1's effective row status, read by k2 and k3
-        self._call(self.C.attn_block_paged, out.data_ptr(), h.data_ptr(), attn_norm.data_ptr(), wqkv.data_ptr(),
-                   0 if bqkv is None else bqkv.data_ptr(), wo.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(),
-                   kv_valid_pages.data_ptr(), block_table.data_ptr(), pos.data_ptr(), slot_mapping.data_ptr(),
-                   rope_cos.data_ptr(), rope_sin.data_ptr(), row_active.data_ptr(), ws["q"].data_ptr(),
-                   ws["o"].data_ptr(), ws["ml"].data_ptr(), ws["acc"].data_ptr(), ws["counters"].data_ptr(),
-                   rows.data_ptr(), B, d, H, H_kv, D, P, ps, M, T, rope_ld, ws["plan"]["num_splits"], float(eps), code, idx,
-                   self._stream(idx))
+    def attn_block_paged(self, *args) -> None:
+        """attn_block_paged (reference signature); page_size a multiple of the build's page_size_multiple."""
+        self._launch("attn_block_paged", args)
 
-    def write_kv_paged(self, k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
-                       slot_mapping, rope_cos, rope_sin, flags, mode, eps) -> None:
-        """write_kv_paged (reference signature). Rows with slot_mapping < 0 write nothing; a flagged row whose
-        slot is past the pool or whose pos is outside [0, min(max_pages * page_size, rope rows)) is left
-        untouched (the kernels cannot raise without a host sync). block_table is not read."""
-        idx = self._device(k_pages)
-        code = _dtype_code(k_pages.dtype)
-        if k_pages.dim() == 5:
-            _head_dim(k_pages.shape[4])
-        L, B, d, H, H_kv, D, P, ps, M = _checks.check_write_kv_paged(
-            k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos, slot_mapping, rope_cos,
-            rope_sin, flags, mode)
-        T, rope_ld = rope_cos.shape[0], rope_cos.stride(0)
-        self._call(self.C.write_kv_paged, k_pages.data_ptr(), v_pages.data_ptr(), kv_valid_pages.data_ptr(),
-                   src_h.data_ptr(), norms.data_ptr(), wqkv.data_ptr(), 0 if bqkv is None else bqkv.data_ptr(),
-                   pos.data_ptr(), slot_mapping.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
-                   flags.data_ptr(), FILL_MODE_CODES[mode], L, B, d, H, H_kv, D, P, ps, M, T, rope_ld, float(eps),
-                   code, idx, self._stream(idx))
+    def write_kv_paged(self, *args) -> None:
+        """write_kv_paged (reference signature); rows with slot_mapping < 0 write nothing."""
+        self._launch("write_kv_paged", args)
 
-    def lm_head(self, logits, h, final_norm, w_lm, eps) -> None:
+    def lm_head(self, *args) -> None:
         """lm_head (reference signature)."""
-        idx = self._device(h)
-        code = _dtype_code(h.dtype)
-        B, d, V = _checks.check_lm_head(logits, h, final_norm, w_lm)
-        self._call(self.C.lm_head, logits.data_ptr(), h.data_ptr(), final_norm.data_ptr(), w_lm.data_ptr(), B, d, V,
-                   float(eps), code, idx, self._stream(idx))
+        self._launch("lm_head", args)
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:
@@ -347,90 +307,27 @@ cuda_emu_ops = CudaKernels(C_EMU, "cpu", "cuda-emu", C_EMU_ERROR)
 
 
 def clear_scratch() -> None:
-    """Drop every cached scratch buffer of the CUDA backend (they are re-allocated on the next call)."""
-    cuda_ops.clear_scratch()
+    """Drop the default workspace's scratch buffers (re-allocated on the next call outside a decoding state)."""
+    workspace.DEFAULT.clear()
 
 
 # --------------------------------------------------------------------------- torch.library
 # Every argument is a tensor or a scalar; mutated tensors are annotated (a!) and nothing is returned, so
 # torch.compile keeps the ops in place (no copy of a KV cache) and a CUDA graph captures them as they are.
-SCHEMAS = {
-    "attn_block": "attn_block(Tensor(a!) out, Tensor h, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, "
-                  "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) kv_valid, Tensor pos, Tensor rope_cos, "
-                  "Tensor rope_sin, Tensor row_active, float eps) -> ()",
-    "mlp_block": "mlp_block(Tensor(a!) out, Tensor h, Tensor mlp_norm, Tensor w_gate_up, Tensor w_down, "
-                 "Tensor row_active, float eps) -> ()",
-    "write_kv": "write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) kv_valid, Tensor src_h, "
-                "Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor pos, Tensor rope_cos, Tensor rope_sin, "
-                "Tensor flags, str fill_mode, float eps) -> ()",
-    # Paged KV cache (one layer's pages for attn_block_paged, the [L, ...] stack for write_kv_paged);
-    # slot_mapping is int64, -1 = write (and run) nothing.
-    "attn_block_paged": "attn_block_paged(Tensor(a!) out, Tensor h, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, "
-                        "Tensor wo, Tensor(b!) k_pages, Tensor(c!) v_pages, Tensor(d!) kv_valid_pages, "
-                        "Tensor block_table, Tensor pos, Tensor slot_mapping, Tensor rope_cos, Tensor rope_sin, "
-                        "Tensor row_active, float eps) -> ()",
-    "write_kv_paged": "write_kv_paged(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) kv_valid_pages, "
-                      "Tensor src_h, Tensor norms, Tensor wqkv, Tensor? bqkv, Tensor block_table, Tensor pos, "
-                      "Tensor slot_mapping, Tensor rope_cos, Tensor rope_sin, Tensor flags, str fill_mode, "
-                      "float eps) -> ()",
-    "lm_head": "lm_head(Tensor(a!) logits, Tensor h, Tensor final_norm, Tensor w_lm, float eps) -> ()",
-    # Sampling takes no generator (a schema cannot hold one): sample_greedy is the argmax, and sample takes
-    # its randomness as a tensor, noise [B, V] float32 of Exp(1) draws, filled by the caller
-    # (noise.exponential_(generator=g)); the same noise gives the same tokens on every backend.
-    "sample_greedy": "sample_greedy(Tensor(a!) tokens, Tensor logits) -> ()",
-    "sample": "sample(Tensor(a!) tokens, Tensor logits, Tensor noise, float temperature, int top_k, "
-              "float top_p) -> ()",
-}
+SCHEMAS = {name: op.schema for name, op in declare.OPS.items()}
 
 
 # Argument checks: every kernel (CPU and fake) checks first, so a bad call fails with the same message
 # eagerly and while torch.compile traces. The CUDA kernels check inside CudaKernels.
-def _check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos, rope_sin,
-                      row_active, eps) -> None:
-    _checks.check_attn_block(out, h, attn_norm, wqkv, bqkv, wo, k_cache, v_cache, kv_valid, pos, rope_cos,
-                             rope_sin, row_active)
+def _check(name: str):
+    op = declare.OPS[name]
+
+    def check(*args) -> None:
+        op.check_args(args)
+    return check
 
 
-def _check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active, eps) -> None:
-    _checks.check_mlp_block(out, h, mlp_norm, w_gate_up, w_down, row_active)
-
-
-# write_kv's string argument is "fill_mode" in the schema: an op argument named "mode" collides with
-# torch's functionalization internals (aot_dispatch: "got multiple values for argument 'mode'").
-def _check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
-                    fill_mode, eps) -> None:
-    _checks.check_write_kv(k_cache, v_cache, kv_valid, src_h, norms, wqkv, bqkv, pos, rope_cos, rope_sin, flags,
-                           fill_mode)
-
-
-def _check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table, pos,
-                            slot_mapping, rope_cos, rope_sin, row_active, eps) -> None:
-    _checks.check_attn_block_paged(out, h, attn_norm, wqkv, bqkv, wo, k_pages, v_pages, kv_valid_pages, block_table,
-                                   pos, slot_mapping, rope_cos, rope_sin, row_active)
-
-
-def _check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
-                          slot_mapping, rope_cos, rope_sin, flags, fill_mode, eps) -> None:
-    _checks.check_write_kv_paged(k_pages, v_pages, kv_valid_pages, src_h, norms, wqkv, bqkv, block_table, pos,
-                                 slot_mapping, rope_cos, rope_sin, flags, fill_mode)
-
-
-def _check_lm_head(logits, h, final_norm, w_lm, eps) -> None:
-    _checks.check_lm_head(logits, h, final_norm, w_lm)
-
-
-def _check_sample_greedy(tokens, logits) -> None:
-    _checks.check_sample(tokens, logits)
-
-
-def _check_sample(tokens, logits, noise, temperature, top_k, top_p) -> None:
-    _checks.check_sample(tokens, logits, noise)
-    _checks.check_sampling(temperature, top_k, top_p)
-
-
-_CHECKS = {"attn_block": _check_attn_block, "mlp_block": _check_mlp_block, "write_kv": _check_write_kv,
-           "attn_block_paged": _check_attn_block_paged, "write_kv_paged": _check_write_kv_paged,
-           "lm_head": _check_lm_head, "sample_greedy": _check_sample_greedy, "sample": _check_sample}
+_CHECKS = {name: _check(name) for name in declare.OPS}
 
 
 def _sample_greedy(tokens, logits) -> None:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends
+from .workspace import Workspace
 from .cache import KVCache, PagedKVCache, PoolFull
 from .engine import Buffers, Plan, plan as make_plan, run_layers
 from .model import Model, rope_tables
@@ -65,6 +66,7 @@ class StepCore:
             cuda_graphs = os.environ.get("D3K_CUDA_GRAPHS", "1") != "0"
         self.graphs_enabled = bool(cuda_graphs) and capturable
         self.op_calls = Counter()
+        self.workspace = Workspace()    # this state's kernel scratch: no other decoder shares it
         self._graph_stats = {"captured": 0, "capture_s": 0.0, "pool_bytes": 0}
         self._pool = None
         self._allocate(max_batch, max_seq_len, page_size, num_pages)
@@ -174,7 +176,8 @@ class StepCore:
         for b, e in zip(rows, ends):
             self._lengths[b] = e
         w, out = self.model.weights, self.logits[rows.start:rows.stop]
-        self.ops.lm_head(out, h, w.final_norm, w.lm_head, self.cfg.eps)
+        with self.workspace:
+            self.ops.lm_head(out, h, w.final_norm, w.lm_head, self.cfg.eps)
         return out
 
     # ------------------------------------------------------------------ the step
@@ -212,17 +215,19 @@ class StepCore:
         self._pos64.copy_(p.positions.long()[:, None], non_blocking=True)
 
     def launch(self, p: Plan) -> None:
-        """The device work of a loaded plan: allocation-free and sync-free, so it can be captured (a
-        benchmark times this alone). Reads the plan only through the loaded buffers and p.key (kept
-        layers, project launches), so a graph captured for one plan replays every plan with that key."""
+        """The device work of a loaded plan, with this state's workspace: allocation-free (after the first
+        call) and sync-free, so it can be captured (a benchmark times this alone). Reads the plan only
+        through the loaded buffers and p.key (kept layers, project launches), so a graph captured for one
+        plan replays every plan with that key."""
         w, c, bufs = self.model.weights, self.cache, self._bufs
-        torch.index_select(w.embed, 0, self.tokens, out=self._h)
-        self._log.scatter_(1, self._pos64, self.tokens[:, None])     # rows that do not run: past their end
-        run_layers(self.ops, p.kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, bufs.pos, self.rope_cos,
-                   self.rope_sin, bufs.active, self.cfg.eps, mask=bufs.mask, project=bufs.project_for(p),
-                   copy=bufs.copy if p.copy is not None else None, block_table=c.block_table, slots=bufs.slots,
-                   counts=self.op_calls)
-        self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
+        with self.workspace:
+            torch.index_select(w.embed, 0, self.tokens, out=self._h)
+            self._log.scatter_(1, self._pos64, self.tokens[:, None])     # rows that do not run: past their end
+            run_layers(self.ops, p.kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, bufs.pos, self.rope_cos,
+                       self.rope_sin, bufs.active, self.cfg.eps, mask=bufs.mask, project=bufs.project_for(p),
+                       copy=bufs.copy if p.copy is not None else None, block_table=c.block_table,
+                       slots=bufs.slots, counts=self.op_calls)
+            self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
         self.op_calls["lm_head"] += 1
 
     def _capture(self, p: Plan) -> "torch.cuda.CUDAGraph":
@@ -254,7 +259,8 @@ class StepCore:
         that view [len(rows)] int64."""
         check_sampling(temperature, top_k, top_p)
         out = self.tokens[rows.start:rows.stop]
-        self.ops.sample(out, self.logits[rows.start:rows.stop], temperature, top_k, top_p, generator)
+        with self.workspace:
+            self.ops.sample(out, self.logits[rows.start:rows.stop], temperature, top_k, top_p, generator)
         return out
 
     # ------------------------------------------------------------------ state

@@ -91,3 +91,24 @@ def tiny_hf_model(kind: str, layers: int = 5, seed=None, **config):
             if p.dim() == 2:
                 p.normal_(0, 0.15)
     return model.eval()
+
+
+# The pointer fields of the C++ launch structs (csrc/include/d3k/ops.h), for launcher tests that fill them
+# with a fake device address.
+LAUNCH_POINTERS = {
+    "AttnBlockArgs": "out h attn_norm wqkv bqkv wo k_cache v_cache kv_valid pos rope_cos rope_sin row_active q_ws "
+                     "o_ws part_ml part_acc counters",
+    "MlpBlockArgs": "out h mlp_norm w_gate_up w_down row_active act_ws",
+    "LmHeadArgs": "logits h final_norm w_lm",
+    "WriteKvArgs": "k_cache v_cache kv_valid src_h norms wqkv bqkv pos rope_cos rope_sin flags",
+}
+
+
+def launch_args(C, cls: str, p: int, **fields):
+    """C.<cls>() with every pointer field set to p, then `fields` set by name (unknown names raise)."""
+    a = getattr(C, cls)()
+    for name in LAUNCH_POINTERS[cls].split():
+        setattr(a, name, p)
+    for name, value in fields.items():
+        setattr(a, name, value)
+    return a

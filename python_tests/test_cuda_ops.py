@@ -22,7 +22,7 @@ import torch
 
 from tolerance import SLACK, assert_close, poison
 
-from helpers import cache_rows, tiny_model
+from helpers import cache_rows, launch_args, tiny_model
 from test_op_api import cpu_args as _cpu_args
 
 from d3kernels import D3Schedule, Decoder, _ops, backends, guarded
@@ -96,23 +96,27 @@ def test_cuda_ops_reject_cpu_tensors():
 def test_launchers_validate_before_touching_the_gpu():
     """The C++ launchers check their arguments first (no CUDA call), so this runs anywhere."""
     C, p = _ops.C, 256                       # p: a fake 16-byte aligned device address
+    mlp = dict(B=1, d=8, F=8, eps=EPS, dtype=1)
     with pytest.raises(RuntimeError, match="dtype code 7 is not supported"):
-        C.mlp_block(p, p, p, p, p, p, p, 1, 8, 8, EPS, 7, 0, 0)
+        C.mlp_block(launch_args(C, "MlpBlockArgs", p, **{**mlp, "dtype": 7}))
     with pytest.raises(RuntimeError, match="null pointer"):
-        C.mlp_block(p, 0, p, p, p, p, p, 1, 8, 8, EPS, 1, 0, 0)
-    # attn_block(18 pointers, B, d, H, H_kv, D, S, rope_len, rope_ld, num_splits, eps, dtype, device, stream)
+        C.mlp_block(launch_args(C, "MlpBlockArgs", p, h=0, **mlp))
+    attn = dict(B=1, d=64, H=2, Hkv=1, D=64, S=16, rope_len=16, rope_ld=32, num_splits=1, eps=EPS, dtype=1)
     with pytest.raises(RuntimeError, match="head_dim 32 is not supported"):
-        C.attn_block(*[p] * 18, 1, 64, 2, 1, 32, 16, 16, 16, 1, EPS, 1, 0, 0)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, **{**attn, "D": 32, "rope_ld": 16}))
     with pytest.raises(RuntimeError, match="multiple of H_kv"):
-        C.attn_block(*[p] * 18, 1, 64, 3, 2, 64, 16, 16, 32, 1, EPS, 1, 0, 0)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, **{**attn, "H": 3, "Hkv": 2}))
     with pytest.raises(RuntimeError, match="16-byte aligned"):
-        C.attn_block(*[p] * 6, p + 8, *[p] * 11, 1, 64, 2, 1, 64, 16, 16, 32, 1, EPS, 1, 0, 0)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, k_cache=p + 8, **attn))
     with pytest.raises(RuntimeError, match="null pointer"):
-        C.lm_head(0, p, p, p, 1, 8, 8, EPS, 1, 0, 0)
+        C.lm_head(launch_args(C, "LmHeadArgs", p, logits=0, B=1, d=8, V=8, eps=EPS, dtype=1))
+    kv = dict(L=2, B=1, d=8, H=2, Hkv=1, D=64, S=16, rope_len=16, rope_ld=32, eps=EPS, dtype=1)
     with pytest.raises(RuntimeError, match="mode code 5"):
-        C.write_kv(*[p] * 11, 5, 2, 1, 8, 2, 1, 64, 16, 16, 32, EPS, 1, 0, 0)
+        C.write_kv(launch_args(C, "WriteKvArgs", p, mode=5, **kv))
     with pytest.raises(RuntimeError, match="head_dim 96"):
-        C.write_kv(*[p] * 11, 0, 2, 1, 8, 2, 1, 96, 16, 16, 48, EPS, 1, 0, 0)
+        C.write_kv(launch_args(C, "WriteKvArgs", p, **{**kv, "D": 96, "rope_ld": 48}))
+    with pytest.raises(AttributeError):      # fields are set by name: a misspelt one cannot pass silently
+        launch_args(C, "WriteKvArgs", p, H_kv=1)
     with pytest.raises(RuntimeError, match="row stride"):
         C.argmax(p, p, 2, 100, 50, 0, 0)
 
@@ -191,7 +195,8 @@ def _same(name, a, b):
 def _poison_gpu_scratch():
     """The GPU backend caches its scratch across calls: poison it, so a kernel that reads scratch it did not
     write in this call fails (the split counters too: k1 must zero them)."""
-    for t in _ops.cuda_ops._scratch.values():
+    from d3kernels import workspace
+    for t in workspace.active().buffers.values():
         if isinstance(t, torch.Tensor):
             poison(t) if t.is_floating_point() else t.fill_(0x7B7B7B7B)
 

@@ -373,8 +373,8 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # independent, and there is no cycle). Packages (reference/, triton/) count as one module; "__init__" is the
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
-    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "tolerance"),  # torch and the stdlib
-    ("cache",),        # the KV cache layouts (their slot rule is the reference's too)
+    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "tolerance", "workspace"),  # torch and the stdlib
+    ("cache", "declare"),   # the KV cache layouts (their slot rule is the reference's too); the op declarations
     ("reference",),    # the specification
     ("speed", "triton", "engine", "prefill"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu

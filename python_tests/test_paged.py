@@ -20,7 +20,7 @@ interpreter on CPU, fp16/fp32; compiled on a GPU); "gpu" (the CUDA kernels, mark
 import pytest
 import torch
 
-from helpers import TRITON_DEVICE, cache_rows
+from helpers import TRITON_DEVICE, cache_rows, launch_args
 from test_cuda_ops import Target, _rope, run_kernel
 from tolerance import assert_close, poison
 
@@ -463,22 +463,23 @@ def test_backend_table_knows_page_sizes():
 def test_paged_launchers_validate_before_touching_the_gpu():
     """The C++ launchers check the paged arguments first (no CUDA call), so this runs anywhere."""
     C, p = _ops.C, 256                       # p: a fake 16-byte aligned device address
-    # attn_block_paged(21 pointers, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld,
-    #                  num_splits, eps, dtype, device, stream)
+    paged = dict(layout=C.CacheLayout.paged, block_table=p, slot_mapping=p)
+    attn = dict(B=1, d=64, H=2, Hkv=1, D=64, num_pages=4, page_size=16, max_pages=2, S=32, rope_len=16,
+                rope_ld=32, num_splits=1, eps=EPS, dtype=1, rows_ws=p, **paged)
     with pytest.raises(RuntimeError, match="page_size 8 is not supported"):
-        C.attn_block_paged(*[p] * 21, 1, 64, 2, 1, 64, 4, 8, 2, 16, 32, 1, EPS, 1, 0, 0)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, **{**attn, "page_size": 8, "S": 16}))
     with pytest.raises(RuntimeError, match="null pointer"):
-        C.attn_block_paged(*[p] * 11, 0, *[p] * 9, 1, 64, 2, 1, 64, 4, 16, 2, 16, 32, 1, EPS, 1, 0, 0)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, **{**attn, "slot_mapping": 0}))
     with pytest.raises(RuntimeError, match="null pointer"):    # the rows scratch
-        C.attn_block_paged(*[p] * 20, 0, 1, 64, 2, 1, 64, 4, 16, 2, 16, 32, 1, EPS, 1, 0, 0)
-    # write_kv_paged(12 pointers, mode, L, B, d, H, H_kv, D, num_pages, page_size, max_pages, rope_len, rope_ld,
-    #                eps, dtype, device, stream)
+        C.attn_block(launch_args(C, "AttnBlockArgs", p, **{**attn, "rows_ws": 0}))
+    kv = dict(L=2, B=1, d=8, H=2, Hkv=1, D=64, num_pages=4, page_size=16, max_pages=2, S=32, rope_len=16,
+              rope_ld=32, eps=EPS, dtype=1, **paged)
     with pytest.raises(RuntimeError, match="mode code 5"):
-        C.write_kv_paged(*[p] * 12, 5, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
+        C.write_kv(launch_args(C, "WriteKvArgs", p, mode=5, **kv))
     with pytest.raises(RuntimeError, match="num_pages, page_size and max_pages"):
-        C.write_kv_paged(*[p] * 12, 0, 2, 1, 8, 2, 1, 64, 0, 16, 2, 16, 32, EPS, 1, 0, 0)
+        C.write_kv(launch_args(C, "WriteKvArgs", p, **{**kv, "num_pages": 0}))
     with pytest.raises(RuntimeError, match="write_kv_paged: null pointer"):    # the layout is paged: slots needed
-        C.write_kv_paged(*[p] * 8, 0, *[p] * 3, 0, 2, 1, 8, 2, 1, 64, 4, 16, 2, 16, 32, EPS, 1, 0, 0)
+        C.write_kv(launch_args(C, "WriteKvArgs", p, **{**kv, "slot_mapping": 0}))
 
 
 @pytest.mark.gpu

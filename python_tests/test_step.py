@@ -94,3 +94,59 @@ def test_plan_keys_and_launches():
     assert set(mixed.project) > set(starts) and mixed.key == again.key and mixed.kept == kept
     assert engine.plan(sched, [0, 0], "copy").copy is None          # nobody skips: no copy launch
     assert engine.plan(sched, [i, None], "copy").key == (kept, (), True)
+
+
+def test_workspaces_are_per_state():
+    """Kernel scratch comes from the active workspace: two workspaces never share a buffer, and the default
+    is back after a `with`."""
+    from d3kernels import workspace
+    a, b = workspace.Workspace(), workspace.Workspace()
+    with a:
+        ta = workspace.active().tensor("q", (4, 8), "cpu")
+        with b:
+            tb = workspace.active().tensor("q", (4, 8), "cpu")
+        assert workspace.active() is a and workspace.active().tensor("q", (4, 8), "cpu") is ta
+    assert workspace.active() is workspace.DEFAULT and ta.data_ptr() != tb.data_ptr()
+
+
+def test_two_decoders_keep_their_own_scratch():
+    """Two decoders on the Triton backend (interpreted on a CPU) fill their own workspaces and leave the
+    process default alone, so they could run on two streams at once (the GPU test runs them so)."""
+    from d3kernels import backends, workspace
+    reason = backends.why_not("triton", "cpu", torch.float32, 16)
+    if reason:
+        pytest.skip(f"triton: {reason}")
+    model = tiny_model(L=2, d=32, H=2, H_kv=1, D=16, F=48, V=64, seed=3)
+    before = dict(workspace.DEFAULT.buffers)
+    decs = [Decoder(model, D3Schedule(2, alpha=1.0), max_seq_len=16, backend="triton") for _ in range(2)]
+    for dec in decs:
+        dec.prefill([[1, 2, 3]])
+        dec.step([4])
+    mine = [{t.data_ptr() for t in d.core.workspace.buffers.values() if isinstance(t, torch.Tensor)} for d in decs]
+    assert mine[0] and mine[1] and not mine[0] & mine[1]
+    assert workspace.DEFAULT.buffers == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_two_decoders_on_two_streams(backend):
+    """Two decoders stepping at once on two CUDA streams give the tokens each gives alone."""
+    model = tiny_model(L=4, d=256, H=4, H_kv=2, D=64, F=512, V=211, dtype=torch.bfloat16, device="cuda")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    alone = []
+    for p in prompts:
+        dec = Decoder(model, D3Schedule(4, alpha=0.9, start=0.25), max_seq_len=64, backend=backend)
+        dec.prefill([p])
+        alone.append(dec.decode(32).cpu())
+    decs = [Decoder(model, D3Schedule(4, alpha=0.9, start=0.25), max_seq_len=64, backend=backend) for _ in prompts]
+    streams = [torch.cuda.Stream() for _ in prompts]
+    outs = [None, None]
+    for k, (dec, p, s) in enumerate(zip(decs, prompts, streams)):
+        with torch.cuda.stream(s):
+            dec.prefill([p])
+    for k, (dec, s) in enumerate(zip(decs, streams)):
+        with torch.cuda.stream(s):
+            outs[k] = dec.decode(32)
+    torch.cuda.synchronize()
+    for k in range(2):
+        assert torch.equal(outs[k].cpu(), alone[k]), k

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .. import workspace
 import triton
 import triton.language as tl
 
@@ -64,19 +66,10 @@ def check_contiguous(**ts) -> None:
             raise ValueError(f"triton backend: {name} must be contiguous (got strides {tuple(t.stride())})")
 
 
-_SCRATCH: dict = {}
-
-
 def scratch(tag: str, shape: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A cached scratch buffer per (tag, shape, device, dtype): allocated on the first call only, so a
-    CUDA graph captured after a warm-up call allocates nothing. Buffers are shared by all callers of the
-    same shape; ops on one stream use them one after the other."""
-    key = (tag, tuple(shape), str(device), dtype)
-    t = _SCRATCH.get(key)
-    if t is None:
-        t = torch.empty(shape, device=device, dtype=dtype)
-        _SCRATCH[key] = t
-    return t
+    """A scratch buffer per (tag, shape, device, dtype) in the active workspace (d3kernels.workspace):
+    made on the first call only, so a CUDA graph captured after a warm-up call allocates nothing."""
+    return workspace.active().tensor("triton:" + tag, shape, device, dtype)
 
 
 # --------------------------------------------------------------------------- device helpers

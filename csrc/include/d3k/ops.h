@@ -32,86 +32,94 @@ std::string attn_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t
 // The KV cache layout an op reads and writes, said explicitly (not by which pointers are set).
 enum class CacheLayout : int { kContiguous = 0, kPaged = 1 };
 
+// Each Args struct's fields are listed once, in an X-macro: the struct below and its Python class
+// (bindings.cpp; d3kernels/_ops.py sets the fields by name) both come from it.
+#define D3K_DECLARE_FIELD(type, name) type name{};
+
+// attn_block. Paged KV cache (layout kPaged): k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
+// kv_valid [num_pages, page_size]; S must be max_pages * page_size (the split plan's length).
+#define D3K_ATTN_BLOCK_FIELDS(X)                                                         \
+  X(uintptr_t, out)        /* [B, d] dtype (written) */                                  \
+  X(uintptr_t, h)          /* [B, d] dtype (may alias out) */                            \
+  X(uintptr_t, attn_norm)  /* [d] */                                                     \
+  X(uintptr_t, wqkv)       /* [(H + 2 H_kv) D, d] */                                     \
+  X(uintptr_t, bqkv)       /* [(H + 2 H_kv) D] or 0 */                                   \
+  X(uintptr_t, wo)         /* [d, H D] */                                                \
+  X(uintptr_t, k_cache)    /* [B, H_kv, S, D] (updated at pos) */                        \
+  X(uintptr_t, v_cache)                                                                  \
+  X(uintptr_t, kv_valid)   /* [B, S] uint8 (set to 1 at pos) */                          \
+  X(uintptr_t, pos)        /* [B] int32 */                                               \
+  X(uintptr_t, rope_cos)   /* [rope_len, D/2] fp32, row stride rope_ld */                \
+  X(uintptr_t, rope_sin)                                                                 \
+  X(uintptr_t, row_active) /* [B] uint8 */                                               \
+  X(uintptr_t, q_ws) X(uintptr_t, o_ws) X(uintptr_t, part_ml) X(uintptr_t, part_acc)     \
+  X(uintptr_t, counters)   /* AttnWorkspace */                                           \
+  X(int64_t, B) X(int64_t, d) X(int64_t, H) X(int64_t, Hkv) X(int64_t, D) X(int64_t, S)  \
+  X(int64_t, rope_len) X(int64_t, rope_ld) X(int64_t, num_splits)                        \
+  X(double, eps) X(int, dtype) X(int, device) X(uintptr_t, stream)                       \
+  X(CacheLayout, layout)                                                                 \
+  X(uintptr_t, block_table)  /* [B, max_pages] int32 */                                  \
+  X(uintptr_t, slot_mapping) /* [B] int64, -1 = the row runs nothing */                  \
+  X(uintptr_t, rows_ws)      /* AttnWorkspace::rows_elems int32 of scratch */            \
+  X(int64_t, num_pages) X(int64_t, page_size) X(int64_t, max_pages)
 struct AttnBlockArgs {
-  uintptr_t out = 0;        // [B, d] dtype (written)
-  uintptr_t h = 0;          // [B, d] dtype (may alias out)
-  uintptr_t attn_norm = 0;  // [d]
-  uintptr_t wqkv = 0;       // [(H + 2 H_kv) D, d]
-  uintptr_t bqkv = 0;       // [(H + 2 H_kv) D] or 0
-  uintptr_t wo = 0;         // [d, H D]
-  uintptr_t k_cache = 0;    // [B, H_kv, S, D] (updated at pos)
-  uintptr_t v_cache = 0;
-  uintptr_t kv_valid = 0;   // [B, S] uint8 (set to 1 at pos)
-  uintptr_t pos = 0;        // [B] int32
-  uintptr_t rope_cos = 0;   // [rope_len, D/2] fp32, row stride rope_ld
-  uintptr_t rope_sin = 0;
-  uintptr_t row_active = 0; // [B] uint8
-  uintptr_t q_ws = 0, o_ws = 0, part_ml = 0, part_acc = 0, counters = 0;  // AttnWorkspace
-  int64_t B = 0, d = 0, H = 0, Hkv = 0, D = 0, S = 0, rope_len = 0, rope_ld = 0, num_splits = 0;
-  double eps = 0;
-  int dtype = 0, device = 0;
-  uintptr_t stream = 0;
-  // Paged KV cache (layout kPaged): k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
-  // kv_valid [num_pages, page_size]; S must be max_pages * page_size (the split plan's length).
-  CacheLayout layout = CacheLayout::kContiguous;
-  uintptr_t block_table = 0;   // [B, max_pages] int32
-  uintptr_t slot_mapping = 0;  // [B] int64, -1 = the row runs nothing
-  uintptr_t rows_ws = 0;       // AttnWorkspace::rows_elems int32 of scratch
-  int64_t num_pages = 0, page_size = 0, max_pages = 0;
+  D3K_ATTN_BLOCK_FIELDS(D3K_DECLARE_FIELD)
 };
 // attn_block on a contiguous cache, or (layout kPaged) on a paged one: attn_block_paged.
 std::string attn_block(const AttnBlockArgs& a);
 
 // ---------------------------------------------------------------- mlp_block
+#define D3K_MLP_BLOCK_FIELDS(X)                                                          \
+  X(uintptr_t, out)        /* [B, d] (written; may alias h) */                           \
+  X(uintptr_t, h)          /* [B, d] */                                                  \
+  X(uintptr_t, mlp_norm)   /* [d] */                                                     \
+  X(uintptr_t, w_gate_up)  /* [2F, d] */                                                 \
+  X(uintptr_t, w_down)     /* [d, F] */                                                  \
+  X(uintptr_t, row_active) /* [B] uint8 */                                               \
+  X(uintptr_t, act_ws)     /* [B, F] fp32 scratch */                                     \
+  X(int64_t, B) X(int64_t, d) X(int64_t, F)                                              \
+  X(double, eps) X(int, dtype) X(int, device) X(uintptr_t, stream)
 struct MlpBlockArgs {
-  uintptr_t out = 0;        // [B, d] (written; may alias h)
-  uintptr_t h = 0;          // [B, d]
-  uintptr_t mlp_norm = 0;   // [d]
-  uintptr_t w_gate_up = 0;  // [2F, d]
-  uintptr_t w_down = 0;     // [d, F]
-  uintptr_t row_active = 0; // [B] uint8
-  uintptr_t act_ws = 0;     // [B, F] fp32 scratch
-  int64_t B = 0, d = 0, F = 0;
-  double eps = 0;
-  int dtype = 0, device = 0;
-  uintptr_t stream = 0;
+  D3K_MLP_BLOCK_FIELDS(D3K_DECLARE_FIELD)
 };
 std::string mlp_block(const MlpBlockArgs& a);
 
 // ---------------------------------------------------------------- lm_head
+#define D3K_LM_HEAD_FIELDS(X)                                                            \
+  X(uintptr_t, logits)     /* [B, V] fp32 (written) */                                   \
+  X(uintptr_t, h)          /* [B, d] */                                                  \
+  X(uintptr_t, final_norm) /* [d] */                                                     \
+  X(uintptr_t, w_lm)       /* [V, d] */                                                  \
+  X(int64_t, B) X(int64_t, d) X(int64_t, V)                                              \
+  X(double, eps) X(int, dtype) X(int, device) X(uintptr_t, stream)
 struct LmHeadArgs {
-  uintptr_t logits = 0;      // [B, V] fp32 (written)
-  uintptr_t h = 0;           // [B, d]
-  uintptr_t final_norm = 0;  // [d]
-  uintptr_t w_lm = 0;        // [V, d]
-  int64_t B = 0, d = 0, V = 0;
-  double eps = 0;
-  int dtype = 0, device = 0;
-  uintptr_t stream = 0;
+  D3K_LM_HEAD_FIELDS(D3K_DECLARE_FIELD)
 };
 std::string lm_head(const LmHeadArgs& a);
 
 // ---------------------------------------------------------------- write_kv
+// Paged KV cache (layout kPaged): k_cache / v_cache [L, num_pages, page_size, H_kv, D], kv_valid
+// [L, num_pages, page_size]; S must be max_pages * page_size.
+#define D3K_WRITE_KV_FIELDS(X)                                                           \
+  X(uintptr_t, k_cache) X(uintptr_t, v_cache)  /* [L, B, H_kv, S, D] (updated) */        \
+  X(uintptr_t, kv_valid)   /* [L, B, S] uint8 (updated) */                               \
+  X(uintptr_t, src_h)      /* [B, d] */                                                  \
+  X(uintptr_t, norms)      /* [L, d] */                                                  \
+  X(uintptr_t, wqkv)       /* [L, (H + 2 H_kv) D, d] */                                  \
+  X(uintptr_t, bqkv)       /* [L, (H + 2 H_kv) D] or 0 */                                \
+  X(uintptr_t, pos)        /* [B] int32 */                                               \
+  X(uintptr_t, rope_cos) X(uintptr_t, rope_sin)  /* [rope_len, D/2] fp32, stride rope_ld */ \
+  X(uintptr_t, flags)      /* [L, B] uint8 */                                            \
+  X(int, mode)             /* 0 mask, 1 project, 2 copy */                               \
+  X(int64_t, L) X(int64_t, B) X(int64_t, d) X(int64_t, H) X(int64_t, Hkv) X(int64_t, D)  \
+  X(int64_t, S) X(int64_t, rope_len) X(int64_t, rope_ld)                                 \
+  X(double, eps) X(int, dtype) X(int, device) X(uintptr_t, stream)                       \
+  X(CacheLayout, layout)                                                                 \
+  X(uintptr_t, block_table)  /* [B, max_pages] int32 (not read) */                       \
+  X(uintptr_t, slot_mapping) /* [B] int64, -1 = nothing */                               \
+  X(int64_t, num_pages) X(int64_t, page_size) X(int64_t, max_pages)
 struct WriteKvArgs {
-  uintptr_t k_cache = 0, v_cache = 0;  // [L, B, H_kv, S, D] (updated)
-  uintptr_t kv_valid = 0;              // [L, B, S] uint8 (updated)
-  uintptr_t src_h = 0;                 // [B, d]
-  uintptr_t norms = 0;                 // [L, d]
-  uintptr_t wqkv = 0;                  // [L, (H + 2 H_kv) D, d]
-  uintptr_t bqkv = 0;                  // [L, (H + 2 H_kv) D] or 0
-  uintptr_t pos = 0;                   // [B] int32
-  uintptr_t rope_cos = 0, rope_sin = 0;  // [rope_len, D/2] fp32, row stride rope_ld
-  uintptr_t flags = 0;                 // [L, B] uint8
-  int mode = 0;                        // 0 mask, 1 project, 2 copy
-  int64_t L = 0, B = 0, d = 0, H = 0, Hkv = 0, D = 0, S = 0, rope_len = 0, rope_ld = 0;
-  double eps = 0;
-  int dtype = 0, device = 0;
-  uintptr_t stream = 0;
-  // Paged KV cache (layout kPaged): k_cache / v_cache [L, num_pages, page_size, H_kv, D], kv_valid
-  // [L, num_pages, page_size]; S must be max_pages * page_size.
-  CacheLayout layout = CacheLayout::kContiguous;
-  uintptr_t slot_mapping = 0;  // [B] int64, -1 = nothing
-  int64_t num_pages = 0, page_size = 0, max_pages = 0;
+  D3K_WRITE_KV_FIELDS(D3K_DECLARE_FIELD)
 };
 // write_kv on a contiguous cache, or (layout kPaged) on a paged one: write_kv_paged.
 std::string write_kv(const WriteKvArgs& a);
