@@ -88,11 +88,8 @@ std::string attn_block(const AttnBlockArgs& a) {
     D3K_CHECK(a.S == a.max_pages * a.page_size, op + "S must be max_pages * page_size");
     D3K_CHECK(a.block_table != 0 && a.slot_mapping != 0 && a.rows_ws != 0, op + "null pointer argument");
   }
-  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
-    return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
-  std::string e = check_shapes(a.B, a.H, a.Hkv, a.D, a.S);
-  if (!e.empty()) return e;
-  D3K_CHECK(a.d >= 1 && a.d <= INT_MAX / 2, op + "hidden size d=" + std::to_string(a.d) + " out of range");
+  D3K_RETURN_IF_ERROR(check_preamble(op, a.dtype, a.B, a.d));
+  D3K_RETURN_IF_ERROR(check_shapes(a.B, a.H, a.Hkv, a.D, a.S));
   D3K_CHECK(a.H * a.D <= INT_MAX / 2, op + "H * D is too large");
   D3K_CHECK(a.rope_len >= 1 && a.rope_ld >= a.D / 2,
             op + "rope tables must be [rope_len >= 1, D/2] with row stride >= D/2, got rope_len=" +
@@ -108,7 +105,7 @@ std::string attn_block(const AttnBlockArgs& a) {
 
   DeviceGuard guard;
   DeviceCaps caps;
-  e = guard.enter(a.device, &caps);
+  std::string e = guard.enter(a.device, &caps);
   if (!e.empty()) return e;
   AttnPlan pl;
   e = attn_plan(a.B, a.H, a.Hkv, a.D, a.S, caps, &pl);

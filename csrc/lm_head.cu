@@ -13,10 +13,7 @@ std::string run_lm_head(const LmHeadParams& p, int dtype, const DeviceCaps& caps
 
 std::string lm_head(const LmHeadArgs& a) {
   const std::string op = "d3k.lm_head: ";
-  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
-    return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
-  D3K_CHECK(a.B >= 1, op + "B must be >= 1, got " + std::to_string(a.B));
-  D3K_CHECK(a.d >= 1 && a.d <= INT_MAX / 2, op + "hidden size d=" + std::to_string(a.d) + " out of range");
+  D3K_RETURN_IF_ERROR(check_preamble(op, a.dtype, a.B, a.d));
   D3K_CHECK(a.V >= 1 && a.V <= INT_MAX / 2, op + "vocab size V=" + std::to_string(a.V) + " out of range");
   D3K_CHECK(a.logits && a.h && a.final_norm && a.w_lm, op + "null pointer argument");
 

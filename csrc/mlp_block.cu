@@ -10,10 +10,7 @@ namespace d3k {
 
 std::string mlp_block(const MlpBlockArgs& a) {
   const std::string op = "d3k.mlp_block: ";
-  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
-    return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
-  D3K_CHECK(a.B >= 1, op + "B must be >= 1, got " + std::to_string(a.B));
-  D3K_CHECK(a.d >= 1 && a.d <= INT_MAX / 2, op + "hidden size d=" + std::to_string(a.d) + " out of range");
+  D3K_RETURN_IF_ERROR(check_preamble(op, a.dtype, a.B, a.d));
   D3K_CHECK(a.F >= 1 && a.F <= INT_MAX / 4, op + "MLP width F=" + std::to_string(a.F) + " out of range");
   D3K_CHECK(a.out && a.h && a.mlp_norm && a.w_gate_up && a.w_down && a.row_active && a.act_ws,
             op + "null pointer argument");

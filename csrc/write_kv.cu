@@ -32,11 +32,9 @@ std::string write_kv(const WriteKvArgs& a) {
     D3K_CHECK(a.rope_len >= 1 && a.rope_ld >= a.D / 2,
               op + "rope tables must be [rope_len >= 1, D/2] with row stride >= D/2");
   }
-  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
-    return op + "dtype code " + std::to_string(a.dtype) + " is not supported (float16, bfloat16)";
+  D3K_RETURN_IF_ERROR(check_preamble(op, a.dtype, a.B, a.d));
   D3K_CHECK(a.mode >= 0 && a.mode <= 2, op + "mode code " + std::to_string(a.mode) + " is not 0 (mask), 1 (project) or 2 (copy)");
   D3K_CHECK(a.L >= 1 && a.L <= 65535, op + "L=" + std::to_string(a.L) + " out of range [1, 65535]");
-  D3K_CHECK(a.B >= 1 && a.B <= INT_MAX / 2, op + "B must be >= 1, got " + std::to_string(a.B));
   D3K_CHECK(a.Hkv >= 1 && a.H >= 0, op + "need H_kv >= 1 and H >= 0");
   D3K_CHECK(head_dim_supported(a.D), op + "head_dim " + std::to_string(a.D) + " is not supported by the CUDA kernels " + head_dims_text());
   D3K_CHECK(a.S >= 1 && a.S <= INT_MAX / 2, op + "cache length S out of range");

@@ -221,9 +221,10 @@ class CudaKernels:
 
     # ------------------------------------------------------------------ ops
     def _launch(self, name: str, args: tuple) -> None:
-        """Check op `name`'s arguments (its declaration), fill the C++ Args struct by field name (tensors as
-        pointers, None as 0, the fill mode as its code, the sizes the check found, the layout, scratch) and
-        launch. The kernels cannot raise without a host sync: an active row with a position outside its
+        """Fill the C++ Args struct of op `name` by field name (tensors as pointers, None as 0, the fill mode as
+        its code, the sizes read from the shapes, the layout, scratch) and launch. The metadata was checked
+        at the boundary (ops.*, torch.ops.d3k, the step core's construction); the launcher checks what C++
+        must (sizes, null pointers, alignment, limits). The kernels cannot raise without a host sync: an active row with a position outside its
         cache gets NaN (attention) or writes nothing; see the reference for the data checks."""
         op = declare.OPS[name]
         t = args[op.names.index(op.dispatch[0])]
@@ -389,7 +390,7 @@ def _register() -> Optional[torch.library.Library]:
         if name in _CUDA_TORCH:
             cuda = _checked(name, _REF_IMPLS[name])
         else:
-            cuda = _CUDA_IMPLS[name] if CUDA_OPS_AVAILABLE else _unavailable(name)
+            cuda = _checked(name, _CUDA_IMPLS[name]) if CUDA_OPS_AVAILABLE else _unavailable(name)
         lib.impl(name, cuda, "CUDA")
         torch.library.register_fake(f"d3k::{name}", _fake(name), lib=lib)
     return lib

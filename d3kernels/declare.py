@@ -37,6 +37,7 @@ class Op:
     public: bool = True
     doc: str = ""
     fields: dict = field(default_factory=dict)      # argument -> C++ Args field, where the names differ
+    shape: Optional[Callable] = None                # arguments -> the sizes, read without checking
 
     @property
     def params(self) -> list:
@@ -71,8 +72,9 @@ class Op:
         return self.check(*args[:n])
 
     def sizes_of(self, args: tuple) -> dict:
-        """The check's sizes, by C++ field name."""
-        return dict(zip(self.sizes, self.check_args(args)))
+        """The sizes by C++ field name, read from the shapes alone: the arguments were checked at the
+        boundary (the public op, torch.ops.d3k, the step core's construction)."""
+        return dict(zip(self.sizes, self.shape(**dict(zip(self.names, args)))))
 
 
 def _check_sample_greedy(tokens, logits) -> tuple:
@@ -86,16 +88,26 @@ def _check_sample(tokens, logits, noise, temperature, top_k, top_p) -> tuple:
 
 _PAGED = {"k_pages": "k_cache", "v_pages": "v_cache", "kv_valid_pages": "kv_valid"}
 
+
+def _heads(rows: int, H_kv: int, D: int) -> int:
+    """Query heads of a fused wqkv with `rows` rows."""
+    return rows // D - 2 * H_kv
+
 OPS = {op.name: op for op in (
     Op("attn_block", "out!, h, attn_norm, wqkv, bqkv?, wo, k_cache!, v_cache!, kv_valid!, pos, rope_cos, rope_sin, "
        "row_active, eps:float", checks.check_attn_block, ("B", "d", "H", "Hkv", "D", "S"), ("h", "k_cache"),
+       shape=lambda h, k_cache, wqkv, **_: (*h.shape, _heads(wqkv.shape[0], k_cache.shape[1], k_cache.shape[3]),
+                                            k_cache.shape[1], k_cache.shape[3], k_cache.shape[2]),
        doc="out[B, d] = h + attention half of one layer at positions pos[B]; updates k_cache / v_cache\n"
            "[B, H_kv, S, D] and kv_valid [B, S] in place at pos (docs/design.md section 3.1)."),
     Op("mlp_block", "out!, h, mlp_norm, w_gate_up, w_down, row_active, eps:float", checks.check_mlp_block,
-       ("B", "d", "F"), doc="out[B, d] = h + w_down[d, F] @ (silu(g) * u), [g; u] = w_gate_up[2F, d] @ "
+       ("B", "d", "F"), shape=lambda h, w_down, **_: (*h.shape, w_down.shape[1]), doc="out[B, d] = h + w_down[d, F] @ (silu(g) * u), [g; u] = w_gate_up[2F, d] @ "
                             "rmsnorm(h) * mlp_norm."),
     Op("write_kv", "k_cache!, v_cache!, kv_valid!, src_h, norms, wqkv, bqkv?, pos, rope_cos, rope_sin, flags, "
        "mode:str, eps:float", checks.check_write_kv, ("L", "B", "d", "H", "Hkv", "D", "S"), ("k_cache", "k_cache"),
+       shape=lambda k_cache, src_h, wqkv, **_: (k_cache.shape[0], k_cache.shape[1], src_h.shape[1],
+                                                _heads(wqkv.shape[1], k_cache.shape[2], k_cache.shape[4]),
+                                                k_cache.shape[2], k_cache.shape[4], k_cache.shape[3]),
        doc="Depth-masked KV writer: k_cache / v_cache [L, B, H_kv, S, D] and kv_valid [L, B, S] updated in place\n"
            "at pos[B] for every (l, b) with flags[L, B] = 1. mode: \"mask\" | \"project\" | \"copy\" "
            "(docs/design.md section 2)."),
@@ -103,6 +115,10 @@ OPS = {op.name: op for op in (
        "pos, slot_mapping, rope_cos, rope_sin, row_active, eps:float", checks.check_attn_block_paged,
        ("B", "d", "H", "Hkv", "D", "num_pages", "page_size", "max_pages"), ("h", "k_pages"), "k_pages",
        fields=_PAGED,
+       shape=lambda h, k_pages, wqkv, block_table, **_: (*h.shape, _heads(wqkv.shape[0], k_pages.shape[2],
+                                                                          k_pages.shape[3]),
+                                                         k_pages.shape[2], k_pages.shape[3], k_pages.shape[0],
+                                                         k_pages.shape[1], block_table.shape[1]),
        doc="attn_block on one layer of a paged KV cache: k_pages / v_pages [num_pages, page_size, H_kv, D],\n"
            "kv_valid_pages [num_pages, page_size], block_table [B, max_pages] int32 (row b's position p is in slot\n"
            "block_table[b, p // page_size] * page_size + p % page_size), pos [B] int32, slot_mapping [B] int64\n"
@@ -113,10 +129,15 @@ OPS = {op.name: op for op in (
        "slot_mapping, rope_cos, rope_sin, flags, mode:str, eps:float", checks.check_write_kv_paged,
        ("L", "B", "d", "H", "Hkv", "D", "num_pages", "page_size", "max_pages"), ("k_pages", "k_pages"),
        fields=_PAGED,
+       shape=lambda k_pages, src_h, wqkv, block_table, **_: (k_pages.shape[0], *src_h.shape,
+                                                             _heads(wqkv.shape[1], k_pages.shape[3], k_pages.shape[4]),
+                                                             k_pages.shape[3], k_pages.shape[4], k_pages.shape[1],
+                                                             k_pages.shape[2], block_table.shape[1]),
        doc="write_kv on a paged KV cache: k_pages / v_pages [L, num_pages, page_size, H_kv, D] and\n"
            "kv_valid_pages [L, num_pages, page_size] updated in place at slot_mapping[b] (>= 0) for every (l, b)\n"
            "with flags = 1; pos[b] is the RoPE position. mode: \"mask\" | \"project\" | \"copy\"."),
     Op("lm_head", "logits!, h, final_norm, w_lm, eps:float", checks.check_lm_head, ("B", "d", "V"),
+       shape=lambda h, w_lm, **_: (*h.shape, w_lm.shape[0]),
        doc="logits[B, V] float32 = w_lm[V, d] @ (rmsnorm(h[B, d]) * final_norm[d])."),
     # Sampling takes no generator (a schema cannot hold one): sample_greedy is the argmax, and sample takes its
     # randomness as a tensor, noise [B, V] float32 of Exp(1) draws (noise.exponential_(generator=g)); the same

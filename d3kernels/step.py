@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import backends
+from . import backends, declare
 from .workspace import Workspace
 from .cache import KVCache, PagedKVCache, PoolFull
 from .engine import Buffers, Plan, plan as make_plan, run_layers
@@ -87,6 +87,25 @@ class StepCore:
         self._bufs = Buffers(cfg.num_layers, B, self.fill, dev, paged=self.cache.paged)
         self._lengths = [0] * B
         self._graphs = {}           # plan key -> torch.cuda.CUDAGraph (captured on these buffers)
+        self._check_ops()
+
+    def _check_ops(self) -> None:
+        """Check the metadata of every op call a step makes, once: the steps then call the backend with
+        these same buffers (the layers' weights share one stacked shape), so the backends keep only their
+        data checks (positions, block tables)."""
+        w, c, b, lw, eps = self.model.weights, self.cache, self._bufs, self.model.weights.layers[0], self.cfg.eps
+        attn = (self._h2, self._h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, c.k[0], c.v[0], c.kv_valid[0])
+        kv = (c.k, c.v, c.kv_valid, self._h, w.attn_norm, w.wqkv, w.bqkv)
+        rope = (self.rope_cos, self.rope_sin)
+        if c.paged:
+            declare.OPS["attn_block_paged"].check_args(attn + (c.block_table, b.pos, b.slots) + rope + (b.active, eps))
+            declare.OPS["write_kv_paged"].check_args(kv + (c.block_table, b.pos, b.slots) + rope + (b.mask, "mask"))
+        else:
+            declare.OPS["attn_block"].check_args(attn + (b.pos,) + rope + (b.active, eps))
+            declare.OPS["write_kv"].check_args(kv + (b.pos,) + rope + (b.mask, "mask"))
+        declare.OPS["mlp_block"].check_args((self._h, self._h2, lw.mlp_norm, lw.w_gate_up, lw.w_down, b.active))
+        declare.OPS["lm_head"].check_args((self.logits, self._h, w.final_norm, w.lm_head))
+        declare.OPS["sample_greedy"].check_args((self.tokens, self.logits))
 
     # ------------------------------------------------------------------ rows
     @property

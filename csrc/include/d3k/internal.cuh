@@ -3,6 +3,7 @@
 // mlp_block.cu, ...), which validate arguments first. Each returns "" or an error.
 #pragma once
 
+#include <climits>
 #include <string>
 
 #include "d3k/attn.cuh"
@@ -12,6 +13,23 @@
 #include "d3k/mlp.cuh"
 
 namespace d3k {
+
+// The preamble every op launcher shares: the dtype code, the rows B and the hidden size d. Returns "" or
+// the message, prefixed with op ("d3k.<op>: ").
+inline std::string check_preamble(const std::string& op, int dtype, int64_t B, int64_t d) {
+  if (dtype != kFloat16 && dtype != kBFloat16)
+    return op + "dtype code " + std::to_string(dtype) + " is not supported (float16, bfloat16)";
+  if (B < 1 || B > INT_MAX / 2) return op + "B must be >= 1, got " + std::to_string(B);
+  if (d < 1 || d > INT_MAX / 2) return op + "hidden size d=" + std::to_string(d) + " out of range";
+  return "";
+}
+
+// Return the error string of a check from the enclosing launcher, if there is one.
+#define D3K_RETURN_IF_ERROR(expr)           \
+  do {                                      \
+    std::string d3k_e_ = (expr);            \
+    if (!d3k_e_.empty()) return d3k_e_;     \
+  } while (0)
 
 // The attention split plan, shared by attn_workspace() and attn_block().
 struct AttnPlan {
