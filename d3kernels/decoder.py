@@ -196,18 +196,6 @@ class Decoder:
             self.core.truncate(b, n)
         self._conv = None
 
-    def rewind(self, lengths: Sequence[int]) -> None:
-        """Cut each row's conversation back to its first lengths[b] tokens (>= 1), so that the next
-        generate(continue_=True) recomputes from there."""
-        if self._conv is None:
-            raise RuntimeError("rewind() needs a conversation kept by generate()/stream()")
-        if len(lengths) != len(self._conv):
-            raise ValueError(f"expected {len(self._conv)} lengths (one per row), got {len(lengths)}")
-        for b, n in enumerate(lengths):
-            if not 1 <= n <= len(self._conv[b]):
-                raise ValueError(f"row {b}: length {n} outside [1, {len(self._conv[b])}]")
-        self._conv = [c[:n] for c, n in zip(self._conv, lengths)]
-
     # ------------------------------------------------------------------ decode
     def step(self, tokens) -> torch.Tensor:
         """Feed one token per row (the previous step's output) and return logits [B, V].
