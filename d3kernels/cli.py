@@ -65,6 +65,8 @@ def cmd_generate(args) -> int:
                   log=_log)
     _log(f"backend {dec.backend}, {sched}")
     tok = model.tokenizer
+    if args.speculative:
+        return _generate_speculative(args, model, dec, ids)
     new, shown = [], ""
     for toks in dec.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, stop=args.stop):
@@ -83,6 +85,30 @@ def cmd_generate(args) -> int:
           f"{model.config.num_layers} layers per token, ideal speedup "
           f"{ideal_speedup(model.config, layers, len(ids), model.weights.wqkv.element_size()):.3f}x, "
           f"finished: {g.finished[0]}]", file=sys.stderr)
+    return 0
+
+
+def _generate_speculative(args, model, dec, ids) -> int:
+    """generate --speculative K: lossless D3 (the schedule drafts, full depth verifies); prints per round."""
+    if args.stop:
+        raise SystemExit("--stop is not supported with --speculative")
+    tok, shown = model.tokenizer, [""]
+
+    def show(rows):
+        text = tok.decode(rows[0], skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+    g = dec.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, speculative=args.speculative, on_token=show)
+    print(flush=True)
+    s, L = g.speculation, model.config.num_layers
+    n = int((g.tokens[0] >= 0).sum())
+    passes = (s["draft_layer_passes"] + s["verify_layer_passes"]) / max(1, n - 1)
+    print(f"[{n} tokens, {g.timings['tokens_per_s']:.1f} tokens/s, lossless (full-depth output): {s['rounds']} "
+          f"rounds, acceptance {s['acceptance']:.2f}, {passes:.1f} layer passes per token ({passes / L:.2f}x full "
+          f"depth; draft {s['draft_layer_passes']}, verify {s['verify_layer_passes']}), finished: {g.finished[0]}]",
+          file=sys.stderr)
     return 0
 
 
@@ -292,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="lossless D3: draft K tokens per round at the schedule's depth, verify them at full depth "
+                        "(the output is full-depth decoding's)")
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="version, build and backend availability")
     i.set_defaults(func=cmd_info)

@@ -16,6 +16,7 @@ import torch
 from .checks import check_sampling, token_rows
 from .model import Model
 from .schedule import D3Schedule
+from .speculative import speculate
 from .step import StepCore
 
 
@@ -32,6 +33,7 @@ class Generation:
     layers: list
     finished: list
     timings: dict = field(default_factory=dict)
+    speculation: Optional[dict] = None      # speculative=k: rounds, drafted, accepted, acceptance, layer passes
 
     @property
     def mean_layers(self) -> float:
@@ -320,13 +322,36 @@ class Decoder:
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
                  stop: Optional[Sequence[str]] = None, on_token=None, continue_: bool = False,
-                 reuse_prefix: bool = False) -> Generation:
+                 reuse_prefix: bool = False, speculative: Optional[int] = None,
+                 draft: Optional[D3Schedule] = None) -> Generation:
         """Generate up to max_new_tokens per row; returns a Generation.
 
         input_ids: LongTensor [B, T] / [T], or a list of B token-id lists of any lengths.
-        on_token: optional callable(list of B ids) called as tokens arrive (streaming).
+        on_token: optional callable(list of B ids) called as tokens arrive (streaming; with speculative,
+            callable(per row, the tokens so far) once per round).
         continue_, reuse_prefix: continue a conversation in the same cache (see stream()).
+        speculative=k: lossless D3 (d3kernels/speculative.py): k tokens drafted per round at the depth of
+            `draft` (default: this decoder's schedule), verified at full depth; greedy gives full-depth greedy
+            decoding's tokens, sampling its distribution. A new request, no stop strings.
         """
+        if speculative is not None:
+            if continue_ or reuse_prefix or stop:
+                raise NotImplementedError("speculative decoding starts a new request and takes no stop strings")
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            check_sampling(temperature, top_k, top_p)
+            rows = token_rows(input_ids, self.cfg.vocab, self.device)
+            eos = frozenset() if ignore_eos else frozenset(self.cfg.eos_token_ids)
+            gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+            tokens, finished, stats = speculate(self, rows, max_new_tokens, speculative, draft, eos, on_token,
+                                                temperature, top_k, top_p, gen)
+            full = tuple(range(self.cfg.num_layers))
+            steps = tokens.shape[1]
+            self.last = Generation(tokens, [full] * steps, [f or "length" for f in finished], {
+                "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"],
+                "tokens_per_s": (steps - 1) / stats["decode_s"] if steps > 1 and stats["decode_s"] > 0
+                else float("nan")}, stats)
+            return self.last
         for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop,
                                 continue_, reuse_prefix):
             if on_token is not None:

@@ -63,7 +63,7 @@ from .schedule import DEFAULTS, D3Schedule
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_d3kernels_state"
-_D3_KEYS = ("alpha", "start", "tail", "order", "fill", "backend", "decay_start")
+_D3_KEYS = ("alpha", "start", "tail", "order", "fill", "backend", "decay_start", "speculative")
 _SEQ_ROUND = 64            # the cached Decoder's max_seq_len grows in steps of this many positions
 # model kwargs that generate() itself prepares for a forward pass; the loop derives what it needs from
 # attention_mask and ignores the rest (positions come from the mask, the cache is d3kernels')
@@ -261,7 +261,8 @@ def _user_cache(model_kwargs) -> Optional[D3KCache]:
 def _d3_settings(generation_config, d3: Optional[dict], explicit: dict) -> dict:
     """D3 settings: explicit d3_* keyword arguments > the d3= dict > generation_config.d3 > defaults."""
     out = {"alpha": DEFAULTS["alpha"], "start": DEFAULTS["start"], "tail": DEFAULTS["tail"],
-           "order": DEFAULTS["skip_order"], "decay_start": DEFAULTS["decay_start"], "fill": "mask", "backend": "auto"}
+           "order": DEFAULTS["skip_order"], "decay_start": DEFAULTS["decay_start"], "fill": "mask", "backend": "auto",
+           "speculative": None}
     for where, block in (("generation_config.d3", getattr(generation_config, "d3", None)), ("d3", d3)):
         if block is None:
             continue
@@ -364,7 +365,8 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
              generation_config=None, synced_gpus: bool = False, streamer=None,
              d3_alpha: Optional[float] = None, d3_start: Optional[float] = None, d3_tail: Optional[int] = None,
              d3_order=None, d3_fill: Optional[str] = None, d3_backend: Optional[str] = None,
-             d3_decay_start: Optional[int] = None, d3: Optional[dict] = None, **model_kwargs):
+             d3_decay_start: Optional[int] = None, d3_speculative: Optional[int] = None, d3: Optional[dict] = None,
+             **model_kwargs):
     """The D3 decoding loop for `model.generate(..., custom_generate=d3kernels.hf.generate)`.
 
     transformers calls it after its usual preparation, with:
@@ -375,7 +377,9 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
             for a forward pass (ignored: d3kernels keeps its own cache and per-row positions).
     D3 settings: d3_alpha, d3_start, d3_tail, d3_order ("bottom" | "top" | list of layers), d3_fill
     ("mask" | "project" | "copy"), d3_backend ("auto" | "reference" | "triton" | "cuda"), d3_decay_start,
-    or the same keys in a dict `d3` / `generation_config.d3`.
+    d3_speculative=k (lossless D3: the D3 schedule drafts k tokens per round, full depth verifies them, and
+    the output is plain greedy generate()'s; greedy, no logits processors, no cache handle), or the same keys
+    in a dict `d3` / `generation_config.d3`.
 
     past_key_values / cache: a D3KCache (from an earlier call's output, or D3KCache() to start one):
         input_ids are then the conversation so far plus the new tokens; per row, the part that the cached
@@ -397,7 +401,8 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     # --- everything is checked before anything runs
     _check_supported(model, gc, synced_gpus, model_kwargs, caller)
     settings = _d3_settings(gc, d3, {"alpha": d3_alpha, "start": d3_start, "tail": d3_tail, "order": d3_order,
-                                     "fill": d3_fill, "backend": d3_backend, "decay_start": d3_decay_start})
+                                     "fill": d3_fill, "backend": d3_backend, "decay_start": d3_decay_start,
+                                     "speculative": d3_speculative})
     schedule = D3Schedule(model.config.num_hidden_layers, alpha=settings["alpha"], start=settings["start"],
                           tail=settings["tail"], skip_order=settings["order"],
                           decay_start=settings["decay_start"])
@@ -418,6 +423,9 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     bad = sorted({t for r in rows for t in r if not 0 <= t < cfg.vocab_size})
     if bad:
         raise ValueError(f"input_ids has token ids outside [0, {cfg.vocab_size}) where attention_mask is 1: {bad[:5]}")
+    if settings["speculative"] is not None:
+        return _speculative(model, input_ids, rows, settings, schedule, gc, logits_processor, max_new, pad,
+                            has_eos, model_kwargs, streamer)
     handle = _user_cache(model_kwargs)
     state = handle._check(model, B, settings["fill"], resolved) if handle is not None else None
     seq_len = max(len(r) for r in rows) + max_new      # positions a row may reach, continued or not
@@ -482,6 +490,26 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         field = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, **{field: handle})
     return input_ids
+
+
+def _speculative(model, input_ids, rows, settings, schedule, gc, logits_processor, max_new, pad, has_eos,
+                 model_kwargs, streamer):
+    """d3_speculative=k: lossless D3 (d3kernels.speculative) with greedy generate()'s output layout."""
+    from .speculative import speculate
+    if gc.do_sample or len(logits_processor) or gc.return_dict_in_generate or streamer is not None or \
+            _user_cache(model_kwargs) is not None:
+        raise ValueError("d3_speculative is greedy: do_sample=False, no logits processors (repetition penalty, "
+                         "bad words, ...), no return_dict_in_generate, streamer or cache")
+    B, T = input_ids.shape
+    dec = _decoder(model, schedule, settings["fill"], settings["backend"], B, max(len(r) for r in rows) + max_new)
+    eos = getattr(gc, "_eos_token_tensor", None)
+    eos = frozenset(eos.reshape(-1).tolist()) if has_eos and eos is not None else frozenset()
+    getattr(model, _STATE_ATTR).epoch += 1             # the cache's content changes: handles go stale
+    tokens, _, _ = speculate(dec, rows, max_new, settings["speculative"], schedule, eos)
+    new = tokens.to(input_ids.device)
+    if pad is not None:
+        new = torch.where(new < 0, pad.to(input_ids.device), new)
+    return torch.cat([input_ids, new], dim=-1)
 
 
 def hub_generate(model, *args, **kwargs):

@@ -38,8 +38,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) 
 
 def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,
             v_cache: torch.Tensor, kv_valid: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
-            eps: float, starts: Optional[list] = None) -> None:
-    """Full-depth prompt pass of B rows at once; arguments as d3kernels.reference.prefill.
+            eps: float, starts: Optional[list] = None) -> torch.Tensor:
+    """Full-depth prompt pass of B rows at once; arguments as d3kernels.reference.prefill. Returns the
+    hidden states [N, d] (model dtype, before the final norm) of every new position, packed row after row
+    (row b's i-th new token at sum(lengths[:b]) + i): a verify pass reads them all.
 
     hidden_out [B, d] (written): each row's last new position's hidden state, before the final norm.
     input_ids [B, T] int64 (right-padded), lengths: the B prompt lengths (>= 1). k_cache / v_cache
@@ -102,3 +104,4 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
         x = (x.float() + _linear(F.silu(gu[:, :Fw]) * gu[:, Fw:], lw.w_down)).to(dt)
     last = offs + n_t - 1
     hidden_out.copy_(x[last].to(hidden_out.dtype))
+    return x

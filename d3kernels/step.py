@@ -159,11 +159,14 @@ class StepCore:
         self.cache.truncate(b, n)
         self._lengths[b] = n
 
-    def admit(self, rows: range, ids: Sequence[Sequence[int]], continued: bool = False) -> torch.Tensor:
+    def admit(self, rows: range, ids: Sequence[Sequence[int]], continued: bool = False,
+              every_position: bool = False) -> torch.Tensor:
         """Prefill rows[j] with the token ids ids[j] at full depth, in one batched pass. continued=False:
         the rows start empty; True: the ids go after the positions each row holds, attending at every layer
-        to what that layer holds. Returns the logits [len(rows), V] of each row's last new position. Raises,
-        changing nothing, when a row would pass max_seq_len or (paged) the pool lacks the pages (PoolFull)."""
+        to what that layer holds. Returns the logits [len(rows), V] of each row's last new position, or with
+        every_position=True new float32 logits [N, V] of every new position, packed row after row (a verify
+        pass). Raises, changing nothing, when a row would pass max_seq_len or (paged) the pool lacks the
+        pages (PoolFull)."""
         starts = [self._lengths[b] if continued else 0 for b in rows]
         ends = [s + len(r) for s, r in zip(starts, ids)]
         for b, e in zip(rows, ends):
@@ -189,12 +192,14 @@ class StepCore:
             self._log[b, s:s + len(r)] = t[b - rows.start, : len(r)].to(self.device)
         k, v, valid = c.gather(rows, max(ends))
         h = self._h[rows.start:rows.stop]
-        batched_prefill(h, t.to(self.device), [len(r) for r in ids], self.model.weights, k, v, valid,
-                        self.rope_cos, self.rope_sin, self.cfg.eps, starts=starts)
+        every = batched_prefill(h, t.to(self.device), [len(r) for r in ids], self.model.weights, k, v, valid,
+                                self.rope_cos, self.rope_sin, self.cfg.eps, starts=starts)
         c.scatter(rows, starts, ends, k, v, valid)
         for b, e in zip(rows, ends):
             self._lengths[b] = e
         w, out = self.model.weights, self.logits[rows.start:rows.stop]
+        if every_position:
+            h, out = every, torch.empty(every.shape[0], self.cfg.vocab, device=self.device, dtype=torch.float32)
         with self.workspace:
             self.ops.lm_head(out, h, w.final_norm, w.lm_head, self.cfg.eps)
         return out

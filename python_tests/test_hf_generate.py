@@ -523,3 +523,22 @@ def test_smollm2_greedy_and_stop_strings(smol):
                        d3_backend="reference")
     assert torch.equal(ours, plain)
     assert tok.decode(ours[0, ids.shape[1]:]).endswith("Paris")
+
+
+# --------------------------------------------------------------------------- lossless D3
+
+def test_speculative_equals_plain_greedy_generate(llama):
+    """d3_speculative=k: D3 drafts, full depth verifies; the sequences are plain greedy generate()'s, with
+    a left-padded batch, EOS at different steps and max_length."""
+    ids, mask = _padded(BATCH, "left")
+    free = llama.generate(ids, attention_mask=mask, max_new_tokens=14, **GREEDY)[:, ids.shape[1]:]
+    eos = [int(free[0, 5]), int(free[2, 8])]
+    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=0, max_new_tokens=14)
+    plain = llama.generate(ids, **kw)
+    for k in (1, 4):
+        ours = llama.generate(ids, **kw, custom_generate=d3hf.generate, d3_alpha=0.9, d3_start=0.25,
+                              d3_backend="reference", d3_speculative=k)
+        assert torch.equal(ours, plain), k
+    with pytest.raises(ValueError, match="greedy"):
+        llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, pad_token_id=0,
+                       custom_generate=d3hf.generate, d3_speculative=2)

@@ -382,6 +382,7 @@ LAYERS = [
     ("backends",),     # the backend table
     ("ops",),          # the public op API
     ("step",),         # the step core: device state, plan and run
+    ("speculative",),  # lossless D3 on the step core
     ("decoder",),      # the single-request driver
     ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
     ("calibrate", "selftest"),

@@ -202,6 +202,12 @@ def sample_from_noise(tokens: torch.Tensor, logits: torch.Tensor, noise: torch.T
     if temperature <= 0.0:
         tokens.copy_(logits.argmax(dim=-1))
         return
+    tokens.copy_((filtered_probs(logits, temperature, top_k, top_p) / noise).argmax(dim=-1))
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sample() draws from: softmax of logits [B, V] / temperature (> 0), restricted to
+    the top_k largest (0 = all) and to the smallest set whose probability reaches top_p."""
     x = _f(logits) / temperature
     if top_k and 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
@@ -213,8 +219,7 @@ def sample_from_noise(tokens: torch.Tensor, logits: torch.Tensor, noise: torch.T
         drop = (cum - torch.softmax(sorted_x, dim=-1)) >= top_p
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(-1, idx, sorted_x)
-    probs = torch.softmax(x, dim=-1)
-    tokens.copy_((probs / noise).argmax(dim=-1))
+    return torch.softmax(x, dim=-1)
 
 
 def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, weights, k_cache: torch.Tensor,

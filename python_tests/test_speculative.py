@@ -1,0 +1,145 @@
+"""Lossless D3, greedy (d3kernels/speculative.py): D3-depth drafts verified at full depth give exactly
+full-depth greedy decoding's tokens. float32 on the reference: exact on the test models (their margins are
+far above rounding)."""
+import pytest
+import torch
+
+from helpers import tiny_model
+
+from d3kernels import D3Schedule, Decoder
+from d3kernels.step import StepCore
+
+PROMPTS = [[5, 17, 42, 99, 3], [11, 20], [7, 8, 9]]
+
+
+def _model():
+    return tiny_model(L=6, d=64, H=4, H_kv=2, D=16, F=96, V=101, seed=11)
+
+
+def _full_depth(model, prompts, n, S=96, eos=True):
+    dec = Decoder(model, D3Schedule(6, alpha=1.0), max_batch=len(prompts), max_seq_len=S, backend="reference")
+    return dec.generate(prompts, max_new_tokens=n, ignore_eos=not eos)
+
+
+def _speculative(model, prompts, n, k, S=96, eos=True, **sched):
+    sched = sched or dict(alpha=0.85, start=0.2, tail=1)
+    dec = Decoder(model, D3Schedule(6, **sched), max_batch=len(prompts), max_seq_len=S, backend="reference")
+    return dec.generate(prompts, max_new_tokens=n, ignore_eos=not eos, speculative=k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("sched", [dict(alpha=0.85, start=0.2, tail=1), dict(alpha=0.6, start=0.0, tail=0)])
+def test_greedy_speculative_equals_full_depth(k, sched):
+    """Rows of different prompt lengths accept different counts each round; every token is full depth's."""
+    model = _model()
+    want = _full_depth(model, PROMPTS, 29, eos=False)
+    g = _speculative(model, PROMPTS, 29, k, eos=False, **sched)
+    assert torch.equal(g.tokens, want.tokens) and g.finished == ["length"] * 3
+    s = g.speculation
+    assert s["rounds"] >= 1 and 0 <= s["accepted"] <= s["drafted"] and s["verify_layer_passes"] > 0
+    assert g.tokens.shape[1] == 29                     # the last round stopped at max_new_tokens
+
+
+def test_eos_inside_an_accepted_run_and_a_full_cache():
+    """A row stops at EOS even when the EOS sits inside a run of accepted drafts; a cache exactly as long
+    as prompt + max_new_tokens is enough (the last rounds draft fewer)."""
+    model = _model()
+    free = _full_depth(model, PROMPTS, 20, eos=False).tokens
+    eos = int(free[0, 6])
+    model.config.eos_token_ids = [eos]
+    want = _full_depth(model, PROMPTS, 20)
+    for k in (2, 5):
+        g = _speculative(model, PROMPTS, 20, k, alpha=0.95, start=0.5, tail=1)
+        assert torch.equal(g.tokens, want.tokens) and g.finished == want.finished, k
+    assert want.finished[0] == "eos"
+    S = max(len(p) for p in PROMPTS) + 20
+    model.config.eos_token_ids = []
+    g = _speculative(model, PROMPTS, 20, 4, S=S)
+    assert torch.equal(g.tokens, _full_depth(model, PROMPTS, 20, S=S).tokens)
+
+
+@pytest.mark.parametrize("bug", ["no K/V overwrite", "cut back one short"])
+def test_a_planted_bug_is_caught(monkeypatch, bug):
+    """The identity test fails when the verify pass does not overwrite the drafts' K/V (the cut-back before
+    it is skipped) or when the cut-back after it keeps one rejected position."""
+    model = _model()
+    want = _full_depth(model, PROMPTS, 29, eos=False)
+    real = StepCore.truncate
+    calls = {"n": 0}
+
+    def truncate(core, b, n):
+        calls["n"] += 1
+        if bug == "no K/V overwrite" and n < core.lengths[b]:
+            return                                     # drafts stay; the verify pass appends after them
+        if bug == "cut back one short" and n < core.lengths[b]:
+            n += 1
+        real(core, b, n)
+    monkeypatch.setattr(StepCore, "truncate", truncate)
+    g = _speculative(model, PROMPTS, 29, 3, S=256, eos=False)     # room for the stale positions
+    assert calls["n"] > 0 and not torch.equal(g.tokens, want.tokens)
+
+
+def test_bad_arguments():
+    dec = Decoder(_model(), D3Schedule(6), max_seq_len=32, backend="reference")
+    with pytest.raises(ValueError, match="k"):
+        dec.generate([[1, 2]], max_new_tokens=4, speculative=0)
+    with pytest.raises(NotImplementedError, match="stop strings"):
+        dec.generate([[1, 2]], max_new_tokens=4, speculative=2, stop=["x"])
+    with pytest.raises(ValueError, match="temperature"):
+        dec.generate([[1, 2]], max_new_tokens=4, speculative=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="draft schedule"):
+        dec.generate([[1, 2]], max_new_tokens=4, speculative=2, draft=D3Schedule(4))
+    with pytest.raises(ValueError, match="cache overflow"):
+        dec.generate([[1, 2]], max_new_tokens=40, speculative=2)
+
+
+# --------------------------------------------------------------------------- sampling
+def _chi2_pvalue(a: list, b: list, V: int) -> float:
+    """Two-sample chi-square test of two token samples over V bins (bins with < 10 counts in all are
+    pooled); the p-value."""
+    ca, cb = torch.bincount(torch.tensor(a), minlength=V).double(), torch.bincount(torch.tensor(b), minlength=V).double()
+    keep = (ca + cb) >= 10
+    ca = torch.cat([ca[keep], ca[~keep].sum()[None]])
+    cb = torch.cat([cb[keep], cb[~keep].sum()[None]])
+    if ca[-1] + cb[-1] == 0:
+        ca, cb = ca[:-1], cb[:-1]
+    tot = ca + cb
+    ea, eb = tot * ca.sum() / tot.sum(), tot * cb.sum() / tot.sum()
+    x = float((((ca - ea) ** 2) / ea + ((cb - eb) ** 2) / eb).sum())
+    df = len(tot) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2)))
+
+
+def _samples(model, sched, n_calls: int, speculative=None, seed0=0) -> list:
+    """Tokens 1 and 2 (after T_0) of 64 rows x n_calls seeded runs of one prompt at temperature 0.8."""
+    dec = Decoder(model, sched, max_batch=64, max_seq_len=16, backend="reference")
+    out = [], []
+    for c in range(n_calls):
+        g = dec.generate([[1, 2, 3]] * 64, max_new_tokens=3, ignore_eos=True, temperature=0.8, seed=seed0 + c,
+                         speculative=speculative)
+        for j in (0, 1):
+            out[j].extend(g.tokens[:, j + 1].tolist())
+    return out
+
+
+def _sampling_pvalues(monkeypatch=None, break_correction=False) -> list:
+    from d3kernels import speculative as spec
+    model = tiny_model(L=6, d=64, H=4, H_kv=2, D=16, F=96, V=13, seed=21)
+    if break_correction:                  # the planted fault: every draft accepted, no residual resampling
+        monkeypatch.setattr(spec._Pick, "verify", lambda self, drafts, q, logits:
+                            (len(drafts), self.draw(self.probs(logits).cpu()[len(drafts)])))
+    shallow = D3Schedule(6, alpha=0.3, start=0.0, tail=1)          # drafts run one layer of six
+    full = _samples(model, D3Schedule(6, alpha=1.0), 8, seed0=1000)
+    spec_ = _samples(model, shallow, 8, speculative=3)
+    return [_chi2_pvalue(full[j], spec_[j], 13) for j in (0, 1)]
+
+
+def test_speculative_sampling_matches_full_depth_sampling():
+    """Over 512 seeded runs, tokens 1 and 2 of speculative sampling (drafts from one layer of six) are
+    distributed as full-depth sampling's: a two-sample chi-square test at p > 0.001."""
+    assert min(_sampling_pvalues()) > 1e-3
+
+
+def test_sampling_without_the_correction_is_caught(monkeypatch):
+    """The same test rejects the planted fault (drafts always accepted: the draft's distribution)."""
+    assert min(_sampling_pvalues(monkeypatch, break_correction=True)) < 1e-4
