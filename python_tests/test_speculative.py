@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_model
 
 from d3kernels import D3Schedule, Decoder
+from d3kernels.model import Model
 from d3kernels.step import StepCore
 
 PROMPTS = [[5, 17, 42, 99, 3], [11, 20], [7, 8, 9]]
@@ -143,3 +144,33 @@ def test_speculative_sampling_matches_full_depth_sampling():
 def test_sampling_without_the_correction_is_caught(monkeypatch):
     """The same test rejects the planted fault (drafts always accepted: the draft's distribution)."""
     assert min(_sampling_pvalues(monkeypatch, break_correction=True)) < 1e-4
+
+
+# --------------------------------------------------------------------------- 16-bit, every backend
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("cuda-emu", torch.bfloat16),
+                                            ("cuda-emu", torch.float16), ("triton", torch.float16)], ids=str)
+def test_16bit_speculative_follows_the_float64_oracle(backend, dtype):
+    """In 16 bits the verify pass and a decode step may round apart, so each speculative token is compared
+    with the float64 full-depth oracle fed the same tokens: it must be the oracle's argmax wherever the
+    oracle's top-2 margin is clear (a closer call may go either way)."""
+    from d3kernels import backends
+    from d3kernels.tolerance import SLACK
+    reason = backends.why_not(backend, "cpu", dtype, 64)
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+    model = tiny_model(L=4, d=128, H=4, H_kv=2, D=64, F=160, V=211, dtype=dtype, seed=4)
+    o64 = Model(model.config, model.weights.to(torch.float64), None, source=model.source)
+    prompts, n = [[5, 17, 42, 99, 3], [11, 20, 8]], 10
+    dec = Decoder(model, D3Schedule(4, alpha=0.8, start=0.25, tail=1), max_batch=2, max_seq_len=32, backend=backend)
+    g = dec.generate(prompts, max_new_tokens=n, ignore_eos=True, speculative=3)
+    assert g.tokens.shape == (2, n) and g.speculation["rounds"] >= 1
+    oracle = Decoder(o64, D3Schedule(4, alpha=1.0), max_batch=2, max_seq_len=32, backend="reference")
+    logits = oracle.prefill(prompts)
+    clear_steps = 0
+    for i in range(n):
+        top2 = logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 8 * SLACK[dtype] * logits.abs().max()
+        assert torch.equal(g.tokens[clear, i], logits.argmax(-1)[clear]), (i, g.tokens[:, i], logits.argmax(-1))
+        clear_steps += int(clear.sum())
+        logits = oracle.step(g.tokens[:, i])
+    assert clear_steps >= n, "the test must see clear margins"
