@@ -264,3 +264,19 @@ def token_rows(input_ids, vocab: int, device: torch.device) -> list:
         if bad:
             raise ValueError(f"prompt {b} has token ids outside [0, {vocab}): {bad[:5]}")
     return rows
+
+
+def token_column(tokens, B: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Public-boundary check of one token per row: tokens as an int, a list, or a tensor (host: the ids are
+    checked; on the model's device: not read, no sync). Returns a [B] int64 tensor (on the host or device)."""
+    on_device = isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu"
+    if on_device and tokens.device.type != device.type:
+        raise ValueError(f"tokens are on {tokens.device}; expected {device} or cpu")
+    if not on_device:
+        tokens = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens
+        ids = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
+        tokens = torch.tensor(token_rows([ids], vocab, device)[0], dtype=torch.int64)
+    tokens = tokens.reshape(-1)
+    if tokens.numel() != B:
+        raise ValueError(f"expected {B} tokens (one per row), got {tokens.numel()}")
+    return tokens

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .checks import check_sampling, token_rows
+from .checks import check_sampling, token_column, token_rows
 from .model import Model
 from .schedule import D3Schedule
 from .speculative import speculate
@@ -207,19 +207,7 @@ class Decoder:
         """
         if self.batch == 0:
             raise RuntimeError("step() before prefill(): start a request with prefill(input_ids)")
-        B, buf = self.batch, self.core.tokens[: self.batch]
-        on_device = isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu"
-        if on_device and tokens.device.type != self.device.type:
-            raise ValueError(f"tokens are on {tokens.device}; expected {self.device} or cpu")
-        if not on_device:           # a host tensor, a list or an int: checked on the host
-            tokens = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens
-            tokens = token_rows([[int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]],
-                                self.cfg.vocab, self.device)[0]
-            tokens = torch.tensor(tokens, dtype=torch.int64)
-        tokens = tokens.reshape(-1)
-        if tokens.numel() != B:
-            raise ValueError(f"expected {B} tokens (one per row), got {tokens.numel()}")
-        buf.copy_(tokens)
+        self.core.tokens[: self.batch].copy_(token_column(tokens, self.batch, self.cfg.vocab, self.device))
         self._conv = None
         return self._step()
 
@@ -337,20 +325,15 @@ class Decoder:
         if speculative is not None:
             if continue_ or reuse_prefix or stop:
                 raise NotImplementedError("speculative decoding starts a new request and takes no stop strings")
-            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
             check_sampling(temperature, top_k, top_p)
             rows = token_rows(input_ids, self.cfg.vocab, self.device)
-            eos = frozenset() if ignore_eos else frozenset(self.cfg.eos_token_ids)
             gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-            tokens, finished, stats = speculate(self, rows, max_new_tokens, speculative, draft, eos, on_token,
-                                                temperature, top_k, top_p, gen)
-            full = tuple(range(self.cfg.num_layers))
-            steps = tokens.shape[1]
-            self.last = Generation(tokens, [full] * steps, [f or "length" for f in finished], {
-                "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"],
-                "tokens_per_s": (steps - 1) / stats["decode_s"] if steps > 1 and stats["decode_s"] > 0
-                else float("nan")}, stats)
+            tokens, finished, s = speculate(self, rows, max_new_tokens, speculative, draft, frozenset(
+                () if ignore_eos else self.cfg.eos_token_ids), on_token, temperature, top_k, top_p, gen)
+            n = tokens.shape[1]
+            self.last = Generation(tokens, [tuple(range(self.cfg.num_layers))] * n, [f or "length" for f in finished],
+                                   {"prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "tokens_per_s":
+                                    (n - 1) / s["decode_s"] if n > 1 and s["decode_s"] > 0 else float("nan")}, s)
             return self.last
         for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop,
                                 continue_, reuse_prefix):

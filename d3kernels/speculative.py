@@ -66,6 +66,8 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
     > 0, with `generator`, a CPU torch.Generator) sampling. Returns (tokens [B, n] LongTensor with -1 after a
     row finished, finished per row, stats): stats counts rounds, drafted and accepted tokens, the draft's layer
     passes and the verify passes (tokens x L)."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"speculative k (tokens drafted per round) must be an integer >= 1, got {k!r}")
     draft = draft or dec.schedule
