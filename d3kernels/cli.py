@@ -90,8 +90,6 @@ def cmd_generate(args) -> int:
 
 def _generate_speculative(args, model, dec, ids) -> int:
     """generate --speculative K: lossless D3 (the schedule drafts, full depth verifies); prints per round."""
-    if args.stop:
-        raise SystemExit("--stop is not supported with --speculative")
     tok, shown = model.tokenizer, [""]
 
     def show(rows):
@@ -100,7 +98,7 @@ def _generate_speculative(args, model, dec, ids) -> int:
             print(text[len(shown[0]):], end="", flush=True)
             shown[0] = text
     g = dec.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, speculative=args.speculative, on_token=show)
+                     seed=args.seed, stop=args.stop, speculative=args.speculative, on_token=show)
     print(flush=True)
     s, L = g.speculation, model.config.num_layers
     n = int((g.tokens[0] >= 0).sum())

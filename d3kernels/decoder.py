@@ -238,20 +238,9 @@ class Decoder:
             out[:, k].copy_(self.core.sample(B, temperature, top_k, top_p, generator))
         return out
 
-    # ------------------------------------------------------------------ generation
-    def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
-               stop: Optional[Sequence[str]] = None, continue_: bool = False,
-               reuse_prefix: bool = False) -> Iterator[list]:
-        """Generate as a generator: yields the list of B new token ids (-1 for finished rows) per step.
-
-        continue_=False: a new request (the cache and step index are reset).
-        continue_=True: the next turn of this decoder's last generate()/stream(): row b's conversation
-        (see .conversation) continues with input_ids[b]; only the new tokens (and the last generated
-        one) are prefilled, and the D3 step index restarts.
-        reuse_prefix=True: input_ids are each row's whole conversation; what the cache already holds of it
-        is kept (continue_with). After the loop, self.last holds the Generation.
-        """
+    def _request(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop, continue_) -> tuple:
+        """A generation request's checked arguments: (each row's token ids, with the conversation first when
+        continue_; the stop strings)."""
         rows = token_rows(input_ids, self.cfg.vocab, self.device)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -267,6 +256,23 @@ class Decoder:
             if len(rows) != len(self._conv):
                 raise ValueError(f"continue_=True: the conversation has {len(self._conv)} rows, got {len(rows)}")
             rows = [c + r for c, r in zip(self._conv, rows)]
+        return rows, stops
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
+               stop: Optional[Sequence[str]] = None, continue_: bool = False,
+               reuse_prefix: bool = False) -> Iterator[list]:
+        """Generate as a generator: yields the list of B new token ids (-1 for finished rows) per step.
+
+        continue_=False: a new request (the cache and step index are reset).
+        continue_=True: the next turn of this decoder's last generate()/stream(): row b's conversation
+        (see .conversation) continues with input_ids[b]; only the new tokens (and the last generated
+        one) are prefilled, and the D3 step index restarts.
+        reuse_prefix=True: input_ids are each row's whole conversation; what the cache already holds of it
+        is kept (continue_with). After the loop, self.last holds the Generation.
+        """
+        rows, stops = self._request(input_ids, max_new_tokens, temperature, top_k, top_p, stop, continue_)
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=self.device)
@@ -320,16 +326,15 @@ class Decoder:
         continue_, reuse_prefix: continue a conversation in the same cache (see stream()).
         speculative=k: lossless D3 (d3kernels/speculative.py): k tokens drafted per round at the depth of
             `draft` (default: this decoder's schedule), verified at full depth; greedy gives full-depth greedy
-            decoding's tokens, sampling its distribution. A new request, no stop strings.
+            decoding's tokens, sampling its distribution (stop strings, continue_ and reuse_prefix too).
         """
         if speculative is not None:
-            if continue_ or reuse_prefix or stop:
-                raise NotImplementedError("speculative decoding starts a new request and takes no stop strings")
-            check_sampling(temperature, top_k, top_p)
-            rows = token_rows(input_ids, self.cfg.vocab, self.device)
+            rows, stops = self._request(input_ids, max_new_tokens, temperature, top_k, top_p, stop, continue_)
             gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
             tokens, finished, s = speculate(self, rows, max_new_tokens, speculative, draft, frozenset(
-                () if ignore_eos else self.cfg.eos_token_ids), on_token, temperature, top_k, top_p, gen)
+                () if ignore_eos else self.cfg.eos_token_ids), on_token, temperature, top_k, top_p, gen,
+                continued=continue_ or reuse_prefix, stops=stops)
+            self._conv = [r + [t for t in o if t >= 0] for r, o in zip(rows, tokens.tolist())]
             n = tokens.shape[1]
             self.last = Generation(tokens, [tuple(range(self.cfg.num_layers))] * n, [f or "length" for f in finished],
                                    {"prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "tokens_per_s":

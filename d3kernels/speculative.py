@@ -18,7 +18,7 @@ sampling (Leviathan et al. 2023; Chen et al. 2023).
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -61,9 +61,12 @@ class _Pick:
 
 def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Schedule] = None,
               eos: frozenset = frozenset(), on_token=None, temperature: float = 0.0, top_k: int = 0,
-              top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> tuple:
-    """Speculative decoding of `rows` (token-id lists) on Decoder `dec` (a new request), greedy or (temperature
-    > 0, with `generator`, a CPU torch.Generator) sampling. Returns (tokens [B, n] LongTensor with -1 after a
+              top_p: float = 1.0, generator: Optional[torch.Generator] = None, continued: bool = False,
+              stops: Sequence[str] = ()) -> tuple:
+    """Speculative decoding of `rows` (token-id lists) on Decoder `dec`, greedy or (temperature > 0, with
+    `generator`, a CPU torch.Generator) sampling. continued=False: a new request; True: `rows` are whole
+    conversations and the cache keeps what it holds of them (Decoder.continue_with). stops: stop strings
+    (checked on the decoded new tokens, as Decoder.stream does). Returns (tokens [B, n] LongTensor with -1 after a
     row finished, finished per row, stats): stats counts rounds, drafted and accepted tokens, the draft's layer
     passes and the verify passes (tokens x L)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -78,7 +81,10 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
     saved = core.schedule
     stats = {"rounds": 0, "drafted": 0, "accepted": 0, "draft_layer_passes": 0, "verify_layer_passes": 0}
     t0 = time.perf_counter()
-    dec.prefill(rows)                                  # a new request: full-depth prefill, its logits
+    if continued:
+        dec.continue_with(rows, max_new_tokens)        # keep what the cache holds, prefill the rest
+    else:
+        dec.prefill(rows)                              # a new request: full-depth prefill, its logits
     t_prefill = time.perf_counter() - t0
     out = [[] for _ in range(B)]
     finished = [None] * B
@@ -90,6 +96,9 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
             out[b].append(t)
             if t in eos:
                 finished[b] = "eos"
+                return
+            if stops and any(s in dec.model.tokenizer.decode(out[b]) for s in stops):
+                finished[b] = "stop"
                 return
             if len(out[b]) >= max_new_tokens:
                 finished[b] = "length"

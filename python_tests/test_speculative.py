@@ -59,6 +59,21 @@ def test_eos_inside_an_accepted_run_and_a_full_cache():
     assert torch.equal(g.tokens, _full_depth(model, PROMPTS, 20, S=S).tokens)
 
 
+def test_a_continued_conversation_equals_full_depth():
+    """Lossless D3 leaves full-depth K/V at every accepted position, so the next turn (continue_=True, also
+    speculative) gives full-depth decoding's continuation."""
+    model = _model()
+    full = Decoder(model, D3Schedule(6, alpha=1.0), max_batch=2, max_seq_len=96, backend="reference")
+    spec = Decoder(model, D3Schedule(6, alpha=0.85, start=0.2, tail=1), max_batch=2, max_seq_len=96,
+                   backend="reference")
+    turns = [PROMPTS[:2], [[9, 10], [12]]]
+    for t, prompts in enumerate(turns):
+        want = full.generate(prompts, max_new_tokens=8, ignore_eos=True, continue_=t > 0)
+        got = spec.generate(prompts, max_new_tokens=8, ignore_eos=True, continue_=t > 0, speculative=3)
+        assert torch.equal(got.tokens, want.tokens), t
+        assert spec.conversation == full.conversation
+
+
 @pytest.mark.parametrize("bug", ["no K/V overwrite", "cut back one short"])
 def test_a_planted_bug_is_caught(monkeypatch, bug):
     """The identity test fails when the verify pass does not overwrite the drafts' K/V (the cut-back before
@@ -84,7 +99,7 @@ def test_bad_arguments():
     dec = Decoder(_model(), D3Schedule(6), max_seq_len=32, backend="reference")
     with pytest.raises(ValueError, match="k"):
         dec.generate([[1, 2]], max_new_tokens=4, speculative=0)
-    with pytest.raises(NotImplementedError, match="stop strings"):
+    with pytest.raises(ValueError, match="tokenizer"):
         dec.generate([[1, 2]], max_new_tokens=4, speculative=2, stop=["x"])
     with pytest.raises(ValueError, match="temperature"):
         dec.generate([[1, 2]], max_new_tokens=4, speculative=2, temperature=-1.0)
