@@ -30,11 +30,12 @@ def generate(prompt: str, model: Optional[Model] = None, alpha: float = DEFAULTS
              start: float = DEFAULTS["start"], tail: int = DEFAULTS["tail"], skip_order=DEFAULTS["skip_order"],
              temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: Optional[int] = None, raw: bool = False, backend: str = "auto",
-             stop=None) -> str:
+             stop=None, speculative: Optional[int] = None) -> str:
     """Generate a continuation of `prompt` with D3 and return the new text.
 
     model defaults to the embedded SmolLM2-135M-Instruct (loaded once). For a
-    chat model the chat template is applied unless raw=True.
+    chat model the chat template is applied unless raw=True. speculative=k: lossless D3 (D3 drafts k
+    tokens per round, full depth verifies; the text is full-depth decoding's).
     """
     global _DEFAULT_MODEL
     if model is None:
@@ -45,7 +46,7 @@ def generate(prompt: str, model: Optional[Model] = None, alpha: float = DEFAULTS
     sched = D3Schedule(model.config.num_layers, alpha=alpha, start=start, tail=tail, skip_order=skip_order)
     dec = Decoder(model, sched, max_batch=1, max_seq_len=len(ids) + max_new_tokens, backend=backend)
     g = dec.generate([ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop=stop)
+                     stop=stop, speculative=speculative)
     toks = [t for t in g.tokens[0].tolist() if t >= 0]
     return model.tokenizer.decode(toks, skip_special_tokens=True)
 

@@ -189,3 +189,16 @@ def test_16bit_speculative_follows_the_float64_oracle(backend, dtype):
         clear_steps += int(clear.sum())
         logits = oracle.step(g.tokens[:, i])
     assert clear_steps >= n, "the test must see clear margins"
+
+
+@pytest.mark.slow
+def test_text_api_and_embedded_model():
+    """d3kernels.generate(..., speculative=k) on the embedded model gives full depth's text."""
+    import d3kernels
+    try:
+        model = d3kernels.load_model()
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model missing: {e}")
+    kw = dict(model=model, max_new_tokens=16, backend="reference")
+    full = d3kernels.generate("Name three rivers.", alpha=1.0, **kw)
+    assert d3kernels.generate("Name three rivers.", alpha=0.99, speculative=2, **kw) == full
