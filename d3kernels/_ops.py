@@ -139,9 +139,19 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return code
 
 
-def _head_dim(D: int) -> None:
-    if D not in CUDA_HEAD_DIMS:
-        raise RuntimeError(f"head_dim {D} is not supported by the CUDA kernels {CUDA_HEAD_DIMS}")
+# op -> (C++ launcher, its Args struct): the paged ops share the contiguous ones' launchers (layout field)
+_LAUNCHERS = {"attn_block": ("attn_block", "AttnBlockArgs"), "attn_block_paged": ("attn_block", "AttnBlockArgs"),
+              "mlp_block": ("mlp_block", "MlpBlockArgs"), "lm_head": ("lm_head", "LmHeadArgs"),
+              "write_kv": ("write_kv", "WriteKvArgs"), "write_kv_paged": ("write_kv", "WriteKvArgs")}
+
+
+def _launcher_method(name: str, note: str = ""):
+    """CudaKernels.<name>: the reference op's signature, launched by CudaKernels._launch."""
+    def method(self, *args) -> None:
+        self._launch(name, args)
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"{name} (reference signature){'; ' + note if note else ''}."
+    return method
 
 
 def _stream(index: int) -> int:
@@ -224,18 +234,20 @@ class CudaKernels:
         """Fill the C++ Args struct of op `name` by field name (tensors as pointers, None as 0, the fill mode as
         its code, the sizes read from the shapes, the layout, scratch) and launch. The metadata was checked
         at the boundary (ops.*, torch.ops.d3k, the step core's construction); the launcher checks what C++
-        must (sizes, null pointers, alignment, limits). The kernels cannot raise without a host sync: an active row with a position outside its
-        cache gets NaN (attention) or writes nothing; see the reference for the data checks."""
+        must (sizes, null pointers, alignment, limits). The kernels cannot raise without a host sync: an
+        active row with a position outside its cache gets NaN (attention) or writes nothing; see the
+        reference for the data checks."""
         op = declare.OPS[name]
         t = args[op.names.index(op.dispatch[0])]
         idx = self._device(t)
         code = _dtype_code(t.dtype)
         sizes = op.sizes_of(args)
-        if "D" in sizes:
-            _head_dim(sizes["D"])
-        launcher = {"attn_block_paged": "attn_block", "write_kv_paged": "write_kv"}.get(name, name)
-        a = getattr(self.C, {"attn_block": "AttnBlockArgs", "mlp_block": "MlpBlockArgs", "lm_head": "LmHeadArgs",
-                             "write_kv": "WriteKvArgs"}[launcher])()
+        problem = kernel_limits_problem(t.dtype, sizes.get("D"), sizes["page_size"] if name == "attn_block_paged"
+                                        else None)
+        if problem:
+            raise RuntimeError(problem)
+        launcher, struct = _LAUNCHERS[name]
+        a = getattr(self.C, struct)()
         for arg, v in zip(op.names, args):
             v = v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v
             setattr(a, op.fields.get(arg, arg), FILL_MODE_CODES[v] if arg == "mode" else v)
@@ -243,10 +255,6 @@ class CudaKernels:
             setattr(a, k, v)
         if "page_size" in sizes:
             a.layout, a.S = self.C.CacheLayout.paged, sizes["max_pages"] * sizes["page_size"]
-            problem = kernel_limits_problem(t.dtype, sizes["D"], sizes["page_size"]) if name == "attn_block_paged" \
-                else None
-            if problem:
-                raise RuntimeError(problem)
         if "rope_cos" in op.names:
             rope = args[op.names.index("rope_cos")]
             a.rope_len, a.rope_ld = rope.shape[0], rope.stride(0)
@@ -266,29 +274,13 @@ class CudaKernels:
             a.act_ws = scratch["act"].data_ptr()
         self._call(getattr(self.C, launcher), a)
 
-    def attn_block(self, *args) -> None:
-        """attn_block (reference signature)."""
-        self._launch("attn_block", args)
-
-    def mlp_block(self, *args) -> None:
-        """mlp_block (reference signature)."""
-        self._launch("mlp_block", args)
-
-    def write_kv(self, *args) -> None:
-        """write_kv (reference signature)."""
-        self._launch("write_kv", args)
-
-    def attn_block_paged(self, *args) -> None:
-        """attn_block_paged (reference signature); page_size a multiple of the build's page_size_multiple."""
-        self._launch("attn_block_paged", args)
-
-    def write_kv_paged(self, *args) -> None:
-        """write_kv_paged (reference signature); rows with slot_mapping < 0 write nothing."""
-        self._launch("write_kv_paged", args)
-
-    def lm_head(self, *args) -> None:
-        """lm_head (reference signature)."""
-        self._launch("lm_head", args)
+    attn_block = _launcher_method("attn_block")
+    mlp_block = _launcher_method("mlp_block")
+    write_kv = _launcher_method("write_kv")
+    attn_block_paged = _launcher_method("attn_block_paged", "page_size a multiple of the build's "
+                                                            "page_size_multiple")
+    write_kv_paged = _launcher_method("write_kv_paged", "rows with slot_mapping < 0 write nothing")
+    lm_head = _launcher_method("lm_head")
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:

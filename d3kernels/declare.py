@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Optional
 
 from . import checks
@@ -39,7 +40,9 @@ class Op:
     fields: dict = field(default_factory=dict)      # argument -> C++ Args field, where the names differ
     shape: Optional[Callable] = None                # arguments -> the sizes, read without checking
 
-    @property
+    # parsed once per op (cached_property writes the instance dict, which a frozen dataclass allows): the
+    # launch path reads them on every call
+    @cached_property
     def params(self) -> list:
         """[(name, kind)] with kind "Tensor", "Tensor?", "Tensor!" or a scalar type."""
         out = []
@@ -53,9 +56,13 @@ class Op:
                 out.append((a, "Tensor"))
         return out
 
-    @property
+    @cached_property
     def names(self) -> list:
         return [n for n, _ in self.params]
+
+    @cached_property
+    def _check_arity(self) -> int:
+        return len(inspect.signature(self.check).parameters)
 
     @property
     def schema(self) -> str:
@@ -68,8 +75,7 @@ class Op:
 
     def check_args(self, args: tuple) -> tuple:
         """Run the check on the leading arguments it takes; returns what it returns."""
-        n = len(inspect.signature(self.check).parameters)
-        return self.check(*args[:n])
+        return self.check(*args[:self._check_arity])
 
     def sizes_of(self, args: tuple) -> dict:
         """The sizes by C++ field name, read from the shapes alone: the arguments were checked at the

@@ -40,6 +40,12 @@ class Generation:
         return sum(len(k) for k in self.layers) / max(1, len(self.layers))
 
 
+def _timings(prefill_s: float, decode_s: float, steps: int) -> dict:
+    """Generation.timings of a run of `steps` tokens (the first comes from the prompt pass)."""
+    return {"prefill_s": prefill_s, "decode_s": decode_s,
+            "tokens_per_s": (steps - 1) / decode_s if steps > 1 and decode_s > 0 else float("nan")}
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """The length of the longest common prefix of two token lists."""
     n = 0
@@ -226,9 +232,9 @@ class Decoder:
         if self.batch == 0:
             raise RuntimeError("decode() before prefill(): start a request with prefill(input_ids)")
         B = range(self.batch)
-        self.core.check_fit(self.lengths, n)
         check_sampling(temperature, top_k, top_p)
-        self.cache.reserve({b: self.core.lengths[b] + n for b in B})   # paged: PoolFull before any step
+        # every position the n steps write: "cache overflow" or (paged) PoolFull before any step runs
+        self.cache.reserve({b: self.core.lengths[b] + n for b in B})
         self._conv = None
         out = torch.empty(self.batch, n, dtype=torch.int64, device=self.device)
         if self.i == 1:
@@ -309,9 +315,8 @@ class Decoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         decode_s, steps = time.perf_counter() - t0 - t_prefill, len(layers)
-        self.last = Generation(out[:, :steps], layers, [f or "length" for f in finished], {
-            "prefill_s": t_prefill, "decode_s": decode_s,
-            "tokens_per_s": (steps - 1) / decode_s if steps > 1 and decode_s > 0 else float("nan")})
+        self.last = Generation(out[:, :steps], layers, [f or "length" for f in finished],
+                               _timings(t_prefill, decode_s, steps))
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, ignore_eos: bool = False,
@@ -337,8 +342,7 @@ class Decoder:
             self._conv = [r + [t for t in o if t >= 0] for r, o in zip(rows, tokens.tolist())]
             n = tokens.shape[1]
             self.last = Generation(tokens, [tuple(range(self.cfg.num_layers))] * n, [f or "length" for f in finished],
-                                   {"prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "tokens_per_s":
-                                    (n - 1) / s["decode_s"] if n > 1 and s["decode_s"] > 0 else float("nan")}, s)
+                                   _timings(s["prefill_s"], s["decode_s"], n), s)
             return self.last
         for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop,
                                 continue_, reuse_prefix):

@@ -67,7 +67,7 @@ class StepCore:
         self.graphs_enabled = bool(cuda_graphs) and capturable
         self.op_calls = Counter()
         self.workspace = Workspace()    # this state's kernel scratch: no other decoder shares it
-        self._graph_stats = {"captured": 0, "capture_s": 0.0, "pool_bytes": 0}
+        self._graph_stats = {"capture_s": 0.0, "pool_bytes": 0}
         self._pool = None
         self._allocate(max_batch, max_seq_len, page_size, num_pages)
 
@@ -188,12 +188,13 @@ class StepCore:
         t = torch.zeros(len(rows), T, dtype=torch.int64)
         for j, r in enumerate(ids):
             t[j, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        for b, s, r in zip(rows, starts, ids):
-            self._log[b, s:s + len(r)] = t[b - rows.start, : len(r)].to(self.device)
+        t = t.to(self.device)
+        for j, (b, s, r) in enumerate(zip(rows, starts, ids)):
+            self._log[b, s:s + len(r)] = t[j, : len(r)]
         k, v, valid = c.gather(rows, max(ends))
         h = self._h[rows.start:rows.stop]
-        every = batched_prefill(h, t.to(self.device), [len(r) for r in ids], self.model.weights, k, v, valid,
-                                self.rope_cos, self.rope_sin, self.cfg.eps, starts=starts)
+        every = batched_prefill(h, t, [len(r) for r in ids], self.model.weights, k, v, valid, self.rope_cos,
+                                self.rope_sin, self.cfg.eps, starts=starts)
         c.scatter(rows, starts, ends, k, v, valid)
         for b, e in zip(rows, ends):
             self._lengths[b] = e
@@ -211,12 +212,8 @@ class StepCore:
         and (paged) gives a page to each row that crosses into a new one: ValueError / PoolFull before
         anything changes."""
         steps = list(steps) + [None] * (self.max_batch - len(steps))
-        needs = {b: self._lengths[b] + 1 for b, i in enumerate(steps) if i is not None}
-        for b, n in needs.items():
-            if n > self.max_seq_len:
-                raise ValueError(f"cache overflow: row {b} is at position {n - 1}, past max_seq_len={self.max_seq_len}")
         c = self.cache
-        c.reserve(needs)
+        c.reserve({b: self._lengths[b] + 1 for b, i in enumerate(steps) if i is not None})   # checks, then pages
         paged = dict(block_table=c.host_block_table(), page_size=c.page_size) if c.paged else {}
         return make_plan(self.schedule, steps, self.fill, positions=self._lengths, **paged)
 
