@@ -3,7 +3,8 @@ builds the torch-free extensions from csrc/ with CMake (one CMake run builds bot
   d3kernels._C      the CUDA kernels, compiled by nvcc;
   d3kernels._C_emu  the same launchers and kernels compiled by the host C++
                     compiler against the SIMT emulation layer (csrc/emu/); needs
-                    no CUDA toolkit and runs on CPU tensors (backend "cuda-emu").
+                    no CUDA toolkit and runs on CPU tensors (backend "cuda-emu");
+  d3kernels._C_cpu  the native CPU backend (csrc/cpu/), host compiler (backend "cpu").
 
 Environment knobs:
   CUDA_HOME            toolkit root; if set, only $CUDA_HOME/bin/nvcc is tried.
@@ -16,6 +17,7 @@ Environment knobs:
   D3K_SKIP_CUDA_BUILD  =1: do not build _C.
   D3K_REQUIRE_CUDA     =1: fail instead of installing without _C.
   D3K_SKIP_EMU_BUILD   =1: do not build _C_emu.
+  D3K_SKIP_CPU_BUILD   =1: do not build _C_cpu.
 
 Without nvcc (or with D3K_SKIP_CUDA_BUILD=1) _C is not built, with one
 warning, and the CUDA backend is unavailable (d3kernels._ops.C_ERROR says
@@ -40,6 +42,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "d3kernels._C"
 EMU_EXT_NAME = "d3kernels._C_emu"
+CPU_EXT_NAME = "d3kernels._C_cpu"
 
 
 def _env_flag(name: str) -> bool:
@@ -87,17 +90,18 @@ def _plan() -> tuple[str | None, str]:
 NVCC, NVCC_REASON = _plan()
 
 
-def _emu_plan() -> tuple[bool, str]:
-    """(build _C_emu?, why not)."""
-    if _env_flag("D3K_SKIP_EMU_BUILD"):
-        return False, "D3K_SKIP_EMU_BUILD=1 is set"
+def _host_plan(skip_flag: str) -> tuple[bool, str]:
+    """(build a host-compiled extension?, why not)."""
+    if _env_flag(skip_flag):
+        return False, f"{skip_flag}=1 is set"
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         return False, "no C++ compiler (c++, g++ or clang++ on PATH, or CXX)"
     return True, ""
 
 
-BUILD_EMU, EMU_REASON = _emu_plan()
+BUILD_EMU, EMU_REASON = _host_plan("D3K_SKIP_EMU_BUILD")
+BUILD_CPU, CPU_REASON = _host_plan("D3K_SKIP_CPU_BUILD")
 
 
 def _no_cuda_message(require: bool) -> str:
@@ -131,6 +135,10 @@ class BuildPy(build_py):
         if not BUILD_EMU:
             print(f"WARNING: d3kernels: NOT building the emulated CUDA build d3kernels._C_emu ({EMU_REASON}); "
                   "backend 'cuda-emu' will be unavailable.", file=sys.stderr, flush=True)
+        if not BUILD_CPU:
+            print(f"WARNING: d3kernels: NOT building the native CPU backend d3kernels._C_cpu ({CPU_REASON}); "
+                  "backend 'cpu' will be unavailable and CPU decoding runs on the reference.", file=sys.stderr,
+                  flush=True)
         super().run()
 
 
@@ -196,6 +204,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DD3K_BUILD_CUDA={'ON' if nvcc else 'OFF'}",
             f"-DD3K_BUILD_EMU={'ON' if BUILD_EMU else 'OFF'}",
+            f"-DD3K_BUILD_CPU={'ON' if BUILD_CPU else 'OFF'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -210,6 +219,7 @@ class CMakeBuild(build_ext):
 
         what = [f"{EXT_NAME} with nvcc {nvcc} (found via {NVCC_REASON}), CUDA archs {archs}"] if nvcc else []
         what += [f"{EMU_EXT_NAME} (emulated CUDA build) with the host C++ compiler"] if BUILD_EMU else []
+        what += [f"{CPU_EXT_NAME} (native CPU backend) with the host C++ compiler"] if BUILD_CPU else []
         print("d3kernels: building " + "; ".join(what), flush=True)
         env = dict(os.environ)
         env.pop("CMAKE_CUDA_ARCHITECTURES", None)  # our -D value is the one that counts
@@ -226,7 +236,8 @@ class CMakeBuild(build_ext):
 
 
 ext_modules = ([CMakeExtension(EXT_NAME)] if NVCC is not None else []) + \
-              ([CMakeExtension(EMU_EXT_NAME)] if BUILD_EMU else [])
+              ([CMakeExtension(EMU_EXT_NAME)] if BUILD_EMU else []) + \
+              ([CMakeExtension(CPU_EXT_NAME)] if BUILD_CPU else [])
 
 setup(
     ext_modules=ext_modules,

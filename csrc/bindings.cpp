@@ -3,10 +3,12 @@
 // string ("" = success); this file turns non-empty ones into RuntimeError.
 // See csrc/README.md for how to add a kernel.
 //
-// Compiled twice: for d3kernels._C (nvcc build) and, with D3K_EMU and
+// Compiled three times: for d3kernels._C (nvcc build); with D3K_EMU and
 // D3K_MODULE_NAME=_C_emu, for d3kernels._C_emu, the same launchers and kernels
 // built by the host compiler against the SIMT emulation layer (csrc/emu/), where
-// "device" pointers are CPU addresses. _C_emu adds the emulation's controls.
+// "device" pointers are CPU addresses (_C_emu adds the emulation's controls);
+// and with D3K_CPU for d3kernels._C_cpu, the native CPU backend (csrc/cpu/,
+// d3k/cpu/ops.h), bound at the end of this file.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -14,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 
+#if !defined(D3K_CPU)
 #include "d3k/build_info.h"
 #include "d3k/limits.h"
 #include "d3k/ops.h"
@@ -244,3 +247,109 @@ PYBIND11_MODULE(D3K_MODULE_NAME, m) {
       },
       "argmax(tokens int64 [B], logits fp32 [B, V] row stride ld, B, V, ld, device, stream): greedy sampling.");
 }
+#else  // D3K_CPU: d3kernels._C_cpu
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "d3k/cpu/ops.h"
+
+namespace py = pybind11;
+namespace cpu = d3k::cpu;
+
+#ifndef D3K_VERSION
+#define D3K_VERSION "unknown"
+#endif
+
+namespace {
+void check(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error(err);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "d3kernels native CPU backend (torch-free; raw CPU pointers; csrc/cpu/)";
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = D3K_VERSION;
+    d["compiled_with"] = "cpu";
+#if defined(_OPENMP)
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["isas"] = cpu::isas_supported();
+    return d;
+  }, "Build facts: {version, compiled_with: 'cpu', openmp, isas (the instruction sets this CPU can run)}.");
+  m.def("isa", &cpu::isa, "The instruction set in use: 'avx512' | 'avx2' | 'scalar'.");
+  m.def("set_isa", [](const std::string& name) { check(cpu::set_isa(name)); }, py::arg("name"),
+        "Use another instruction set (a lower one, for tests); RuntimeError if this CPU lacks it.");
+  m.def("num_threads", &cpu::num_threads, "Worker threads per launch.");
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"), "Worker threads per launch (>= 1).");
+  m.def("row_bytes", [](int q, int64_t cols) { return cpu::row_bytes(cpu::QType(q), cols); }, py::arg("qtype"),
+        py::arg("cols"), "Bytes of one row of cols values of QType code qtype; -1 if not whole blocks.");
+
+  py::enum_<cpu::QType>(m, "QType", py::module_local())
+      .value("f32", cpu::QType::kF32).value("f16", cpu::QType::kF16).value("bf16", cpu::QType::kBF16)
+      .value("q4_0", cpu::QType::kQ4_0).value("q4_1", cpu::QType::kQ4_1).value("q8_0", cpu::QType::kQ8_0);
+  py::enum_<cpu::DType>(m, "DType", py::module_local())
+      .value("f32", cpu::DType::kF32).value("f16", cpu::DType::kF16).value("bf16", cpu::DType::kBF16);
+  py::enum_<cpu::Layout>(m, "Layout", py::module_local())
+      .value("contiguous", cpu::Layout::kContiguous).value("paged", cpu::Layout::kPaged);
+  // Args structs bound field by field from their X-macro lists, as for the CUDA ops; every launcher
+  // releases the GIL while its threads run.
+  py::class_<cpu::Program> program(m, "Program", py::module_local());
+  program.def(py::init<>())
+      .def("__len__", &cpu::Program::size)
+      .def("run", [](const cpu::Program& p) {
+        std::string e;
+        {
+          py::gil_scoped_release nogil;
+          e = p.run();
+        }
+        check(e);
+      }, "Run the recorded launches in order, in one parallel region.");
+#define D3K_CPU_BIND_FIELD(type, name) cls.def_readwrite(#name, &Args::name);
+#define D3K_CPU_BIND_ARGS(ARGS, FIELDS, LAUNCHER, ADD)                                              \
+  {                                                                                                 \
+    using Args = cpu::ARGS;                                                                         \
+    py::class_<Args> cls(m, #ARGS, py::module_local());                                             \
+    cls.def(py::init<>());                                                                          \
+    FIELDS(D3K_CPU_BIND_FIELD)                                                                      \
+    m.def(#LAUNCHER, [](const Args& a) {                                                            \
+      std::string e;                                                                                \
+      {                                                                                             \
+        py::gil_scoped_release nogil;                                                               \
+        e = cpu::LAUNCHER(a);                                                                       \
+      }                                                                                             \
+      check(e);                                                                                     \
+    }, py::arg("args"), "d3k::cpu::" #LAUNCHER "(" #ARGS "); RuntimeError with the launcher's message.");  \
+    program.def(#ADD, [](cpu::Program& p, const Args& a) { check(p.ADD(a)); }, py::arg("args"),    \
+                "Record a launch (checked now).");                                                  \
+  }
+  D3K_CPU_BIND_ARGS(AttnArgs, D3K_CPU_ATTN_FIELDS, attn_block, add_attn)
+  D3K_CPU_BIND_ARGS(MlpArgs, D3K_CPU_MLP_FIELDS, mlp_block, add_mlp)
+  D3K_CPU_BIND_ARGS(WriteKvArgs, D3K_CPU_WRITE_KV_FIELDS, write_kv, add_write_kv)
+  D3K_CPU_BIND_ARGS(LmHeadArgs, D3K_CPU_LM_HEAD_FIELDS, lm_head, add_lm_head)
+#undef D3K_CPU_BIND_ARGS
+#undef D3K_CPU_BIND_FIELD
+  m.def("linear", [](uintptr_t y, uintptr_t x, uintptr_t w, int w_type, int64_t w_ld, uintptr_t bias, int64_t N,
+                     int64_t R, int64_t K) {
+    std::string e;
+    {
+      py::gil_scoped_release nogil;
+      e = cpu::linear(y, x, w, cpu::QType(w_type), w_ld, bias, N, R, K);
+    }
+    check(e);
+  }, "linear(y, x, w, w_type, w_ld, bias, N, R, K): y [N, R] f32 = x [N, K] f32 @ w^T (+ bias).");
+  m.def("embed", [](uintptr_t out, int dtype, uintptr_t ids, uintptr_t w, int w_type, int64_t w_ld, int64_t N,
+                    int64_t R, int64_t K) {
+    check(cpu::embed(out, cpu::DType(dtype), ids, w, cpu::QType(w_type), w_ld, N, R, K));
+  }, "embed(out, dtype, ids, w, w_type, w_ld, N, R, K): out [N, K] = rows ids [N] int64 of w [R, K].");
+  m.def("argmax", [](uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int64_t ld) {
+    check(cpu::argmax(tokens, logits, B, V, ld));
+  }, "argmax(tokens int64 [B], logits f32 [B, V] row stride ld, B, V, ld).");
+}
+#endif  // D3K_CPU

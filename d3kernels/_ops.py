@@ -1,9 +1,10 @@
 """The only module that imports the compiled extensions ``d3kernels._C`` (the CUDA
-kernels) and ``d3kernels._C_emu`` (the same kernels on the SIMT emulation layer).
+kernels), ``d3kernels._C_emu`` (the same kernels on the SIMT emulation layer) and
+``d3kernels._C_cpu`` (the native CPU backend; its ops live in d3kernels.cpu).
 
-``C`` / ``C_EMU`` are the extension modules, or None when unavailable;
-``C_ERROR`` / ``C_EMU_ERROR`` then say why. Importing this module never needs
-_C or a GPU.
+``C`` / ``C_EMU`` / ``C_CPU`` are the extension modules, or None when unavailable;
+``C_ERROR`` / ``C_EMU_ERROR`` / ``C_CPU_ERROR`` then say why. Importing this module
+never needs _C or a GPU.
 
 It also provides:
 - ``CUDA_OPS_AVAILABLE``: True when _C exports the fused decode kernels.
@@ -59,6 +60,10 @@ C_EMU, C_EMU_ERROR = _import_extension(
     "d3kernels._C_emu", lambda: importlib.import_module("d3kernels._C_emu"),
     "d3kernels._C_emu (the emulated CUDA build) is not built: it was skipped at install time "
     "(D3K_SKIP_EMU_BUILD=1, or no C++ compiler); reinstall: pip install --no-build-isolation -e .")
+C_CPU, C_CPU_ERROR = _import_extension(
+    "d3kernels._C_cpu", lambda: importlib.import_module("d3kernels._C_cpu"),
+    "d3kernels._C_cpu (the native CPU backend) is not built: it was skipped at install time "
+    "(D3K_SKIP_CPU_BUILD=1, or no C++ compiler); reinstall: pip install -e .")
 
 
 def build_info() -> dict | None:

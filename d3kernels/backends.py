@@ -1,7 +1,10 @@
 """Backend selection: one table of what can run where, and why not (docs/design.md section 3).
 
 "auto" picks cuda, then triton, then reference; on CPU tensors it picks the
-reference (the Triton interpreter runs only when "triton" is named). A GPU
+native cpu backend (d3kernels.cpu) when it is built and verified, else the
+reference (the Triton interpreter runs only when "triton" is named). The cpu
+backend verifies itself like a GPU one: a selftest record, or the first-use
+selftest (a few seconds). A GPU
 backend counts for auto once it is verified: VERIFIED_ON_GPU, or a passing
 selftest record for this device and this build (d3kernels/verify.py). With
 neither, auto runs the selftest once at first use (FIRST_USE_CHECK, which
@@ -29,16 +32,18 @@ import torch
 from . import _ops, verify
 from . import reference as _reference
 
-BACKENDS = ("cuda", "triton", "reference")      # the order "auto" tries
+BACKENDS = ("cuda", "triton", "cpu", "reference")      # the order "auto" tries
 NAMED_ONLY = ("cuda-emu",)                         # run only when named
 ALL_BACKENDS = BACKENDS + NAMED_ONLY
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 # "auto" only picks a GPU backend once its test suite has passed on a real GPU (bench/gpu_check.sh test).
 # Until then it can still be named explicitly (backend="cuda" / D3K_BACKEND=cuda).
 VERIFIED_ON_GPU = {"cuda": False, "triton": False}
-# What auto considers per device type, in order; on the CPU only the reference (tests put the emulated
-# CUDA build here to stand in for a GPU).
-AUTO_CANDIDATES = {"cuda": ("cuda", "triton"), "cpu": ()}
+# What auto considers per device type, in order, before the reference (tests put the emulated CUDA build
+# here to stand in for a GPU).
+AUTO_CANDIDATES = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+# The backends that read d3kernels.quant.PackedWeights (weights as the checkpoint stores them)
+PACKED_READERS = ("cpu",)
 # callable(backend, device) -> bool: verify an unverified backend at first use (set by d3kernels/__init__)
 FIRST_USE_CHECK = None
 SELFTEST_ENV = "D3K_SELFTEST"
@@ -80,6 +85,18 @@ def why_not(backend: str, device, dtype: torch.dtype, head_dim: Optional[int] = 
         if device.type != "cuda":
             return f"tensors are on {device.type}; the CUDA backend needs CUDA tensors"
         return _ops.kernel_limits_problem(dtype, head_dim, page_size) or _ops.arch_problem(device)
+    if backend == "cpu":
+        from . import cpu
+        problem = cpu.available()
+        if problem is not None:
+            return problem
+        if device.type != "cpu":
+            return f"tensors are on {device.type}; the cpu backend runs on CPU tensors"
+        if dtype not in cpu.DTYPES:
+            return f"dtype {dtype} is not supported by the cpu backend (float32, float16, bfloat16)"
+        if head_dim is not None and head_dim % 2:
+            return f"head_dim {head_dim} is odd (RoPE rotates pairs)"
+        return None
     if backend == "cuda-emu":
         if not _ops.cuda_emu_ops.available:
             return _ops.C_EMU_ERROR or "d3kernels._C_emu has no CUDA kernels; rebuild it"
@@ -129,6 +146,9 @@ def get(backend: str):
         return _ops.cuda_ops
     if backend == "cuda-emu":
         return _ops.cuda_emu_ops
+    if backend == "cpu":
+        from . import cpu
+        return cpu.ops
     raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
 
 

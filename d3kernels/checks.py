@@ -5,17 +5,29 @@ what was expected and what arrived, and returns the sizes it read. They only
 look at tensor metadata, so they also run on fake tensors (the torch.library
 fake kernels in d3kernels/_ops.py call them while torch.compile traces).
 
-This module imports torch and nothing else of d3kernels: the registration
-module (_ops), the public API (ops) and the driver all sit above it.
+A weight may be a d3kernels.quant.PackedWeight (weights as the checkpoint stores
+them; only the cpu backend reads those): its shape and device are checked, its
+storage type is the backend's to check.
+
+This module imports torch and d3kernels.quant only: the registration module
+(_ops), the public API (ops) and the driver all sit above it.
 """
 from __future__ import annotations
 
 import torch
 
+from .quant import PackedWeight
+
 FILL_MODES = ("mask", "project", "copy")
 
 
 def expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
+    if isinstance(t, PackedWeight):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)} ({t.qtype})")
+        if device is not None and t.device != device:
+            raise ValueError(f"expected {name} on {device}, got {t.device}")
+        return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):

@@ -11,6 +11,12 @@ Three sources give the same `Model`:
 Weights are stacked per kind across layers (e.g. wqkv is [L, (H + 2 H_kv) D, d])
 and each `LayerWeights` holds views into those stacks, so a kernel can index
 any layer from one pointer and a per-layer stride.
+
+With packed=True (the default on the CPU when the native CPU backend is built)
+the weight matrices stay as the checkpoint stores them: d3kernels.quant
+PackedWeights (GGUF q4_0 / q4_1 / q8_0 blocks, f16, bf16), read directly by
+the cpu backend; norms and biases are float32, the activation dtype.
+`Model.dequantized()` gives the float copy every other backend reads.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from . import quant
 
 SUPPORTED_ARCHS = {
     "LlamaForCausalLM": "llama",
@@ -108,12 +116,24 @@ class Weights:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wqkv.dtype
+        """The activation dtype (the norms are stored in it; packed matrices keep their own type)."""
+        return self.final_norm.dtype
+
+    @property
+    def packed(self) -> bool:
+        """Whether the matrices are PackedWeights (read only by the cpu backend)."""
+        return quant.is_packed(self.wqkv)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        """Bytes one value of the layer matrices takes (0.625 for q4_1, 2 for bf16, ...)."""
+        return self.wqkv.element_size()
 
     def to(self, dtype: torch.dtype) -> "Weights":
-        """A copy in another dtype (e.g. float64 for a test oracle); a tied lm_head stays tied."""
+        """A copy in another dtype (e.g. float64 for a test oracle), packed matrices dequantized; a tied
+        lm_head stays tied."""
         t = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
-        out = {k: None if v is None else v.to(dtype) for k, v in t.items() if k != "lm_head"}
+        out = {k: None if v is None else v.to(dtype=dtype) for k, v in t.items() if k != "lm_head"}
         out["lm_head"] = out["embed"] if self.lm_head is self.embed else self.lm_head.to(dtype)
         return Weights(**out)
 
@@ -137,6 +157,14 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.weights.dtype
+
+    def dequantized(self, dtype: Optional[torch.dtype] = None) -> "Model":
+        """This model with float weights (packed matrices dequantized, exactly, to float32 or `dtype`);
+        itself when nothing is packed and the dtype is unchanged."""
+        dtype = dtype or self.dtype
+        if not self.weights.packed and dtype == self.dtype:
+            return self
+        return Model(self.config, self.weights.to(dtype), self.tokenizer, source=self.source)
 
 
 # --------------------------------------------------------------------------- config
@@ -210,7 +238,8 @@ def config_from_hf(cfg: dict, name: str = "model") -> ModelConfig:
 # --------------------------------------------------------------------------- weights
 
 def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
-    """Assemble Weights from `get(hf_name) -> tensor or None` (HF state-dict names)."""
+    """Assemble Weights from `get(hf_name) -> tensor, PackedWeight or None` (HF state-dict names). Tensors
+    are converted to `dtype`; PackedWeights stay packed (a stack of mixed types becomes float32 values)."""
     def need(n):
         t = get(n)
         if t is None:
@@ -218,24 +247,24 @@ def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
         return t
 
     def stack(fn):
-        return torch.stack([fn(l).to(device=device, dtype=dtype) for l in range(cfg.num_layers)])
+        return _to(quant.stack([fn(l) for l in range(cfg.num_layers)]), device, dtype)
 
     def p(l, n):
         return f"model.layers.{l}.{n}"
 
-    wqkv = stack(lambda l: torch.cat([need(p(l, "self_attn.q_proj.weight")), need(p(l, "self_attn.k_proj.weight")),
+    wqkv = stack(lambda l: quant.cat([need(p(l, "self_attn.q_proj.weight")), need(p(l, "self_attn.k_proj.weight")),
                                       need(p(l, "self_attn.v_proj.weight"))]))
     bqkv = None
     if cfg.qkv_bias:
         bqkv = stack(lambda l: torch.cat([need(p(l, "self_attn.q_proj.bias")), need(p(l, "self_attn.k_proj.bias")),
                                           need(p(l, "self_attn.v_proj.bias"))]))
-    w_gate_up = stack(lambda l: torch.cat([need(p(l, "mlp.gate_proj.weight")), need(p(l, "mlp.up_proj.weight"))]))
-    embed = need("model.embed_tokens.weight").to(device=device, dtype=dtype)
+    w_gate_up = stack(lambda l: quant.cat([need(p(l, "mlp.gate_proj.weight")), need(p(l, "mlp.up_proj.weight"))]))
+    embed = _to(need("model.embed_tokens.weight"), device, dtype)
     lm = get("lm_head.weight")
     if cfg.tie_embeddings or lm is None:
         lm = embed
     else:
-        lm = lm.to(device=device, dtype=dtype)
+        lm = _to(lm, device, dtype)
     w = Weights(
         embed=embed, final_norm=need("model.norm.weight").to(device=device, dtype=dtype), lm_head=lm,
         attn_norm=stack(lambda l: need(p(l, "input_layernorm.weight"))), wqkv=wqkv, bqkv=bqkv,
@@ -244,6 +273,14 @@ def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
         w_down=stack(lambda l: need(p(l, "mlp.down_proj.weight"))))
     _check_shapes(cfg, w)
     return w
+
+
+def _to(t, device, dtype):
+    """A tensor in `dtype` on `device`; a PackedWeight only moved (a float32 tensor from a mixed-type stack is
+    packed as f32 again when the rest of the model is packed)."""
+    if quant.is_packed(t):
+        return t.to(device)
+    return t.to(device=device, dtype=dtype)
 
 
 def _check_shapes(cfg: ModelConfig, w: Weights) -> None:
@@ -280,7 +317,7 @@ def _default_dtype(dtype, device):
     return dtype
 
 
-def _load_hf_dir(path: str, device, dtype) -> Model:
+def _load_hf_dir(path: str, device, dtype, packed: bool = False) -> Model:
     from safetensors import safe_open
     with open(os.path.join(path, "config.json")) as f:
         cfg = config_from_hf(json.load(f), name=os.path.basename(os.path.normpath(path)))
@@ -292,7 +329,14 @@ def _load_hf_dir(path: str, device, dtype) -> Model:
     for hnd in handles:
         for k in hnd.keys():
             where[k] = hnd
-    weights = _stack_weights(cfg, lambda n: where[n].get_tensor(n) if n in where else None, device, dtype)
+    def get(n):
+        if n not in where:
+            return None
+        t = where[n].get_tensor(n)
+        # packed: 16-bit matrices stay 16-bit (float32 ones stay float32)
+        return quant.PackedWeight.from_tensor(t) if packed and t.dim() == 2 and t.dtype in quant.FLOAT_QTYPES else t
+
+    weights = _stack_weights(cfg, get, device, dtype)
     return Model(cfg, weights, _hf_tokenizer(path), source=path)
 
 
@@ -325,13 +369,16 @@ def embedded_model_path() -> str:
     raise FileNotFoundError(f"{EMBEDDED_FILE} not found in package {EMBEDDED_PACKAGE}: " + EMBEDDED_HINT)
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights [n_head * D, d]."""
+def _unpermute(w, n_head: int):
+    """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights [n_head * D, d] (a tensor or a
+    PackedWeight: whole rows move, so blocks stay intact)."""
+    if quant.is_packed(w):
+        return quant.PackedWeight(_unpermute(w.data, n_head), w.qtype, w.cols)
     rows, d = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, d).transpose(1, 2).reshape(rows, d)
 
 
-def _load_gguf(path: str, device, dtype) -> Model:
+def _load_gguf(path: str, device, dtype, packed: bool = False) -> Model:
     import gguf
     import numpy as np
     reader = gguf.GGUFReader(path)
@@ -353,8 +400,12 @@ def _load_gguf(path: str, device, dtype) -> Model:
         t = tensors.get(name)
         if t is None:
             return None
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        qtype = quant.GGUF_TYPES.get(int(t.tensor_type))
+        if packed and len(shape) == 2 and qtype is not None:    # a matrix kept as stored
+            data = torch.from_numpy(np.array(t.data).view(np.uint8).reshape(shape[0], -1))
+            return quant.PackedWeight(data, qtype, shape[1])
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
 
     heads = int(meta["llama.attention.head_count"])
@@ -430,7 +481,7 @@ def _gguf_tokenizer(path: str):
 
 # --------------------------------------------------------------------------- entry point
 
-def load_model(source=None, device=None, dtype=None) -> Model:
+def load_model(source=None, device=None, dtype=None, packed: Optional[bool] = None) -> Model:
     """Load a model for d3kernels.
 
     Args:
@@ -440,13 +491,23 @@ def load_model(source=None, device=None, dtype=None) -> Model:
             Qwen2ForCausalLM.
         device: default "cuda" when a GPU is present, else "cpu".
         dtype: torch dtype or "bf16" / "fp16" / "fp32"; default bf16 on GPU, fp32 on CPU.
+        packed: keep the weight matrices as the checkpoint stores them (GGUF q4_0 / q4_1 / q8_0 blocks,
+            f16, bf16; d3kernels.quant.PackedWeight) for the native cpu backend; activations are float32.
+            Default: on the CPU, when the cpu backend is built and no dtype is given. False: dequantized
+            to `dtype` (the reference's specification).
     Returns:
         Model with .config (ModelConfig), .weights (Weights) and .tokenizer.
     """
     device = _default_device(device)
+    if packed is None:
+        packed = device.type == "cpu" and dtype is None and _cpu_backend_built()
+    if packed and device.type != "cpu":
+        raise ValueError(f"packed weights are read by the cpu backend only; got device {device}")
     dtype = _default_dtype(dtype, device)
+    if packed and dtype != torch.float32:
+        raise ValueError(f"packed weights run with float32 activations; got dtype {dtype}")
     if source is None:
-        return _load_gguf(embedded_model_path(), device, dtype)
+        return _load_gguf(embedded_model_path(), device, dtype, packed)
     if isinstance(source, torch.nn.Module):
         return _load_transformers(source, device, dtype)
     if isinstance(source, (str, os.PathLike)):
@@ -454,11 +515,16 @@ def load_model(source=None, device=None, dtype=None) -> Model:
         if os.path.isdir(path):
             if not os.path.exists(os.path.join(path, "config.json")):
                 raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-            return _load_hf_dir(path, device, dtype)
+            return _load_hf_dir(path, device, dtype, packed)
         if path.endswith(".gguf") and os.path.isfile(path):
-            return _load_gguf(path, device, dtype)
+            return _load_gguf(path, device, dtype, packed)
         raise FileNotFoundError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     raise TypeError(f"source must be None, a path or a transformers model, got {type(source).__name__}")
+
+
+def _cpu_backend_built() -> bool:
+    """Whether d3kernels._C_cpu is built (found without importing it; this module sits below the backends)."""
+    return importlib.util.find_spec("d3kernels._C_cpu") is not None
 
 
 def random_model(L: int, d: int, H: int, H_kv: int, D: int, F: int, V: int, dtype: torch.dtype = torch.float32,
@@ -491,6 +557,7 @@ def save_hf(model: Model, path: str, dtype=None) -> str:
     stored dtype (default the model's; the GGUF loader's weights are the dequantized float32 values).
     Returns path."""
     from safetensors.torch import save_file
+    model = model.dequantized(torch.float32) if model.weights.packed else model
     cfg, w = model.config, model.weights
     if cfg.rope_scaling is not None:
         raise ValueError("save_hf writes only default RoPE; this model has rope scaling "

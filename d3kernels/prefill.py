@@ -19,13 +19,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .model import apply_rope, rms_norm
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ w.T (+ b) as float32. On a GPU with 16-bit weights: the activations rounded to the weights' dtype,
-    one tensor-core matmul accumulating and returning float32; elsewhere a float32 matmul (what a CPU runs
-    fastest; fp32 weights are used as they are)."""
+    one tensor-core matmul accumulating and returning float32; a PackedWeight: its own product (native on the
+    cpu backend: the weight read as stored, once per block of rows); elsewhere a float32 matmul (what a CPU
+    runs fastest; fp32 weights are used as they are)."""
+    if quant.is_packed(w):
+        return w.linear(x, b)
     if x.is_cuda and w.dtype in (torch.float16, torch.bfloat16):
         try:
             y = torch.mm(x.to(w.dtype), w.t(), out_dtype=torch.float32)
@@ -69,7 +73,7 @@ def prefill(hidden_out: torch.Tensor, input_ids: torch.Tensor, lengths: list, we
     offs = torch.cumsum(n_t, 0) - n_t
     i_in_row = torch.arange(int(n_t.sum()), device=dev) - offs[row]
     pos = s_t[row] + i_in_row                                                              # [N] positions
-    x = weights.embed[input_ids.to(dev)[row, i_in_row]].to(dt)                             # [N, d]
+    x = quant.rows(weights.embed, input_ids.to(dev)[row, i_in_row]).to(dt)                  # [N, d]
     cos, sin = rope_cos[pos].float()[:, None], rope_sin[pos].float()[:, None]
     S_att = int((s_t + n_t).max())
     # the batch's attention mask over the keys [0, S_att): query (b, i) sees p < start_b where the layer holds

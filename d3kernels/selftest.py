@@ -30,6 +30,7 @@ AUTO_ENV = "D3K_SELFTEST"          # "0": auto never runs the selftest itself (t
 EPS = 1e-5
 PAGE = 16
 DTYPES = (torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.float32, torch.bfloat16)      # the cpu backend's activations: float32 first
 # B rows, hidden d, heads H / H_kv, head_dim D (the CUDA kernels take 64 and 128), MLP width F, vocab V,
 # cache length S (a multiple of PAGE), bias: Qwen2's qkv bias
 SHAPES = {
@@ -244,7 +245,9 @@ def run(backend: str, device=None, model: Optional[ModelConfig] = None, dtypes=D
     current GPU; the CPU for cuda-emu); model: a ModelConfig whose shape is tested too. shapes: names of
     SHAPES (default all). Returns the record (record["passed"]); save=True writes it (verify.save)."""
     if device is None:
-        device = "cpu" if backend == "cuda-emu" else "cuda"
+        device = "cpu" if backend in ("cuda-emu", "cpu") else "cuda"
+    if backend == "cpu" and dtypes is DTYPES:
+        dtypes = CPU_DTYPES
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import backends, declare
+from . import backends, declare, quant
 from .workspace import Workspace
 from .cache import KVCache, PagedKVCache, PoolFull
 from .engine import Buffers, Plan, plan as make_plan, run_layers
@@ -56,10 +56,19 @@ class StepCore:
                              "attention is not supported; lower max_seq_len to at most the window")
         if page_size is None and num_pages is not None:
             raise ValueError("num_pages needs a page_size (a paged cache)")
-        self.model, self.cfg, self.schedule, self.fill, self.log = model, cfg, schedule, fill, log
+        self.cfg, self.schedule, self.fill, self.log = cfg, schedule, fill, log
         self.device, self.dtype = model.device, model.dtype
         self.backend = backends.resolve(backend, self.device, self.dtype, cfg.head_dim, page_size)
         self.ops = backends.get(self.backend)
+        if model.weights.packed and self.backend not in backends.PACKED_READERS:
+            # weights as the checkpoint stores them are read by the cpu backend only; the others get the
+            # float values (exactly: the reference's specification)
+            if log is not None:
+                log(f"the {self.backend} backend reads float weights: dequantizing the packed ones to {self.dtype}")
+            model = model.dequantized()
+        self.model = model
+        # the cpu backend records each plan key's launches once and runs them as one native call
+        self.programs_enabled = self.backend == "cpu" and os.environ.get("D3K_CPU_PROGRAMS", "1") != "0"
         # the reference backend reads positions on the host, so it cannot be captured
         capturable = self.device.type == "cuda" and self.backend != "reference"
         if cuda_graphs is None:
@@ -87,6 +96,7 @@ class StepCore:
         self._bufs = Buffers(cfg.num_layers, B, self.fill, dev, paged=self.cache.paged)
         self._lengths = [0] * B
         self._graphs = {}           # plan key -> torch.cuda.CUDAGraph (captured on these buffers)
+        self._programs = {}         # plan key -> recorded cpu step (d3kernels.cpu.Step) on these buffers
         self._check_ops()
 
     def _check_ops(self) -> None:
@@ -224,6 +234,11 @@ class StepCore:
         if self.graphs_enabled:
             graph = self._graphs.get(p.key) or self._capture(p)
             graph.replay()
+        elif self.programs_enabled:
+            program = self._programs.get(p.key) or self._record(p)
+            self._embed()
+            program.run()
+            self.op_calls.update(program.counts)
         else:
             self.launch(p)
         for b in p.rows:
@@ -240,16 +255,30 @@ class StepCore:
         call) and sync-free, so it can be captured (a benchmark times this alone). Reads the plan only
         through the loaded buffers and p.key (kept layers, project launches), so a graph captured for one
         plan replays every plan with that key."""
-        w, c, bufs = self.model.weights, self.cache, self._bufs
         with self.workspace:
-            torch.index_select(w.embed, 0, self.tokens, out=self._h)
-            self._log.scatter_(1, self._pos64, self.tokens[:, None])     # rows that do not run: past their end
-            run_layers(self.ops, p.kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, bufs.pos, self.rope_cos,
-                       self.rope_sin, bufs.active, self.cfg.eps, mask=bufs.mask, project=bufs.project_for(p),
-                       copy=bufs.copy if p.copy is not None else None, block_table=c.block_table,
-                       slots=bufs.slots, counts=self.op_calls)
-            self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
-        self.op_calls["lm_head"] += 1
+            self._embed()
+            self._layers(p, self.op_calls)
+
+    def _embed(self) -> None:
+        """The token buffer's embeddings into the hidden state; the tokens into the token log."""
+        quant.rows(self.model.weights.embed, self.tokens, out=self._h)
+        self._log.scatter_(1, self._pos64, self.tokens[:, None])     # rows that do not run: past their end
+
+    def _layers(self, p: Plan, counts: Counter) -> None:
+        """The kept layers of plan p and lm_head, as ops (counted in counts)."""
+        w, c, bufs = self.model.weights, self.cache, self._bufs
+        run_layers(self.ops, p.kept, w, c.k, c.v, c.kv_valid, self._h, self._h2, bufs.pos, self.rope_cos,
+                   self.rope_sin, bufs.active, self.cfg.eps, mask=bufs.mask, project=bufs.project_for(p),
+                   copy=bufs.copy if p.copy is not None else None, block_table=c.block_table,
+                   slots=bufs.slots, counts=counts)
+        self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
+        counts["lm_head"] += 1
+
+    def _record(self, p: Plan):
+        """Record the cpu backend's launches of plan p's key (run by run(), one native call per step)."""
+        program = self.ops.record_step(lambda counts: self._layers(p, counts))
+        self._programs[p.key] = program
+        return program
 
     def _capture(self, p: Plan) -> "torch.cuda.CUDAGraph":
         """Capture the step of plan p's key (a warm-up run on a side stream first, as capture requires; it
@@ -322,5 +351,6 @@ class StepCore:
     def stats(self) -> dict:
         """Backend, cache bytes, CUDA graphs captured, their memory pool and capture time, op calls."""
         return {"backend": self.backend, "cache_bytes": self.cache.nbytes, "graphs": len(self._graphs),
+                "cpu_programs": len(self._programs),
                 "graph_pool_bytes": self._graph_stats["pool_bytes"],
                 "graph_capture_s": self._graph_stats["capture_s"], "op_calls": dict(self.op_calls)}

@@ -60,8 +60,8 @@ def _hash_stamped(stamp: tuple) -> str:
 
 def build_id(backend: str, ops=None) -> str:
     """The build of `backend` this process runs: a hash of the extension module it loaded ("cuda",
-    "cuda-emu"; `ops`, a CudaKernels, may name another build of it), or of the Triton kernel sources and
-    the Triton version ("triton")."""
+    "cuda-emu"; `ops`, a CudaKernels, may name another build of it), of the Triton kernel sources and
+    the Triton version ("triton"), or of the CPU extension, its wrapper and instruction set ("cpu")."""
     if backend in ("cuda", "cuda-emu"):
         if ops is None:
             ops = _ops.cuda_ops if backend == "cuda" else _ops.cuda_emu_ops
@@ -73,6 +73,11 @@ def build_id(backend: str, ops=None) -> str:
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton")
         files = sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py"))
         return _file_hash(files) + "-triton" + triton.__version__
+    if backend == "cpu":     # the extension, its Python wrapper and the instruction set in use
+        if _ops.C_CPU is None:
+            return "not-built"
+        here = os.path.dirname(os.path.abspath(__file__))
+        return _file_hash([_ops.C_CPU.__file__, os.path.join(here, "cpu.py")]) + "-" + _ops.C_CPU.isa()
     raise ValueError(f"no selftest build id for backend {backend!r}")
 
 

@@ -1,0 +1,761 @@
+// Launchers of the native CPU backend (d3k/cpu/ops.h): argument checks, the work split over a team of
+// threads (OpenMP), and the fused op bodies. The inner loops (dot products, activation rounding) come from
+// the instruction-set table chosen at run time (d3k/cpu/kernels.h).
+//
+// Threads: one OpenMP parallel region per launch, or per recorded Program (a whole decode step): inside
+// it the team splits each phase (weight rows, heads, rows) and meets at barriers, so a step costs one
+// fork and a few barriers per layer, and the threads spin between ops instead of sleeping.
+// Scratch: one arena per calling thread, grown to the largest op it has run and then reused (no
+// allocation per step); ops launched from two Python threads use two arenas.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "d3k/cpu/kernels.h"
+#include "d3k/cpu/ops.h"
+
+namespace d3k::cpu {
+namespace {
+
+// ------------------------------------------------------------------ instruction set, threads
+bool cpu_has(const char* what) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (!std::strcmp(what, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(what, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return !std::strcmp(what, "scalar");
+}
+
+const IsaKernels* best_isa() {
+  if (cpu_has("avx512")) return &kAvx512;
+  if (cpu_has("avx2")) return &kAvx2;
+  return &kScalar;
+}
+
+const IsaKernels* g_isa = best_isa();
+
+int default_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int g_threads = default_threads();
+
+struct Team {
+  int id = 0, n = 1;
+  void barrier() const {
+#if defined(_OPENMP)
+    if (n > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+  // [lo, hi) of this thread's share of n_items, in chunks of `align` items (the last chunk may be short)
+  void share(int64_t items, int64_t align, int64_t* lo, int64_t* hi) const {
+    const int64_t chunks = (items + align - 1) / align, per = chunks / n, extra = chunks % n;
+    const int64_t c0 = id * per + std::min<int64_t>(id, extra), c1 = c0 + per + (id < extra ? 1 : 0);
+    *lo = std::min(items, c0 * align);
+    *hi = std::min(items, c1 * align);
+  }
+};
+
+template <class Body>
+void in_team(Body&& body) {
+#if defined(_OPENMP)
+  if (g_threads > 1) {
+#pragma omp parallel num_threads(g_threads)
+    body(Team{omp_get_thread_num(), omp_get_num_threads()});
+    return;
+  }
+#endif
+  body(Team{});
+}
+
+// ------------------------------------------------------------------ scratch
+thread_local std::vector<char> t_arena;
+
+// Carves 64-byte aligned pieces out of a base pointer; with base == nullptr it only counts bytes.
+struct Bump {
+  char* base;
+  std::size_t used = 0;
+  template <class T>
+  T* take(int64_t n) {
+    used = (used + 63) & ~std::size_t(63);
+    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += sizeof(T) * std::max<int64_t>(n, 1);
+    return p;
+  }
+};
+
+char* arena(std::size_t bytes) {
+  if (t_arena.size() < bytes + 64) t_arena.resize(bytes + 64);
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(t_arena.data()) + 63) & ~uintptr_t(63));
+}
+
+// The rounded copy of nx activation rows of K values, and their float values.
+struct Rows {
+  float* f;
+  int8_t* q;
+  float *d, *s;
+  int32_t* qsum;
+  XRow* x;
+  int64_t K;
+  void make(Bump& m, int64_t nx, int64_t K_, bool quantized) {
+    K = K_;
+    f = m.take<float>(nx * K);
+    x = m.take<XRow>(nx);
+    q = quantized ? m.take<int8_t>(nx * K) : nullptr;
+    d = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
+    s = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
+    qsum = quantized ? m.take<int32_t>(nx * K / kBlock) : nullptr;
+  }
+  // row i: point x[i] at its pieces (one thread per row, before a barrier)
+  void point(int64_t i) {
+    XRow& r = x[i];
+    r.f = f + i * K;
+    if (!q) return;
+    const int64_t nb = K / kBlock;
+    r.q = q + i * K;
+    r.d = d + i * nb;
+    r.s = s + i * nb;
+    r.qsum = qsum + i * nb;
+  }
+  // round values [lo, hi) of row i to 8-bit blocks (lo, hi multiples of kBlock; no-op without rounding)
+  void round(int64_t i, int64_t lo, int64_t hi) const {
+    if (!q || hi <= lo) return;
+    const int64_t nb = K / kBlock;
+    g_isa->quantize(f + i * K + lo, hi - lo, q + i * K + lo, d + i * nb + lo / kBlock, s + i * nb + lo / kBlock,
+                    qsum + i * nb + lo / kBlock);
+  }
+};
+
+bool quantized(QType t) { return t == QType::kQ4_0 || t == QType::kQ4_1 || t == QType::kQ8_0; }
+
+// ------------------------------------------------------------------ activations
+int esize(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+inline float load(DType t, uintptr_t p, int64_t i) {
+  if (t == DType::kF32) return reinterpret_cast<const float*>(p)[i];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(p)[i];
+  return t == DType::kF16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+inline void store(DType t, uintptr_t p, int64_t i, float v) {
+  if (t == DType::kF32) reinterpret_cast<float*>(p)[i] = v;
+  else if (t == DType::kF16) reinterpret_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+  else reinterpret_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+}
+
+// y [K] float32 = rmsnorm(x row) * w, in float32 like the reference (the sum of squares in double).
+void rms_norm(DType t, uintptr_t x, int64_t row, uintptr_t w, int64_t K, double eps, float* y) {
+  double ss = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    const float v = load(t, x, row * K + j);
+    y[j] = v;
+    ss += (double)v * v;
+  }
+  const float inv = 1.0f / std::sqrt((float)(ss / (double)K) + (float)eps);
+  for (int64_t j = 0; j < K; ++j) y[j] = y[j] * inv * load(t, w, j);
+}
+
+// HF rotate_half RoPE of x [D] with the table rows cos / sin [D/2]
+void rope(float* x, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// ------------------------------------------------------------------ checks
+std::string need(bool ok, const std::string& what) { return ok ? "" : "d3kernels cpu: " + what; }
+
+std::string check_weight(const char* name, uintptr_t p, QType t, int64_t ld, int64_t rows, int64_t cols) {
+  if (!p) return need(false, std::string(name) + " is a null pointer");
+  const int64_t rb = row_bytes(t, cols);
+  if (rb < 0)
+    return need(false, std::string(name) + ": " + std::to_string(cols) + " columns of " + qtype_name(t) +
+                           " are not whole blocks of " + std::to_string(kBlock) + " (a misaligned row)");
+  if (ld < rb) return need(false, std::string(name) + ": row stride " + std::to_string(ld) + " < " + std::to_string(rb));
+  (void)rows;
+  return "";
+}
+
+std::string check_common(int64_t B, int64_t d, DType dt) {
+  if (B < 1 || d < 1) return need(false, "B and d must be >= 1");
+  if ((int)dt < 0 || (int)dt > 2) return need(false, "unknown activation dtype code " + std::to_string((int)dt));
+  return "";
+}
+
+// ------------------------------------------------------------------ the ops' bodies
+struct KvAddr {  // where row b's K/V of one layer live
+  uintptr_t k, v, valid;
+  Layout layout;
+  int64_t Hkv, S, D, ps, max_pages, num_pages;
+  const int32_t* bt;
+  int es;
+  // element offset of (b, head g, position p) and validity index; -1 if the position has no page
+  int64_t slot(int64_t b, int64_t p) const {
+    if (layout == Layout::kContiguous) return b * S + p;
+    const int32_t page = bt[b * max_pages + p / ps];
+    if (page < 0 || page >= num_pages) return -1;
+    return (int64_t)page * ps + p % ps;
+  }
+  int64_t elem(int64_t b, int64_t g, int64_t slot_or_p, bool by_slot) const {
+    if (layout == Layout::kContiguous) return ((b * Hkv + g) * S + (by_slot ? slot_or_p - b * S : slot_or_p)) * D;
+    return (slot_or_p * Hkv + g) * D;
+  }
+};
+
+struct AttnScratch {
+  Rows x, o;
+  float *qkv, *y, *scores;
+  int64_t* rows;   // active rows
+  uint8_t* bad;    // per active row: position out of range
+  int64_t* slot;   // per active row: the write slot (paged) or b * S + pos
+};
+
+AttnScratch attn_scratch(Bump& m, const AttnArgs& a, int threads) {
+  AttnScratch s;
+  const int64_t R = (a.H + 2 * a.Hkv) * a.D, HD = a.H * a.D;
+  s.x.make(m, a.B, a.d, quantized(a.wqkv_type));
+  s.o.make(m, a.B, HD, quantized(a.wo_type));
+  s.qkv = m.take<float>(a.B * R);
+  s.y = m.take<float>(a.B * a.d);
+  const int64_t S = a.layout == Layout::kPaged ? a.max_pages * a.page_size : a.S;
+  s.scores = m.take<float>((S + 16) * threads);
+  s.rows = m.take<int64_t>(a.B);
+  s.bad = m.take<uint8_t>(a.B);
+  s.slot = m.take<int64_t>(a.B);
+  return s;
+}
+
+void attn_body(const AttnArgs& a, const Team& t, char* base) {
+  Bump m{base};
+  AttnScratch s = attn_scratch(m, a, t.n);
+  const int64_t R = (a.H + 2 * a.Hkv) * a.D, HD = a.H * a.D, D = a.D, group = a.H / a.Hkv;
+  const bool paged = a.layout == Layout::kPaged;
+  const uint8_t* act = reinterpret_cast<const uint8_t*>(a.row_active);
+  const int32_t* pos = reinterpret_cast<const int32_t*>(a.pos);
+  const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
+  const int64_t limit = std::min(paged ? a.max_pages * a.page_size : a.S, a.rope_len);
+  KvAddr kv{a.k_cache, a.v_cache, a.kv_valid, a.layout, a.Hkv, a.S, D, a.page_size, a.max_pages, a.num_pages,
+            reinterpret_cast<const int32_t*>(a.block_table), esize(a.dtype)};
+  int64_t n = 0;  // every thread computes the same list
+  for (int64_t b = 0; b < a.B; ++b)
+    if (act[b] && (!paged || slots[b] >= 0)) s.rows[n++] = b;
+  // 1. rmsnorm (+ rounding) of the active rows; each row's range check
+  for (int64_t i = t.id; i < n; i += t.n) {
+    const int64_t b = s.rows[i], p = pos[b];
+    rms_norm(a.dtype, a.h, b, a.attn_norm, a.d, a.eps, s.x.f + i * a.d);
+    s.x.point(i);
+    s.x.round(i, 0, a.d);
+    s.o.point(i);
+    bool bad = p < 0 || p >= limit;
+    if (paged) bad = bad || slots[b] >= a.num_pages * a.page_size || kv.slot(b, p) != slots[b];
+    s.bad[i] = bad;
+    s.slot[i] = bad ? -1 : paged ? slots[b] : b * a.S + p;
+  }
+  t.barrier();
+  // 2. qkv [n, R] = wqkv @ x (+ bias)
+  int64_t lo, hi;
+  t.share(R, 16, &lo, &hi);
+  if (n) g_isa->gemv(a.wqkv_type, reinterpret_cast<const uint8_t*>(a.wqkv), a.wqkv_ld, lo, hi, s.x.x, (int)n, s.qkv, R, a.d);
+  if (a.bqkv)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = lo; r < hi; ++r) s.qkv[i * R + r] += load(a.dtype, a.bqkv, r);
+  t.barrier();
+  // 3. every write (RoPE'd k, v, valid = 1), then 4. every read, as the reference orders them
+  const QType kvt = QType((int)a.dtype);
+  for (int64_t task = t.id; task < n * a.Hkv; task += t.n) {
+    const int64_t i = task / a.Hkv, g = task % a.Hkv, b = s.rows[i];
+    if (s.bad[i]) continue;
+    const int64_t p = pos[b];
+    float* k = s.qkv + i * R + HD + g * D;
+    const float* v = s.qkv + i * R + HD + a.Hkv * D + g * D;
+    rope(k, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
+         reinterpret_cast<const float*>(a.rope_sin) + p * a.rope_ld);
+    const int64_t e = kv.elem(b, g, s.slot[i], true);
+    for (int64_t j = 0; j < D; ++j) {
+      store(a.dtype, a.k_cache, e + j, k[j]);
+      store(a.dtype, a.v_cache, e + j, v[j]);
+    }
+    if (g == 0) reinterpret_cast<uint8_t*>(a.kv_valid)[s.slot[i]] = 1;
+  }
+  t.barrier();
+  float* sc = s.scores + t.id * (limit + 16);
+  const float scale = 1.0f / std::sqrt((float)D);
+  for (int64_t task = t.id; task < n * a.H; task += t.n) {
+    const int64_t i = task / a.H, hd = task % a.H, g = hd / group, b = s.rows[i];
+    float* o = s.o.f + i * HD + hd * D;
+    if (s.bad[i]) {  // the kernels cannot raise: an out-of-range row gets NaN
+      for (int64_t j = 0; j < D; ++j) o[j] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const int64_t p = pos[b];
+    float* q = s.qkv + i * R + hd * D;
+    rope(q, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
+         reinterpret_cast<const float*>(a.rope_sin) + p * a.rope_ld);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t pp = 0; pp <= p; ++pp) {
+      const int64_t sl = kv.slot(b, pp);
+      if (sl < 0 || !reinterpret_cast<const uint8_t*>(a.kv_valid)[sl]) {
+        sc[pp] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const uint8_t* kr = reinterpret_cast<const uint8_t*>(a.k_cache) + kv.elem(b, g, sl, true) * kv.es;
+      sc[pp] = g_isa->dot(kvt, kr, q, D) * scale;
+      mx = std::max(mx, sc[pp]);
+    }
+    float sum = 0.f;
+    for (int64_t pp = 0; pp <= p; ++pp) {
+      sc[pp] = sc[pp] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(sc[pp] - mx);
+      sum += sc[pp];
+    }
+    std::fill(o, o + D, 0.f);
+    for (int64_t pp = 0; pp <= p; ++pp) {
+      if (sc[pp] == 0.f) continue;
+      const int64_t sl = kv.slot(b, pp);
+      g_isa->axpy(kvt, sc[pp] / sum, reinterpret_cast<const uint8_t*>(a.v_cache) + kv.elem(b, g, sl, true) * kv.es,
+                  o, D);
+    }
+  }
+  t.barrier();
+  // 5. round o, then 6. out = h + wo @ o; idle rows: out = h
+  t.share(HD, kBlock, &lo, &hi);
+  for (int64_t i = 0; i < n; ++i) s.o.round(i, lo, hi);
+  t.barrier();
+  t.share(a.d, 16, &lo, &hi);
+  if (n) g_isa->gemv(a.wo_type, reinterpret_cast<const uint8_t*>(a.wo), a.wo_ld, lo, hi, s.o.x, (int)n, s.y, a.d, HD);
+  for (int64_t i = 0, b = 0; b < a.B; ++b) {
+    const bool runs = i < n && s.rows[i] == b;
+    for (int64_t r = lo; r < hi; ++r) {
+      const float hv = load(a.dtype, a.h, b * a.d + r);
+      store(a.dtype, a.out, b * a.d + r, runs ? hv + s.y[i * a.d + r] : hv);
+    }
+    i += runs;
+  }
+  t.barrier();
+}
+
+struct MlpScratch {
+  Rows x, act;
+  float *gu, *y;
+  int64_t* rows;
+};
+
+MlpScratch mlp_scratch(Bump& m, const MlpArgs& a) {
+  MlpScratch s;
+  s.x.make(m, a.B, a.d, quantized(a.w_gate_up_type));
+  s.act.make(m, a.B, a.F, quantized(a.w_down_type));
+  s.gu = m.take<float>(a.B * 2 * a.F);
+  s.y = m.take<float>(a.B * a.d);
+  s.rows = m.take<int64_t>(a.B);
+  return s;
+}
+
+void mlp_body(const MlpArgs& a, const Team& t, char* base) {
+  Bump m{base};
+  MlpScratch s = mlp_scratch(m, a);
+  const uint8_t* act = reinterpret_cast<const uint8_t*>(a.row_active);
+  const int64_t F = a.F;
+  int64_t n = 0;
+  for (int64_t b = 0; b < a.B; ++b)
+    if (act[b]) s.rows[n++] = b;
+  for (int64_t i = t.id; i < n; i += t.n) {
+    rms_norm(a.dtype, a.h, s.rows[i], a.mlp_norm, a.d, a.eps, s.x.f + i * a.d);
+    s.x.point(i);
+    s.x.round(i, 0, a.d);
+    s.act.point(i);
+  }
+  t.barrier();
+  // gate row j and up row F + j in the same thread, so silu(g) * u needs no barrier
+  int64_t lo, hi;
+  t.share(F, kBlock, &lo, &hi);
+  const uint8_t* wgu = reinterpret_cast<const uint8_t*>(a.w_gate_up);
+  if (n) {
+    g_isa->gemv(a.w_gate_up_type, wgu, a.w_gate_up_ld, lo, hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
+    g_isa->gemv(a.w_gate_up_type, wgu, a.w_gate_up_ld, F + lo, F + hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = lo; j < hi; ++j) s.act.f[i * F + j] = silu(s.gu[i * 2 * F + j]) * s.gu[i * 2 * F + F + j];
+    s.act.round(i, lo, hi);
+  }
+  t.barrier();
+  t.share(a.d, 16, &lo, &hi);
+  if (n) g_isa->gemv(a.w_down_type, reinterpret_cast<const uint8_t*>(a.w_down), a.w_down_ld, lo, hi, s.act.x, (int)n,
+                     s.y, a.d, F);
+  for (int64_t i = 0, b = 0; b < a.B; ++b) {
+    const bool runs = i < n && s.rows[i] == b;
+    for (int64_t r = lo; r < hi; ++r) {
+      const float hv = load(a.dtype, a.h, b * a.d + r);
+      store(a.dtype, a.out, b * a.d + r, runs ? hv + s.y[i * a.d + r] : hv);
+    }
+    i += runs;
+  }
+  t.barrier();
+}
+
+struct HeadScratch {
+  Rows x;
+};
+
+HeadScratch head_scratch(Bump& m, const LmHeadArgs& a) {
+  HeadScratch s;
+  s.x.make(m, a.B, a.d, quantized(a.w_lm_type));
+  return s;
+}
+
+void head_body(const LmHeadArgs& a, const Team& t, char* base) {
+  Bump m{base};
+  HeadScratch s = head_scratch(m, a);
+  for (int64_t b = t.id; b < a.B; b += t.n) {
+    rms_norm(a.dtype, a.h, b, a.final_norm, a.d, a.eps, s.x.f + b * a.d);
+    s.x.point(b);
+    s.x.round(b, 0, a.d);
+  }
+  t.barrier();
+  int64_t lo, hi;
+  t.share(a.V, 64, &lo, &hi);
+  g_isa->gemv(a.w_lm_type, reinterpret_cast<const uint8_t*>(a.w_lm), a.w_lm_ld, lo, hi, s.x.x, (int)a.B,
+              reinterpret_cast<float*>(a.logits), a.V, a.d);
+  t.barrier();
+}
+
+struct KvScratch {
+  Rows x;     // one row per thread
+  float* kv;  // [threads, 2 H_kv D]
+};
+
+KvScratch kv_scratch(Bump& m, const WriteKvArgs& a, int threads) {
+  KvScratch s;
+  s.x.make(m, threads, a.d, quantized(a.wqkv_type));
+  s.kv = m.take<float>(threads * 2 * a.Hkv * a.D);
+  return s;
+}
+
+void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
+  Bump m{base};
+  KvScratch s = kv_scratch(m, a, t.n);
+  const bool paged = a.layout == Layout::kPaged;
+  const uint8_t* flags = reinterpret_cast<const uint8_t*>(a.flags);
+  const int32_t* pos = reinterpret_cast<const int32_t*>(a.pos);
+  const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
+  const int64_t D = a.D, HD = a.H * a.D, KV = a.Hkv * D, es = esize(a.dtype);
+  const int64_t per_layer = paged ? a.num_pages * a.page_size : a.B * a.S;   // validity entries per layer
+  const int64_t limit = std::min(paged ? std::numeric_limits<int64_t>::max() : a.S, a.rope_len);
+  uint8_t* valid = reinterpret_cast<uint8_t*>(a.kv_valid);
+  // the entry (slot) row b writes, or -1: out of range or (paged) no slot
+  auto slot_of = [&](int64_t b) -> int64_t {
+    const int64_t p = pos[b];
+    if (p < 0 || p >= limit) return -1;
+    if (!paged) return b * a.S + p;
+    return slots[b] >= 0 && slots[b] < per_layer ? slots[b] : -1;
+  };
+  // element offset of (layer l, entry e, head 0)
+  auto elem = [&](int64_t l, int64_t b, int64_t e) -> int64_t {
+    if (paged) return (l * per_layer + e) * KV;
+    return ((l * a.B + b) * a.Hkv * a.S) * D + (e - b * a.S) * D;   // head g adds g * S * D
+  };
+  const int64_t head_step = paged ? D : a.S * D;
+  for (int64_t task = t.id; task < a.L * a.B; task += t.n) {
+    const int64_t l = task / a.B, b = task % a.B, e = slot_of(b);
+    if (!flags[l * a.B + b] || e < 0) continue;
+    if (a.mode == 0) {
+      valid[l * per_layer + e] = 0;
+    } else if (a.mode == 2) {
+      int64_t src = l - 1;
+      while (src >= 0 && flags[src * a.B + b]) --src;
+      if (src < 0) {
+        valid[l * per_layer + e] = 0;
+        continue;
+      }
+      for (int64_t g = 0; g < a.Hkv; ++g) {
+        const int64_t to = elem(l, b, e) + g * head_step, from = elem(src, b, e) + g * head_step;
+        std::memcpy(reinterpret_cast<char*>(a.k_cache) + to * es, reinterpret_cast<char*>(a.k_cache) + from * es, D * es);
+        std::memcpy(reinterpret_cast<char*>(a.v_cache) + to * es, reinterpret_cast<char*>(a.v_cache) + from * es, D * es);
+      }
+      valid[l * per_layer + e] = valid[src * per_layer + e];
+    } else {  // project: layer l's K/V rows applied to rmsnorm(src_h[b]) with layer l's norm
+      float* x = s.x.f + t.id * a.d;
+      rms_norm(a.dtype, a.src_h, b, a.norms + (uintptr_t)(l * a.d * es), a.d, a.eps, x);
+      s.x.point(t.id);
+      s.x.round(t.id, 0, a.d);
+      float* kv = s.kv + t.id * 2 * KV;
+      const uint8_t* w = reinterpret_cast<const uint8_t*>(a.wqkv) + l * a.wqkv_lstride + HD * a.wqkv_ld;
+      g_isa->gemv(a.wqkv_type, w, a.wqkv_ld, 0, 2 * KV, &s.x.x[t.id], 1, kv, 2 * KV, a.d);
+      if (a.bqkv) {
+        const int64_t R = HD + 2 * KV;
+        for (int64_t r = 0; r < 2 * KV; ++r) kv[r] += load(a.dtype, a.bqkv, l * R + HD + r);
+      }
+      const int64_t p = pos[b];
+      for (int64_t g = 0; g < a.Hkv; ++g) {
+        rope(kv + g * D, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
+             reinterpret_cast<const float*>(a.rope_sin) + p * a.rope_ld);
+        const int64_t to = elem(l, b, e) + g * head_step;
+        for (int64_t j = 0; j < D; ++j) {
+          store(a.dtype, a.k_cache, to + j, kv[g * D + j]);
+          store(a.dtype, a.v_cache, to + j, kv[KV + g * D + j]);
+        }
+      }
+      valid[l * per_layer + e] = 1;
+    }
+  }
+  t.barrier();
+}
+
+// ------------------------------------------------------------------ argument checks
+std::string check(const AttnArgs& a) {
+  std::string e = check_common(a.B, a.d, a.dtype);
+  if (!e.empty()) return e;
+  if (a.H < 1 || a.Hkv < 1 || a.H % a.Hkv || a.D < 2 || a.D % 2) return need(false, "bad head counts or head_dim");
+  if (!a.out || !a.h || !a.attn_norm || !a.k_cache || !a.v_cache || !a.kv_valid || !a.pos || !a.rope_cos ||
+      !a.rope_sin || !a.row_active)
+    return need(false, "attn_block: a null pointer");
+  if (a.layout == Layout::kPaged && (!a.block_table || !a.slot_mapping || a.page_size < 1 || a.max_pages < 1))
+    return need(false, "attn_block_paged: block_table, slot_mapping, page_size and max_pages are needed");
+  if (a.rope_ld < a.D / 2) return need(false, "rope table row stride < D/2");
+  e = check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, (a.H + 2 * a.Hkv) * a.D, a.d);
+  return e.empty() ? check_weight("wo", a.wo, a.wo_type, a.wo_ld, a.d, a.H * a.D) : e;
+}
+
+std::string check(const MlpArgs& a) {
+  std::string e = check_common(a.B, a.d, a.dtype);
+  if (!e.empty()) return e;
+  if (a.F < 1 || !a.out || !a.h || !a.mlp_norm || !a.row_active) return need(false, "mlp_block: bad F or a null pointer");
+  if (quantized(a.w_down_type) && a.F % kBlock) return need(false, "w_down: F is not a multiple of 32");
+  e = check_weight("w_gate_up", a.w_gate_up, a.w_gate_up_type, a.w_gate_up_ld, 2 * a.F, a.d);
+  return e.empty() ? check_weight("w_down", a.w_down, a.w_down_type, a.w_down_ld, a.d, a.F) : e;
+}
+
+std::string check(const WriteKvArgs& a) {
+  std::string e = check_common(a.B, a.d, a.dtype);
+  if (!e.empty()) return e;
+  if (a.L < 1 || a.H < 1 || a.Hkv < 1 || a.D < 2 || a.D % 2 || a.mode < 0 || a.mode > 2)
+    return need(false, "write_kv: bad L, heads, head_dim or mode");
+  if (!a.k_cache || !a.v_cache || !a.kv_valid || !a.src_h || !a.norms || !a.pos || !a.rope_cos || !a.rope_sin ||
+      !a.flags)
+    return need(false, "write_kv: a null pointer");
+  if (a.layout == Layout::kPaged && (!a.slot_mapping || a.page_size < 1 || a.num_pages < 1))
+    return need(false, "write_kv_paged: slot_mapping, page_size and num_pages are needed");
+  return check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, (a.H + 2 * a.Hkv) * a.D, a.d);
+}
+
+std::string check(const LmHeadArgs& a) {
+  std::string e = check_common(a.B, a.d, a.dtype);
+  if (!e.empty()) return e;
+  if (a.V < 1 || !a.logits || !a.h || !a.final_norm) return need(false, "lm_head: bad V or a null pointer");
+  return check_weight("w_lm", a.w_lm, a.w_lm_type, a.w_lm_ld, a.V, a.d);
+}
+
+template <class Args>
+std::size_t scratch_bytes(const Args& a, int threads) {
+  Bump m{nullptr};
+  if constexpr (std::is_same_v<Args, AttnArgs>) attn_scratch(m, a, threads);
+  else if constexpr (std::is_same_v<Args, MlpArgs>) mlp_scratch(m, a);
+  else if constexpr (std::is_same_v<Args, WriteKvArgs>) kv_scratch(m, a, threads);
+  else head_scratch(m, a);
+  return m.used;
+}
+
+template <class Args, class Body>
+std::string launch(const Args& a, Body body) {
+  std::string e = check(a);
+  if (!e.empty()) return e;
+  char* base = arena(scratch_bytes(a, g_threads));
+  in_team([&](const Team& t) { body(a, t, base); });
+  return "";
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ public
+int64_t row_bytes(QType q, int64_t cols) {
+  switch (q) {
+    case QType::kF32: return 4 * cols;
+    case QType::kF16:
+    case QType::kBF16: return 2 * cols;
+    case QType::kQ4_0: return cols % kBlock ? -1 : cols / kBlock * 18;
+    case QType::kQ4_1: return cols % kBlock ? -1 : cols / kBlock * 20;
+    case QType::kQ8_0: return cols % kBlock ? -1 : cols / kBlock * 34;
+  }
+  return -1;
+}
+
+const char* qtype_name(QType q) {
+  static const char* names[] = {"f32", "f16", "bf16", "q4_0", "q4_1", "q8_0"};
+  const int i = (int)q;
+  return i >= 0 && i < 6 ? names[i] : "unknown";
+}
+
+std::string attn_block(const AttnArgs& a) { return launch(a, attn_body); }
+std::string mlp_block(const MlpArgs& a) { return launch(a, mlp_body); }
+std::string write_kv(const WriteKvArgs& a) { return launch(a, kv_body); }
+std::string lm_head(const LmHeadArgs& a) { return launch(a, head_body); }
+
+std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t w_ld, uintptr_t bias, int64_t N,
+                   int64_t R, int64_t K) {
+  if (!y || !x || N < 1 || R < 1 || K < 1) return need(false, "linear: null pointer or empty size");
+  std::string e = check_weight("w", w, w_type, w_ld, R, K);
+  if (!e.empty()) return e;
+  Bump count{nullptr};
+  Rows tmp;
+  tmp.make(count, N, K, quantized(w_type));
+  Bump m{arena(count.used)};
+  Rows rows;
+  rows.make(m, N, K, quantized(w_type));
+  in_team([&](const Team& t) {
+    for (int64_t i = t.id; i < N; i += t.n) {
+      std::memcpy(rows.f + i * K, reinterpret_cast<const float*>(x) + i * K, K * 4);
+      rows.point(i);
+      rows.round(i, 0, K);
+    }
+    t.barrier();
+    int64_t lo, hi;
+    t.share(R, 16, &lo, &hi);
+    float* out = reinterpret_cast<float*>(y);
+    // a block of x rows at a time keeps them in cache while each weight row is read once per block
+    for (int64_t i0 = 0; i0 < N; i0 += 64) {
+      const int nx = (int)std::min<int64_t>(64, N - i0);
+      g_isa->gemv(w_type, reinterpret_cast<const uint8_t*>(w), w_ld, lo, hi, rows.x + i0, nx, out + i0 * R, R, K);
+    }
+    if (bias)
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t r = lo; r < hi; ++r) out[i * R + r] += reinterpret_cast<const float*>(bias)[r];
+  });
+  return "";
+}
+
+std::string embed(uintptr_t out, DType dtype, uintptr_t ids, uintptr_t w, QType w_type, int64_t w_ld, int64_t N,
+                  int64_t R, int64_t K) {
+  if (!out || !ids || N < 0 || R < 1 || K < 1) return need(false, "embed: null pointer or empty size");
+  std::string e = check_weight("w", w, w_type, w_ld, R, K);
+  if (!e.empty()) return e;
+  const int64_t* id = reinterpret_cast<const int64_t*>(ids);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t r = id[i];
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(w) + r * w_ld;
+    for (int64_t j = 0; j < K; ++j) {
+      float v = std::numeric_limits<float>::quiet_NaN();
+      if (r >= 0 && r < R) {
+        if (!quantized(w_type)) {
+          v = load(DType((int)w_type), reinterpret_cast<uintptr_t>(row), j);
+        } else {
+          const int64_t blk = j / kBlock, k = j % kBlock;
+          const int bytes = w_type == QType::kQ4_0 ? 18 : w_type == QType::kQ4_1 ? 20 : 34;
+          const uint8_t* bp = row + blk * bytes;
+          uint16_t dh;
+          std::memcpy(&dh, bp, 2);
+          const float dsc = f16_to_f32(dh);
+          if (w_type == QType::kQ8_0) {
+            v = dsc * (float)reinterpret_cast<const int8_t*>(bp + 2)[k];
+          } else {
+            const uint8_t* qs = bp + (w_type == QType::kQ4_1 ? 4 : 2);
+            const int q = k < 16 ? (qs[k] & 0xF) : (qs[k - 16] >> 4);
+            if (w_type == QType::kQ4_0) {
+              v = dsc * (float)(q - 8);
+            } else {
+              uint16_t mh;
+              std::memcpy(&mh, bp + 2, 2);
+              v = dsc * (float)q + f16_to_f32(mh);
+            }
+          }
+        }
+      }
+      store(dtype, out, i * K + j, v);
+    }
+  }
+  return "";
+}
+
+std::string argmax(uintptr_t tokens, uintptr_t logits, int64_t B, int64_t V, int64_t ld) {
+  if (!tokens || !logits || B < 1 || V < 1 || ld < V) return need(false, "argmax: bad arguments");
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = reinterpret_cast<const float*>(logits) + b * ld;
+    int64_t best = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      if (std::isnan(x[j])) {
+        best = j;
+        break;
+      }
+      if (x[j] > x[best]) best = j;
+    }
+    reinterpret_cast<int64_t*>(tokens)[b] = best;
+  }
+  return "";
+}
+
+std::string Program::run() const {
+  std::size_t bytes = 0;
+  for (const Op& op : ops_) {
+    switch (op.kind) {
+      case 0: bytes = std::max(bytes, scratch_bytes(op.attn, g_threads)); break;
+      case 1: bytes = std::max(bytes, scratch_bytes(op.mlp, g_threads)); break;
+      case 2: bytes = std::max(bytes, scratch_bytes(op.kv, g_threads)); break;
+      default: bytes = std::max(bytes, scratch_bytes(op.head, g_threads)); break;
+    }
+  }
+  char* base = arena(bytes);
+  in_team([&](const Team& t) {
+    for (const Op& op : ops_) {
+      switch (op.kind) {
+        case 0: attn_body(op.attn, t, base); break;
+        case 1: mlp_body(op.mlp, t, base); break;
+        case 2: kv_body(op.kv, t, base); break;
+        default: head_body(op.head, t, base); break;
+      }
+    }
+  });
+  return "";
+}
+
+std::string Program::check_op(int kind, const void* args) {
+  switch (kind) {
+    case 0: return check(*static_cast<const AttnArgs*>(args));
+    case 1: return check(*static_cast<const MlpArgs*>(args));
+    case 2: return check(*static_cast<const WriteKvArgs*>(args));
+    default: return check(*static_cast<const LmHeadArgs*>(args));
+  }
+}
+
+const char* isa() { return g_isa->name; }
+
+std::vector<std::string> isas_supported() {
+  std::vector<std::string> out;
+  for (const char* n : {"avx512", "avx2", "scalar"})
+    if (cpu_has(n)) out.push_back(n);
+  return out;
+}
+
+std::string set_isa(const std::string& name) {
+  const IsaKernels* table = name == "avx512" ? &kAvx512 : name == "avx2" ? &kAvx2 : name == "scalar" ? &kScalar : nullptr;
+  if (!table) return "unknown instruction set '" + name + "' (avx512, avx2, scalar)";
+  if (!cpu_has(name.c_str())) return "this CPU lacks the '" + name + "' instructions the kernels use";
+  g_isa = table;
+  return "";
+}
+
+int num_threads() { return g_threads; }
+void set_num_threads(int n) { g_threads = std::max(1, n); }
+
+}  // namespace d3k::cpu

@@ -1,0 +1,249 @@
+"""The native CPU backend ("cpu"): the decode ops of csrc/cpu/ (d3kernels._C_cpu) on CPU tensors, with
+weights as the checkpoint stores them (docs/design.md section 3.8).
+
+Ops take the reference's signatures (attn_block, mlp_block, write_kv, attn_block_paged, write_kv_paged,
+lm_head, sample). Activations and the KV cache are float32, float16 or bfloat16; a weight is a tensor of
+any of those dtypes or a d3kernels.quant.PackedWeight (q4_0, q4_1, q8_0, f16, bf16, f32), read as stored.
+With a quantized weight the activations are rounded to 8-bit blocks before the integer dot products (as
+llama.cpp does), so the outputs follow the 16-bit tolerance rule (docs/design.md section 6).
+
+A step's launches can be recorded once (`record`) and run as one native call (`Program.run`): the CPU's
+CUDA graph. The step core records one program per plan key, so a decode step costs one call from Python
+and one parallel region, whatever the number of layers it keeps.
+
+Instruction sets: the best this CPU has (avx512: AVX-512 VNNI; avx2; scalar), or the one D3K_CPU_ISA
+names (a lower one, for tests). Threads: torch.get_num_threads() at import (`set_num_threads`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from typing import Optional
+
+import torch
+
+from . import _ops, declare, quant
+from . import reference as _ref
+
+C = _ops.C_CPU
+ERROR = _ops.C_CPU_ERROR
+ISA_ENV = "D3K_CPU_ISA"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STRUCTS = {"attn_block": "AttnArgs", "attn_block_paged": "AttnArgs", "mlp_block": "MlpArgs",
+            "write_kv": "WriteKvArgs", "write_kv_paged": "WriteKvArgs", "lm_head": "LmHeadArgs"}
+_ADD = {"AttnArgs": "add_attn", "MlpArgs": "add_mlp", "WriteKvArgs": "add_write_kv", "LmHeadArgs": "add_lm_head"}
+_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down", "w_lm")
+# what the paged KV writer does not read (it writes at slot_mapping)
+_UNREAD = {"write_kv_paged": ("block_table", "max_pages")}
+
+
+def _setup() -> Optional[str]:
+    """Threads and instruction set at import; the problem with D3K_CPU_ISA, if any."""
+    if C is None:
+        return None
+    C.set_num_threads(torch.get_num_threads())
+    want = os.environ.get(ISA_ENV, "").strip()
+    if want:
+        try:
+            C.set_isa(want)
+        except RuntimeError as e:
+            return f"{ISA_ENV}={want}: {e}"
+    return None
+
+
+ISA_ERROR = _setup()
+
+
+def available() -> Optional[str]:
+    """None if the backend can run, else why not."""
+    if C is None:
+        return ERROR
+    return ISA_ERROR
+
+
+def isa() -> str:
+    """The instruction set in use ("avx512", "avx2" or "scalar")."""
+    return C.isa()
+
+
+def set_isa(name: str) -> None:
+    """Use instruction set `name` (a lower one than the best, for tests); RuntimeError if the CPU lacks it."""
+    C.set_isa(name)
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """Run the block with instruction set `name`, then go back."""
+    old = C.isa()
+    C.set_isa(name)
+    try:
+        yield
+    finally:
+        C.set_isa(old)
+
+
+def set_num_threads(n: int) -> None:
+    """Worker threads of every launch (default: torch.get_num_threads() at import)."""
+    C.set_num_threads(int(n))
+
+
+def _weight(w, stacked: bool) -> tuple:
+    """(address, QType code, row stride in bytes, layer stride in bytes) of a weight tensor or PackedWeight."""
+    if quant.is_packed(w):
+        t, code = w.data, quant.CODES[w.qtype]
+        return t.data_ptr(), code, t.shape[-1], t.stride(0) if stacked else 0
+    if w.dtype not in quant.FLOAT_QTYPES:
+        raise TypeError(f"the cpu backend reads float32 / float16 / bfloat16 weights or PackedWeights, got {w.dtype}")
+    code = quant.CODES[quant.FLOAT_QTYPES[w.dtype]]
+    es = w.element_size()
+    return w.data_ptr(), code, w.shape[-1] * es, w.stride(0) * es if stacked else 0
+
+
+class CpuKernels:
+    """The cpu backend's ops (reference signatures). Each call fills the C++ Args struct of the op by field
+    name from its declaration (d3kernels.declare) and launches it, or, inside `record(program)`, adds it
+    to the program instead."""
+
+    name = "cpu"
+
+    def __init__(self):
+        self._program = None
+
+    def _args(self, name: str, args: tuple):
+        op = declare.OPS[name]
+        struct = _STRUCTS[name]
+        a = getattr(C, struct)()
+        skip = _UNREAD.get(name, ())
+        stacked = struct == "WriteKvArgs"
+        h = args[op.names.index(op.dispatch[0])]
+        if not isinstance(h, torch.Tensor) or h.device.type != "cpu":
+            raise RuntimeError(f"the cpu backend needs CPU tensors, got {getattr(h, 'device', type(h).__name__)}")
+        if h.dtype not in _DTYPE_CODES:
+            raise RuntimeError(f"the cpu backend takes float32, float16 or bfloat16 activations, got {h.dtype}")
+        for arg, v in zip(op.names, args):
+            field = op.fields.get(arg, arg)
+            if arg in skip:
+                continue
+            if arg in _WEIGHTS:
+                ptr, code, ld, lstride = _weight(v, stacked)
+                setattr(a, field, ptr)
+                setattr(a, field + "_type", C.QType(code))
+                setattr(a, field + "_ld", ld)
+                if stacked:
+                    a.wqkv_lstride = lstride
+            elif arg == "mode":
+                a.mode = _ops.FILL_MODE_CODES[v]
+            else:
+                setattr(a, field, v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v)
+        for k, v in op.sizes_of(args).items():
+            if k not in skip:
+                setattr(a, k, v)
+        if "page_size" in op.sizes:
+            a.layout = C.Layout.paged
+        if "rope_cos" in op.names:
+            rope = args[op.names.index("rope_cos")]
+            a.rope_len, a.rope_ld = rope.shape[0], rope.stride(0)
+        a.dtype = C.DType(_DTYPE_CODES[h.dtype])
+        a.eps = float(args[-1])
+        return struct, a
+
+    def _launch(self, name: str, args: tuple) -> None:
+        struct, a = self._args(name, args)
+        if self._program is not None:
+            getattr(self._program, _ADD[struct])(a)
+        else:
+            getattr(C, {"AttnArgs": "attn_block", "MlpArgs": "mlp_block", "WriteKvArgs": "write_kv",
+                        "LmHeadArgs": "lm_head"}[struct])(a)
+
+    def record_step(self, launch) -> Step:
+        """Record the launches launch(counts) makes (cpu ops; it counts them in `counts`) as a Step."""
+        program, counts = C.Program(), Counter()
+        with self.record(program):
+            launch(counts)
+        return Step(program, counts)
+
+    @contextlib.contextmanager
+    def record(self, program):
+        """Inside the block, op calls are added to `program` (a C.Program) instead of running."""
+        self._program = program
+        try:
+            yield program
+        finally:
+            self._program = None
+
+    def attn_block(self, *args) -> None:
+        """attn_block (reference signature)."""
+        self._launch("attn_block", args)
+
+    def mlp_block(self, *args) -> None:
+        """mlp_block (reference signature)."""
+        self._launch("mlp_block", args)
+
+    def write_kv(self, *args) -> None:
+        """write_kv (reference signature)."""
+        self._launch("write_kv", args)
+
+    def attn_block_paged(self, *args) -> None:
+        """attn_block_paged (reference signature)."""
+        self._launch("attn_block_paged", args)
+
+    def write_kv_paged(self, *args) -> None:
+        """write_kv_paged (reference signature); rows with slot_mapping < 0 write nothing."""
+        self._launch("write_kv_paged", args)
+
+    def lm_head(self, *args) -> None:
+        """lm_head (reference signature)."""
+        self._launch("lm_head", args)
+
+    def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator=None) -> None:
+        """sample (reference signature): greedy argmax natively; temperature > 0 uses the reference."""
+        if temperature > 0.0:
+            _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
+            return
+        B, V = logits.shape
+        C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)))
+
+
+ops = CpuKernels()
+
+
+class Step:
+    """One recorded decode step (a C.Program) and the op calls it makes, per run."""
+
+    def __init__(self, program, counts: Counter):
+        self.program, self.counts = program, counts
+
+    def run(self) -> None:
+        self.program.run()
+
+
+# ------------------------------------------------------------------ the prefill's and embedding's fast paths
+def linear(x: torch.Tensor, w: "quant.PackedWeight", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float32 [N, rows] = x [N, cols] @ W^T (+ bias), W a 2-D PackedWeight."""
+    x = x.float().contiguous()
+    N, K = x.shape
+    R = w.shape[0]
+    if K != w.cols:
+        raise ValueError(f"linear: x has {K} columns, the weight {w.cols}")
+    y = torch.empty(N, R, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    C.linear(y.data_ptr(), x.data_ptr(), w.data.data_ptr(), quant.CODES[w.qtype], w.data.shape[-1],
+             0 if b is None else b.data_ptr(), N, R, K)
+    return y
+
+
+def rows(w: "quant.PackedWeight", ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [N, cols] = the rows ids [N] of W, dequantized (ids outside the table give NaN rows)."""
+    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    if out.dtype not in _DTYPE_CODES or not out.is_contiguous() or tuple(out.shape) != (ids.numel(), w.cols):
+        raise ValueError(f"rows: out must be a contiguous float tensor [{ids.numel()}, {w.cols}]")
+    C.embed(out.data_ptr(), _DTYPE_CODES[out.dtype], ids.data_ptr(), w.data.data_ptr(), quant.CODES[w.qtype],
+            w.data.shape[-1], ids.numel(), w.shape[0], w.cols)
+    return out
+
+
+if C is not None:
+    quant.NATIVE.update(linear=linear, rows=rows)
