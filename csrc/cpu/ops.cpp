@@ -32,8 +32,7 @@ bool cpu_has(const char* what) {
   __builtin_cpu_init();
   if (!std::strcmp(what, "avx512"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (!std::strcmp(what, "avx2"))
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
@@ -112,7 +111,7 @@ char* arena(std::size_t bytes) {
 // The rounded copy of nx activation rows of K values, and their float values.
 struct Rows {
   float* f;
-  int8_t* q;
+  int16_t* q;
   float *d, *s;
   int32_t* qsum;
   XRow* x;
@@ -121,7 +120,7 @@ struct Rows {
     K = K_;
     f = m.take<float>(nx * K);
     x = m.take<XRow>(nx);
-    q = quantized ? m.take<int8_t>(nx * K) : nullptr;
+    q = quantized ? m.take<int16_t>(nx * K) : nullptr;
     d = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
     s = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
     qsum = quantized ? m.take<int32_t>(nx * K / kBlock) : nullptr;

@@ -18,16 +18,16 @@ inline float half(const uint8_t* p) {
 }
 
 // ------------------------------------------------------------------ activation rounding
-void quantize(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* qsum) {
+void quantize(const float* x, int64_t K, int16_t* q, float* d, float* s, int32_t* qsum) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.f;
     for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-    const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+    const float db = amax / kQMax, id = db > 0.f ? 1.f / db : 0.f;
     int32_t qs = 0;
     for (int j = 0; j < kBlock; ++j) {
       const int v = (int)std::nearbyint(xb[j] * id);   // round half to even, as the vector conversion does
-      q[b * kBlock + j] = (int8_t)v;
+      q[b * kBlock + j] = (int16_t)v;
       qs += v;
     }
     d[b] = db;
@@ -42,13 +42,6 @@ inline __m256i nibbles(const uint8_t* qs) {  // 32 bytes: the low nibbles of qs[
   const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
 }
-inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 8 int32 sums of 4 products u8 * s8 each
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -57,40 +50,68 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+using VecI = __m512;
+// the 32 weights of a block as int16 times the block's 32 int16 activations: 16 int32 lanes of pair sums
+template <QType T>
+inline __m512 block_dot(const uint8_t* blk, const int16_t* xq) {
+  __m512i w;
+  if constexpr (T == QType::kQ8_0) w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 2)));
+  else w = _mm512_cvtepu8_epi16(nibbles(blk + (T == QType::kQ4_1 ? 4 : 2)));
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xq)));
+}
+inline __m512 vfma(__m512 a, float b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
+inline float vsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline __m512 vzero() { return _mm512_setzero_ps(); }
+#elif defined(__AVX2__)
+using VecI = __m256;
+template <QType T>
+inline __m256 block_dot(const uint8_t* blk, const int16_t* xq) {
+  __m256i lo, hi;
+  if constexpr (T == QType::kQ8_0) {
+    const __m256i w8 = _mm256_loadu_si256((const __m256i*)(blk + 2));
+    lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
+    hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
+  } else {
+    const __m256i n = nibbles(blk + (T == QType::kQ4_1 ? 4 : 2));
+    lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(n));
+    hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(n, 1));
+  }
+  const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xq)),
+                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + 16))));
+  return _mm256_cvtepi32_ps(p);
+}
+inline __m256 vfma(__m256 a, float b, __m256 c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
+inline float vsum(__m256 v) { return hsum(v); }
+inline __m256 vzero() { return _mm256_setzero_ps(); }
+#endif
+
 // w: one row of nb blocks; the block types' dot products with one rounded activation row
 template <QType T>
 float dot_blocks(const uint8_t* w, const XRow& x, int64_t nb) {
   constexpr int kBytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : 34;
   float extra = 0.f;  // Q4_0's -8 offset, Q4_1's minimum
 #if defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t b = 0;
-  auto one = [&](int64_t i, __m256& acc) {
+  VecI acc0 = vzero(), acc1 = vzero();
+  auto one = [&](int64_t i, VecI& acc) {
     const uint8_t* blk = w + i * kBytes;
-    const __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q + i * kBlock));
     const float scale = half(blk) * x.d[i];
-    __m256i p;
-    if constexpr (T == QType::kQ8_0) {
-      const __m256i wq = _mm256_loadu_si256((const __m256i*)(blk + 2));
-      p = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));   // |w| * (x * sign(w))
-    } else {
-      p = dot_u8s8(nibbles(blk + (T == QType::kQ4_1 ? 4 : 2)), xq);
-    }
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc);
+    acc = vfma(block_dot<T>(blk, x.q + i * kBlock), scale, acc);
     if constexpr (T == QType::kQ4_0) extra -= 8.f * scale * (float)x.qsum[i];
     if constexpr (T == QType::kQ4_1) extra += half(blk + 2) * x.s[i];
   };
+  int64_t b = 0;
   for (; b + 1 < nb; b += 2) {
     one(b, acc0);
     one(b + 1, acc1);
   }
   if (b < nb) one(b, acc0);
-  return hsum(_mm256_add_ps(acc0, acc1)) + extra;
+  return vsum(acc0) + vsum(acc1) + extra;
 #else
   float acc = 0.f;
   for (int64_t i = 0; i < nb; ++i) {
     const uint8_t* blk = w + i * kBytes;
-    const int8_t* xq = x.q + i * kBlock;
+    const int16_t* xq = x.q + i * kBlock;
     const float scale = half(blk) * x.d[i];
     int32_t sum = 0;
     if constexpr (T == QType::kQ8_0) {

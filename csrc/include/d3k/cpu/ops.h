@@ -7,8 +7,9 @@
 // weight [L, rows, cols] adds `<name>_lstride` bytes from one layer to the next. Quantized types are the
 // GGUF blocks of 32 values: Q4_0 {f16 d; u8 qs[16]} (v = d (q - 8)), Q4_1 {f16 d, m; u8 qs[16]}
 // (v = d q + m), Q8_0 {f16 d; i8 qs[32]} (v = d q); byte j of qs holds value j (low nibble) and j + 16.
-// With a quantized weight the activations are rounded to 8-bit blocks of 32 (scale amax / 127) before the
-// integer dot products, as llama.cpp does; float weights are read as float32 and multiplied in float32.
+// With a quantized weight the activations are rounded to 16-bit integer blocks of 32 (scale amax / 32767)
+// before the integer dot products (llama.cpp rounds them to 8 bits); float weights are read as float32 and
+// multiplied in float32.
 //
 // Launchers check sizes and pointers, run on the calling thread's team of worker threads and return ""
 // or an error message (they never throw). Semantics: d3kernels/reference/ops.py.
