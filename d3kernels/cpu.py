@@ -102,18 +102,20 @@ def _weight(w, stacked: bool) -> tuple:
 
 
 class CpuKernels:
-    """The cpu backend's ops (reference signatures). Each call fills the C++ Args struct of the op by field
-    name from its declaration (d3kernels.declare) and launches it, or, inside `record(program)`, adds it
-    to the program instead."""
+    """The cpu backend's ops (reference signatures) over a compiled module (d3kernels._C_cpu, or a test's
+    variant of it). Each call fills the C++ Args struct of the op by field name from its declaration
+    (d3kernels.declare) and launches it, or, inside `record(program)`, adds it to the program instead."""
 
     name = "cpu"
 
-    def __init__(self):
+    def __init__(self, module=None):
+        self.C = module if module is not None else C
         self._program = None
 
     def _args(self, name: str, args: tuple):
         op = declare.OPS[name]
         struct = _STRUCTS[name]
+        C = self.C
         a = getattr(C, struct)()
         skip = _UNREAD.get(name, ())
         stacked = struct == "WriteKvArgs"
@@ -154,12 +156,12 @@ class CpuKernels:
         if self._program is not None:
             getattr(self._program, _ADD[struct])(a)
         else:
-            getattr(C, {"AttnArgs": "attn_block", "MlpArgs": "mlp_block", "WriteKvArgs": "write_kv",
+            getattr(self.C, {"AttnArgs": "attn_block", "MlpArgs": "mlp_block", "WriteKvArgs": "write_kv",
                         "LmHeadArgs": "lm_head"}[struct])(a)
 
     def record_step(self, launch) -> Step:
         """Record the launches launch(counts) makes (cpu ops; it counts them in `counts`) as a Step."""
-        program, counts = C.Program(), Counter()
+        program, counts = self.C.Program(), Counter()
         with self.record(program):
             launch(counts)
         return Step(program, counts)
@@ -204,7 +206,7 @@ class CpuKernels:
             _ref.sample(tokens, logits, temperature, top_k, top_p, generator)
             return
         B, V = logits.shape
-        C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)))
+        self.C.argmax(tokens.data_ptr(), logits.data_ptr(), B, V, max(V, logits.stride(0)))
 
 
 ops = CpuKernels()

@@ -1,4 +1,5 @@
-"""Variants of the emulated CUDA module with planted bugs (mutants), built in seconds.
+"""Variants of the emulated CUDA module (and of the native CPU module, `build_cpu_variant`) with planted
+bugs (mutants), built in seconds.
 
 `build_variant(tmp, edits, recompile)` copies csrc/ to `tmp`, applies `edits`
 ({path under csrc/: [(old, new), ...]}, each `old` must occur exactly once),
@@ -97,6 +98,59 @@ def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"
     global _COUNT
     _COUNT += 1
     spec = importlib.util.spec_from_file_location(f"d3k_emu_variant{_COUNT}._C_emu", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_build_dir():
+    """The CMake build directory of the installed _C_cpu (newest first), or None."""
+    best = None
+    for path in glob.glob(str(ROOT / "build" / "cmake-*" / "compile_commands.json")):
+        entries = json.load(open(path))
+        if any("/_C_cpu.dir/" in e["output"] and os.path.exists(e["output"]) for e in entries):
+            if best is None or os.path.getmtime(path) > os.path.getmtime(best):
+                best = path
+    return None if best is None else Path(best).parent
+
+
+def build_cpu_variant(tmp: Path, edits: dict, recompile: list, name: str = "cpu_variant"):
+    """Build and import a _C_cpu variant: csrc/ copied to tmp with `edits` ({path under csrc/: [(old, new)]}),
+    the files `recompile` (names under csrc/cpu/, e.g. "isa_scalar.cpp") compiled with CMake's commands and
+    linked with the installed build's other objects. Returns the module."""
+    build = cpu_build_dir()
+    if build is None:
+        raise RuntimeError("no CMake build of d3kernels._C_cpu with compile_commands.json under build/")
+    src = Path(tmp) / name / "csrc"
+    shutil.copytree(CSRC, src)
+    for rel, subs in edits.items():
+        f = src / rel
+        text = f.read_text()
+        for old, new in subs:
+            n = text.count(old)
+            if n != 1:
+                raise ValueError(f"{rel}: the text to replace occurs {n} times, expected once: {old!r}")
+            text = text.replace(old, new)
+        f.write_text(text)
+    entries = [e for e in json.load(open(build / "compile_commands.json")) if "/_C_cpu.dir/" in e["output"]]
+    link = []
+    for e in entries:
+        key = Path(e["file"]).name
+        if key not in recompile:
+            link.append(e["output"])
+            continue
+        cmd = [a.replace(str(CSRC / "include"), str(src / "include")) for a in shlex.split(e["command"])]
+        obj = src.parent / f"{key}.o"
+        cmd[cmd.index("-o") + 1] = str(obj)
+        cmd[cmd.index("-c") + 1] = str(src / "cpu" / key)
+        _run(cmd, e["directory"])
+        link.append(str(obj))
+    cxx = shlex.split(entries[0]["command"])[0]
+    so = src.parent / ("_C_cpu" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    _run([cxx, "-shared", "-fopenmp", "-o", str(so), *link], str(src.parent))
+    global _COUNT
+    _COUNT += 1
+    spec = importlib.util.spec_from_file_location(f"d3k_cpu_variant{_COUNT}._C_cpu", so)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -7,8 +7,17 @@ import torch
 from d3kernels import backends
 
 
-def test_auto_on_cpu_is_reference(monkeypatch):
+def test_auto_on_cpu_is_the_cpu_backend_when_built(monkeypatch):
     monkeypatch.delenv("D3K_BACKEND", raising=False)
+    want = "cpu" if backends.why_not("cpu", "cpu", torch.float32) is None else "reference"
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert backends.resolve("auto", "cpu", dt, 64) == want
+    assert backends.resolve("auto", "cpu", torch.float64, 64) == "reference"     # a dtype it does not take
+
+
+def test_auto_on_cpu_without_the_cpu_backend_is_reference(monkeypatch):
+    monkeypatch.delenv("D3K_BACKEND", raising=False)
+    monkeypatch.setitem(backends.AUTO_CANDIDATES, "cpu", ())
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert backends.resolve("auto", "cpu", dt, 64) == "reference"
 

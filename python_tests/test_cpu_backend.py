@@ -1,0 +1,319 @@
+"""The native cpu backend (d3kernels.cpu, csrc/cpu/) against the reference: every op, every weight storage
+type, activation dtypes float32 and bfloat16, odd sizes, every instruction set this CPU has (forced), the
+recorded step program against eager launches, greedy decoding on the embedded model, bad inputs, and a
+planted bug that the op tests must catch."""
+import os
+
+import pytest
+import torch
+
+from d3kernels import backends, quant
+from d3kernels import reference as ref
+from d3kernels.tolerance import PACKED_SLACK, compare
+
+cpu = pytest.importorskip("d3kernels.cpu")
+if cpu.available() is not None:
+    pytest.skip(f"the cpu backend is not available: {cpu.available()}", allow_module_level=True)
+
+ISAS = ("avx512", "avx2", "scalar")
+WTYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q8_0")
+EPS = 1e-5
+# odd sizes: d and F whole blocks of 32 (the quantized types need that), H = 3 query heads on 1 KV head
+SH = dict(B=3, d=96, H=3, H_kv=1, D=32, F=160, V=301, S=40, L=4)
+
+
+def _isa(name):
+    if name not in cpu.C.build_info()["isas"]:
+        pytest.skip(f"this CPU lacks the {name} instructions")
+    return cpu.forced_isa(name)
+
+
+def _rand(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale
+
+
+def _pack(w, wtype):
+    """(the weight as the cpu backend reads it, its float64 values for the oracle)."""
+    p = quant.quantize(w, wtype)
+    return p, p.dequantize().double()
+
+
+def _check(out, out_ref, out64, dtype, packed, what):
+    problem, err, bound = compare(out, out_ref, out64, dtype, slack=PACKED_SLACK if packed else None)
+    assert problem is None, f"{what}: {problem}"
+
+
+def _attn_inputs(r, dtype, B, d, H, H_kv, D, S, **_):
+    R = (H + 2 * H_kv) * D
+    valid = (torch.rand(B, S, generator=torch.Generator().manual_seed(1)) > 0.3).to(torch.uint8)
+    return dict(h=r(B, d).to(dtype), norm=(1 + 0.1 * r(d)).to(dtype), wqkv=r(R, d, scale=d ** -0.5),
+                bqkv=r(R, scale=0.1).to(dtype), wo=r(d, H * D, scale=(H * D) ** -0.5),
+                k=r(B, H_kv, S, D).to(dtype), v=r(B, H_kv, S, D).to(dtype), valid=valid,
+                pos=torch.tensor([5, S - 1, 0][:B], dtype=torch.int32), cos=r(S, D // 2), sin=r(S, D // 2),
+                active=torch.tensor([1, 1, 0][:B], dtype=torch.uint8))
+
+
+def _run_attn(ops, x, wqkv, wo, dtype):
+    k, v, valid, out = x["k"].to(dtype).clone(), x["v"].to(dtype).clone(), x["valid"].clone(), None
+    out = torch.empty_like(x["h"].to(dtype))
+    ops.attn_block(out, x["h"].to(dtype), x["norm"].to(dtype), wqkv, x["bqkv"].to(dtype), wo, k, v, valid,
+                   x["pos"], x["cos"], x["sin"], x["active"], EPS)
+    return out, k, v, valid
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", WTYPES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_attn_and_mlp_blocks(isa, wtype, dtype):
+    r = _rand(3)
+    x = _attn_inputs(r, torch.float32, **SH)
+    pq, q64 = _pack(x["wqkv"], wtype)
+    po, o64 = _pack(x["wo"], wtype)
+    packed = wtype.startswith("q")
+    with _isa(isa):
+        got = _run_attn(cpu.ops, x, pq, po, dtype)
+    want = _run_attn(ref, x, q64.to(dtype), o64.to(dtype), dtype)
+    oracle = _run_attn(ref, x, q64, o64, torch.float64)
+    for name, g, w, o in zip(("out", "k_cache", "v_cache"), got, want, oracle):
+        _check(g, w, o, dtype, packed, f"attn_block {name} ({wtype}, {dtype}, {isa})")
+    assert torch.equal(got[3], want[3])
+
+    d, F, B = SH["d"], SH["F"], SH["B"]
+    gu, gu64 = _pack(r(2 * F, d, scale=d ** -0.5), wtype)
+    dn, dn64 = _pack(r(d, F, scale=F ** -0.5), wtype)
+    h, norm, act = x["h"].to(dtype), x["norm"].to(dtype), x["active"]
+    outs = []
+    for ops, a, b, dt in ((cpu.ops, gu, dn, dtype), (ref, gu64.to(dtype), dn64.to(dtype), dtype),
+                          (ref, gu64, dn64, torch.float64)):
+        out = torch.empty(B, d, dtype=dt)
+        with _isa(isa):
+            ops.mlp_block(out, h.to(dt), norm.to(dt), a, b, act, EPS)
+        outs.append(out)
+    _check(*outs, dtype, packed, f"mlp_block ({wtype}, {dtype}, {isa})")
+    assert torch.equal(outs[0][2], h[2]), "an idle row must pass through unchanged"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", WTYPES)
+def test_lm_head_and_sampling(isa, wtype):
+    r = _rand(5)
+    B, d, V = SH["B"], SH["d"], SH["V"]
+    h, norm = r(B, d), 1 + 0.1 * r(d)
+    w, w64 = _pack(r(V, d), wtype)
+    outs = []
+    for ops, ww, dt in ((cpu.ops, w, torch.float32), (ref, w64.float(), torch.float32), (ref, w64, torch.float64)):
+        logits = torch.empty(B, V, dtype=torch.float32 if dt != torch.float64 else dt)
+        with _isa(isa):
+            ops.lm_head(logits, h.to(dt), norm.to(dt), ww, EPS)
+        outs.append(logits)
+    _check(*outs, torch.float32, wtype.startswith("q"), f"lm_head ({wtype}, {isa})")
+    tokens = torch.empty(B, dtype=torch.int64)
+    cpu.ops.sample(tokens, outs[0])
+    assert torch.equal(tokens, outs[0].argmax(-1))
+    outs[0][1, 7] = float("nan")                    # torch.argmax: NaN counts as the largest
+    cpu.ops.sample(tokens, outs[0])
+    assert tokens[1] == 7
+
+
+@pytest.mark.parametrize("mode", ("mask", "project", "copy"))
+@pytest.mark.parametrize("wtype", ("bf16", "q4_1", "q8_0"))
+def test_write_kv(mode, wtype):
+    r = _rand(7)
+    L, B, d, H, H_kv, D, S = (SH[k] for k in ("L", "B", "d", "H", "H_kv", "D", "S"))
+    R = (H + 2 * H_kv) * D
+    w, w64 = _pack(r(L, R, d, scale=d ** -0.5), wtype)
+    norms, bq = 1 + 0.1 * r(L, d), r(L, R, scale=0.1)
+    src, cos, sin = r(B, d), r(S, D // 2), r(S, D // 2)
+    k0, v0 = r(L, B, H_kv, S, D), r(L, B, H_kv, S, D)
+    valid0 = torch.ones(L, B, S, dtype=torch.uint8)
+    pos = torch.tensor([3, 9, S + 5], dtype=torch.int32)          # row 2 out of range: writes nothing
+    flags = torch.tensor([[0, 0, 1], [1, 1, 1], [1, 0, 1], [0, 1, 1]], dtype=torch.uint8)
+    outs = []
+    for ops, ww, dt in ((cpu.ops, w, torch.float32), (ref, w64.float(), torch.float32), (ref, w64, torch.float64)):
+        k, v, valid = k0.to(dt).clone(), v0.to(dt).clone(), valid0.clone()
+        args = (k, v, valid, src.to(dt), norms.to(dt), ww, bq.to(dt))
+        if ops is ref:      # the reference raises on the out-of-range row; the kernels skip it
+            kk, vv, va = k[:, :2].clone(), v[:, :2].clone(), valid[:, :2].clone()
+            ops.write_kv(kk, vv, va, src[:2].to(dt), norms.to(dt), ww, bq.to(dt), pos[:2], cos, sin,
+                         flags[:, :2].contiguous(), mode, EPS)
+            k[:, :2], v[:, :2], valid[:, :2] = kk, vv, va
+        else:
+            ops.write_kv(*args, pos, cos, sin, flags, mode, EPS)
+        outs.append((k, v, valid))
+    for i, name in enumerate(("k_cache", "v_cache")):
+        _check(outs[0][i], outs[1][i], outs[2][i], torch.float32, wtype.startswith("q"), f"write_kv {mode} {name}")
+    assert torch.equal(outs[0][2], outs[1][2])
+
+
+def test_paged_ops_match_the_contiguous_reference():
+    """attn_block_paged / write_kv_paged on a shuffled page pool give the reference's paged results."""
+    r = _rand(11)
+    B, d, H, H_kv, D = 2, 96, 3, 1, 32
+    ps, P, M = 8, 9, 4
+    R = (H + 2 * H_kv) * D
+    wq, wq64 = _pack(r(R, d, scale=d ** -0.5), "q4_0")
+    wo, wo64 = _pack(r(d, H * D, scale=(H * D) ** -0.5), "q4_0")
+    bt = torch.tensor([[3, 0, 7, 5], [1, 8, 2, 6]], dtype=torch.int32)
+    pos = torch.tensor([13, 25], dtype=torch.int32)
+    slots = torch.tensor([int(bt[b, int(pos[b]) // ps]) * ps + int(pos[b]) % ps for b in range(B)])
+    h, norm, cos, sin = r(B, d), 1 + 0.1 * r(d), r(64, D // 2), r(64, D // 2)
+    kp, vp = r(P, ps, H_kv, D), r(P, ps, H_kv, D)
+    valid = (torch.rand(P, ps, generator=torch.Generator().manual_seed(2)) > 0.2).to(torch.uint8)
+    active = torch.ones(B, dtype=torch.uint8)
+    outs = []
+    for ops, a, b, dt in ((cpu.ops, wq, wo, torch.float32), (ref, wq64.float(), wo64.float(), torch.float32),
+                          (ref, wq64, wo64, torch.float64)):
+        out, k, v, va = torch.empty(B, d, dtype=dt), kp.to(dt).clone(), vp.to(dt).clone(), valid.clone()
+        ops.attn_block_paged(out, h.to(dt), norm.to(dt), a, None, b, k, v, va, bt, pos, slots, cos, sin, active, EPS)
+        outs.append((out, k, v, va))
+    for i, name in enumerate(("out", "k_pages", "v_pages")):
+        _check(outs[0][i], outs[1][i], outs[2][i], torch.float32, True, f"attn_block_paged {name}")
+    assert torch.equal(outs[0][3], outs[1][3])
+    # the KV writer at those slots, every mode
+    L = 3
+    wl, wl64 = _pack(r(L, R, d, scale=d ** -0.5), "q8_0")
+    flags = torch.tensor([[0, 1], [1, 1], [1, 0]], dtype=torch.uint8)
+    for mode in ("mask", "project", "copy"):
+        res = []
+        for ops, ww, dt in ((cpu.ops, wl, torch.float32), (ref, wl64.float(), torch.float32),
+                            (ref, wl64, torch.float64)):
+            k, v = r(L, P, ps, H_kv, D).to(dt), r(L, P, ps, H_kv, D).to(dt)
+            k.copy_(torch.arange(k.numel()).reshape(k.shape).to(dt) % 7)
+            v.copy_(torch.arange(v.numel()).reshape(v.shape).to(dt) % 5)
+            va = torch.ones(L, P, ps, dtype=torch.uint8)
+            ops.write_kv_paged(k, v, va, h.to(dt), (1 + 0.1 * torch.ones(L, d)).to(dt), ww, None, bt, pos, slots,
+                               cos, sin, flags, mode, EPS)
+            res.append((k, v, va))
+        for i, name in enumerate(("k_pages", "v_pages")):
+            _check(res[0][i], res[1][i], res[2][i], torch.float32, True, f"write_kv_paged {mode} {name}")
+        assert torch.equal(res[0][2], res[1][2])
+
+
+def test_dequantize_matches_gguf():
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    w = _rand(13)(8, 64) * 3
+    codes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    for qt, code in codes.items():
+        p = quant.quantize(w, qt)
+        theirs = gguf.quants.dequantize(p.data.numpy(), code)
+        assert torch.equal(p.dequantize(), torch.from_numpy(np.array(theirs, dtype=np.float32)).reshape(8, 64)), qt
+        err = (p.dequantize() - w).abs().max().item()
+        assert err < {"q8_0": 0.02, "q4_0": 0.6, "q4_1": 0.6}[qt] * w.abs().max().item() / 3, (qt, err)
+        ids = torch.tensor([5, 0, 7])
+        assert torch.equal(p.rows(ids), p.dequantize()[ids]), qt          # the native embedding lookup
+
+
+def test_prefill_linear_matches_dequantized_matmul():
+    r = _rand(17)
+    x = r(70, 96)                                  # more rows than one block of 64
+    for qt in WTYPES:
+        w, w64 = _pack(r(50, 96), qt)
+        b = r(50)
+        got = w.linear(x, b)
+        want = x.double() @ w64.t() + b.double()
+        assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item(), qt
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="misaligned row"):
+        quant.quantize(torch.randn(4, 40), "q4_1")
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        quant.PackedWeight(torch.zeros(4, 22, dtype=torch.uint8), "q5_0", 32)
+    # a misaligned row reaching the kernels (a stride the struct cannot hold): the launcher refuses
+    a = cpu.C.MlpArgs()
+    a.B, a.d, a.F, a.out, a.h, a.mlp_norm, a.row_active = 1, 40, 32, 1, 1, 1, 1
+    a.w_gate_up, a.w_gate_up_type, a.w_gate_up_ld = 1, cpu.C.QType.q4_1, 100
+    a.w_down, a.w_down_type, a.w_down_ld = 1, cpu.C.QType.q4_1, 20
+    with pytest.raises(RuntimeError, match="misaligned row"):
+        cpu.C.mlp_block(a)
+    x = _attn_inputs(_rand(1), torch.float32, **SH)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16 activations"):
+        _run_attn(cpu.ops, x, x["wqkv"].double(), x["wo"].double(), torch.float64)
+    with pytest.raises(RuntimeError, match="lacks|unknown instruction set"):
+        cpu.set_isa("avx1024")
+    assert backends.why_not("cpu", "cpu", torch.float64) is not None
+
+
+def test_step_program_equals_eager_launches():
+    """A decode step recorded once and run natively gives the eager launches' logits, bit for bit, also
+    after D3 drops layers and with fill "project"."""
+    from d3kernels.decoder import Decoder
+    from d3kernels.model import random_model
+    from d3kernels.schedule import D3Schedule
+    import dataclasses
+    m = random_model(L=6, d=96, H=3, H_kv=1, D=32, F=160, V=301)
+    w = m.weights
+    m = type(m)(m.config, dataclasses.replace(w, **{k: quant.quantize(getattr(w, k), "q4_1") for k in
+                                                    ("wqkv", "wo", "w_gate_up", "w_down")}))
+    assert m.weights.packed
+    sched = D3Schedule(6, alpha=0.8)
+    runs = []
+    for programs in ("1", "0"):
+        os.environ["D3K_CPU_PROGRAMS"] = programs
+        try:
+            dec = Decoder(m, sched, max_seq_len=64, backend="cpu", fill="project")
+            g = dec.generate([[1, 2, 3, 4]], max_new_tokens=12, ignore_eos=True)
+        finally:
+            os.environ.pop("D3K_CPU_PROGRAMS")
+        runs.append((g.tokens, dec.stats()))
+    assert torch.equal(torch.as_tensor(runs[0][0]), torch.as_tensor(runs[1][0]))
+    assert runs[0][1]["cpu_programs"] > 0 and runs[1][1]["cpu_programs"] == 0
+    assert runs[0][1]["op_calls"] == runs[1][1]["op_calls"]
+
+
+@pytest.mark.slow
+def test_greedy_decode_on_the_embedded_model_matches_the_reference():
+    """Teacher-forced on the reference's greedy tokens: the cpu backend on the packed GGUF (q4_1, q8_0) picks
+    the same token wherever the reference's top-2 margin is clear, and its generated text is the same."""
+    import d3kernels
+    from d3kernels.decoder import Decoder
+    from d3kernels.schedule import D3Schedule
+    m = d3kernels.load_model(packed=True)
+    assert m.weights.packed and m.weights.wqkv.qtype == "q4_1" and m.weights.embed.qtype == "q8_0"
+    tok = m.tokenizer
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
+                                      add_generation_prompt=True, tokenize=False))["input_ids"]
+    sched = D3Schedule(m.config.num_layers, alpha=0.995)
+    r = Decoder(m.dequantized(), sched, max_seq_len=256, backend="reference")
+    c = Decoder(m, sched, max_seq_len=256, backend="cpu")
+    want = torch.as_tensor(r.generate(ids, max_new_tokens=24).tokens[0]).tolist()
+    lr, lc = r.prefill(ids).clone(), c.prefill(ids).clone()
+    worst = 0.0
+    for t in want:
+        top = lr[0].topk(2).values
+        if top[0] - top[1] > 0.05:
+            assert lc[0].argmax() == lr[0].argmax()
+        worst = max(worst, (lc - lr).abs().max().item())
+        lr, lc = r.step([t]).clone(), c.step([t]).clone()
+    assert worst < 0.05, f"logits differ by {worst} (the 16-bit rounding gives ~0.005)"
+    assert torch.as_tensor(c.generate(ids, max_new_tokens=24).tokens[0]).tolist() == want
+
+
+def test_planted_bug_one_block_scale_ignored_fails(tmp_path):
+    """A kernel that ignores one block's scale (block 1 of every row, scalar path) must fail the op test."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import emu_variants
+    if emu_variants.cpu_build_dir() is None:
+        pytest.skip("no CMake build of d3kernels._C_cpu under build/ (install from source: pip install -e .)")
+    mod = emu_variants.build_cpu_variant(tmp_path, {"include/d3k/cpu/kernels_impl.h": [(
+        "    const float scale = half(blk) * x.d[i];\n    int32_t sum = 0;",
+        "    const float scale = (i == 1 ? 1.0f : half(blk)) * x.d[i];\n    int32_t sum = 0;")]},
+        ["isa_scalar.cpp"])
+    mod.set_isa("scalar")
+    bad = cpu.CpuKernels(mod)
+    r = _rand(3)
+    x = _attn_inputs(r, torch.float32, **SH)
+    pq, q64 = _pack(x["wqkv"], "q4_1")
+    po, o64 = _pack(x["wo"], "q4_1")
+    got = _run_attn(bad, x, pq, po, torch.float32)
+    want = _run_attn(ref, x, q64.float(), o64.float(), torch.float32)
+    oracle = _run_attn(ref, x, q64, o64, torch.float64)
+    problem, _, _ = compare(got[0], want[0], oracle[0], torch.float32, slack=PACKED_SLACK)
+    assert problem is not None, "the planted bug went unnoticed"
+    # and the unmutated build passes the same case
+    good = _run_attn(cpu.CpuKernels(), x, pq, po, torch.float32)
+    assert compare(good[0], want[0], oracle[0], torch.float32, slack=PACKED_SLACK)[0] is None
