@@ -1,5 +1,6 @@
-"""The embedded SmolLM2-135M GGUF on the CPU, side by side in one run: d3kernels (reference backend, full depth
-and the default alpha), HF transformers on the same GGUF, and llama.cpp on the same file (llama-cpp-python;
+"""The embedded SmolLM2-135M GGUF on the CPU, side by side in one run: d3kernels (the native cpu backend on the
+weights as stored, and the reference backend on the dequantized float32 weights, each at full depth and the
+default alpha), HF transformers on the same GGUF, and llama.cpp on the same file (llama-cpp-python;
 skipped with the reason when it is not installed). Greedy decode tokens/s after one chat prompt (prefill
 excluded: a run of n tokens minus a run of 1), bytes read per token and their fraction of the machine's
 measured read bandwidth, and D3's real ratio against its ideal.
@@ -76,6 +77,16 @@ def decode_rate(run, n: int, reps: int = 3) -> float:
     return best
 
 
+def packed_step_bytes(model, kept: int, context: int) -> int:
+    """Bytes one decode step of the cpu backend reads: `kept` layers' matrices as stored (q4_1 here) and
+    norms, their K/V over `context` positions (float32), the lm_head as stored (q8_0) and one embedding row."""
+    cfg, w = model.config, model.weights
+    layer = sum(getattr(w, k)[0].nbytes for k in ("wqkv", "wo", "w_gate_up", "w_down")) + 2 * cfg.hidden * 4
+    kv = 2 * cfg.kv_heads * cfg.head_dim * 4 * context
+    head = w.lm_head.nbytes + cfg.hidden * 4
+    return kept * (layer + kv) + head + w.embed.nbytes // cfg.vocab
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
@@ -99,21 +110,29 @@ def main() -> None:
               f"{frac if frac else 0:6.1%} of {bw:.1f} GB/s  {note}", flush=True)
 
     print(f"{threads} threads, prompt {len(ids)} tokens, {n} greedy tokens; read bandwidth {bw:.1f} GB/s")
-    ctx = len(ids) + n // 2
-    base = None
-    for alpha in (1.0, D3Schedule(L).alpha):
-        sched = D3Schedule(L, alpha=alpha)
-        dec = Decoder(model, sched, max_seq_len=len(ids) + n + 1, backend="reference")
-        tps = decode_rate(lambda m: dec.generate([ids], m, ignore_eos=True), n)
-        layers = [len(sched.kept_layers(i)) for i in range(n)]
-        nbytes = sum(step_bytes(cfg, k, len(ids) + i, 4) for i, k in enumerate(layers) if i) / (n - 1)
-        note = ""
-        if alpha == 1.0:
-            base = tps
-        else:
-            note = (f"{sum(layers[1:]) / (n - 1):.1f} of {L} layers; D3 {tps / base:.2f}x, ideal "
-                    f"{ideal_speedup(cfg, layers, len(ids), 4):.2f}x")
-        add(f"d3kernels reference fp32, alpha {alpha}", tps, nbytes, note)
+    dense = model.dequantized(torch.float32)
+    for backend, m in (("cpu", model), ("reference", dense)):
+        base = None
+        for alpha in (1.0, D3Schedule(L).alpha):
+            sched = D3Schedule(L, alpha=alpha)
+            dec = Decoder(m, sched, max_seq_len=len(ids) + n + 1, backend=backend)
+            tps = decode_rate(lambda k: dec.generate([ids], k, ignore_eos=True), n)
+            layers = [len(sched.kept_layers(i)) for i in range(n)]
+            if backend == "cpu":
+                per = [packed_step_bytes(m, k, len(ids) + i) for i, k in enumerate(layers) if i]
+                full = [packed_step_bytes(m, L, len(ids) + i) for i in range(1, n)]
+                ideal = sum(full) / sum(per)
+            else:
+                per = [step_bytes(cfg, k, len(ids) + i, 4) for i, k in enumerate(layers) if i]
+                ideal = ideal_speedup(cfg, layers, len(ids), 4)
+            nbytes = sum(per) / (n - 1)
+            note = ""
+            if alpha == 1.0:
+                base = tps
+            else:
+                note = f"{sum(layers[1:]) / (n - 1):.1f} of {L} layers; D3 {tps / base:.2f}x, ideal {ideal:.2f}x"
+            what = "cpu backend (q4_1 + q8_0 as stored)" if backend == "cpu" else "reference fp32"
+            add(f"d3kernels {what}, alpha {alpha}", tps, nbytes, note)
 
     try:
         import transformers

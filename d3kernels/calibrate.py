@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import quant
 from .model import Model, user_cache_dir
 from .schedule import D3Schedule
 
@@ -88,7 +89,13 @@ def model_key(model: Model) -> str:
     h = hashlib.sha256(repr(model.config).encode())
     h.update(str(model.dtype).encode())
     w = model.weights
-    for t in (w.embed[:8, :64], w.wqkv[:, :2, :64], w.w_down[:, :2, :64], w.final_norm[:64]):
+
+    def values(t):        # packed weights fingerprint by their values: the same as their dequantized copy
+        return quant.rows(t, torch.arange(8)) if quant.is_packed(t) and t.dim() == 2 else \
+            t.dequantize() if quant.is_packed(t) else t
+
+    for t in (values(w.embed)[:8, :64], values(w.wqkv)[:, :2, :64], values(w.w_down)[:, :2, :64],
+              w.final_norm[:64]):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 

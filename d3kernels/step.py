@@ -234,7 +234,7 @@ class StepCore:
         if self.graphs_enabled:
             graph = self._graphs.get(p.key) or self._capture(p)
             graph.replay()
-        elif self.programs_enabled:
+        elif self.programs_enabled and self.ops is backends.get(self.backend):   # (instrumented ops: eager)
             program = self._programs.get(p.key) or self._record(p)
             self._embed()
             program.run()

@@ -373,12 +373,13 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # independent, and there is no cycle). Packages (reference/, triton/) count as one module; "__init__" is the
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
-    ("_C", "_C_emu", "checks", "guarded", "model", "schedule", "tolerance", "workspace"),  # torch and the stdlib
+    ("_C", "_C_emu", "_C_cpu", "quant"),   # torch and the stdlib: the extensions; packed weights
+    ("checks", "guarded", "model", "schedule", "tolerance", "workspace"),
     ("cache", "declare"),   # the KV cache layouts (their slot rule is the reference's too); the op declarations
     ("reference",),    # the specification
     ("speed", "triton", "engine", "prefill"),
     ("_ops",),         # torch.library registration and the CUDA backends; the only importer of _C / _C_emu
-    ("verify",),       # the selftest records: which backends this device has verified
+    ("verify", "cpu"),  # the selftest records; the native cpu backend (on _ops' import of _C_cpu)
     ("backends",),     # the backend table
     ("ops",),          # the public op API
     ("step",),         # the step core: device state, plan and run
@@ -391,7 +392,7 @@ LAYERS = [
     ("cli",),          # the command line, on top
     ("__main__",),
 ]
-EXTENSIONS = {"_C", "_C_emu"}
+EXTENSIONS = {"_C", "_C_emu", "_C_cpu"}
 
 
 def _modules() -> dict:
@@ -470,7 +471,7 @@ def test_import_parser_sees_lazy_and_relative_imports():
     assert _imports(os.path.join(PKG, "backends.py")) >= {"_ops", "reference", "triton"}
     assert "reference" in _imports(os.path.join(PKG, "triton", "__init__.py"))
     assert {"__init__", "_ops", "backends", "eval"} <= _imports(os.path.join(PKG, "cli.py"))
-    assert _imports(os.path.join(PKG, "checks.py")) == set()
+    assert _imports(os.path.join(PKG, "checks.py")) == {"quant"}
     assert "_C" in _imports(os.path.join(PKG, "_ops.py"))
 
 
