@@ -54,12 +54,8 @@ def _run(cmd: list, cwd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{r.stderr[-4000:]}")
 
 
-def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"):
-    """Build and import a _C_emu variant; returns the module."""
-    build = emu_build_dir()
-    if build is None:
-        raise RuntimeError(why_not())
-    src = Path(tmp) / name / "csrc"
+def _edited_copy(src: Path, edits: dict) -> Path:
+    """csrc/ copied to src with edits ({path under csrc/: [(old, new), ...]}, each old occurring once)."""
     shutil.copytree(CSRC, src)
     for rel, subs in edits.items():
         f = src / rel
@@ -70,6 +66,15 @@ def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"
                 raise ValueError(f"{rel}: the text to replace occurs {n} times, expected once: {old!r}")
             text = text.replace(old, new)
         f.write_text(text)
+    return src
+
+
+def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"):
+    """Build and import a _C_emu variant; returns the module."""
+    build = emu_build_dir()
+    if build is None:
+        raise RuntimeError(why_not())
+    src = _edited_copy(Path(tmp) / name / "csrc", edits)
 
     entries = [e for e in json.load(open(build / "compile_commands.json")) if "/_C_emu.dir/" in e["output"]]
     objects = {Path(e["file"]).stem if "/emu/" in e["file"] and "/csrc/" not in e["file"] else Path(e["file"]).name:
@@ -121,17 +126,7 @@ def build_cpu_variant(tmp: Path, edits: dict, recompile: list, name: str = "cpu_
     build = cpu_build_dir()
     if build is None:
         raise RuntimeError("no CMake build of d3kernels._C_cpu with compile_commands.json under build/")
-    src = Path(tmp) / name / "csrc"
-    shutil.copytree(CSRC, src)
-    for rel, subs in edits.items():
-        f = src / rel
-        text = f.read_text()
-        for old, new in subs:
-            n = text.count(old)
-            if n != 1:
-                raise ValueError(f"{rel}: the text to replace occurs {n} times, expected once: {old!r}")
-            text = text.replace(old, new)
-        f.write_text(text)
+    src = _edited_copy(Path(tmp) / name / "csrc", edits)
     entries = [e for e in json.load(open(build / "compile_commands.json")) if "/_C_cpu.dir/" in e["output"]]
     link = []
     for e in entries:

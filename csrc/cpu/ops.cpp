@@ -226,6 +226,24 @@ struct KvAddr {  // where row b's K/V of one layer live
   }
 };
 
+// The end of both layer halves: out = h + w @ x for the n running rows (rows[i], activations xs[i] of K values),
+// out = h for the others; each thread takes a share of the d outputs. y: [n, d] scratch.
+void residual_out(const Team& t, QType wt, uintptr_t w, int64_t ld, const XRow* xs, int64_t K, const int64_t* rows,
+                  int64_t n, float* y, DType dt, uintptr_t h, uintptr_t out, int64_t B, int64_t d) {
+  int64_t lo, hi;
+  t.share(d, 16, &lo, &hi);
+  if (n) g_isa->gemv(wt, reinterpret_cast<const uint8_t*>(w), ld, lo, hi, xs, (int)n, y, d, K);
+  for (int64_t i = 0, b = 0; b < B; ++b) {
+    const bool runs = i < n && rows[i] == b;
+    for (int64_t r = lo; r < hi; ++r) {
+      const float hv = load(dt, h, b * d + r);
+      store(dt, out, b * d + r, runs ? hv + y[i * d + r] : hv);
+    }
+    i += runs;
+  }
+  t.barrier();
+}
+
 struct AttnScratch {
   Rows x, o;
   float *qkv, *y, *scores;
@@ -344,17 +362,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   t.share(HD, kBlock, &lo, &hi);
   for (int64_t i = 0; i < n; ++i) s.o.round(i, lo, hi);
   t.barrier();
-  t.share(a.d, 16, &lo, &hi);
-  if (n) g_isa->gemv(a.wo_type, reinterpret_cast<const uint8_t*>(a.wo), a.wo_ld, lo, hi, s.o.x, (int)n, s.y, a.d, HD);
-  for (int64_t i = 0, b = 0; b < a.B; ++b) {
-    const bool runs = i < n && s.rows[i] == b;
-    for (int64_t r = lo; r < hi; ++r) {
-      const float hv = load(a.dtype, a.h, b * a.d + r);
-      store(a.dtype, a.out, b * a.d + r, runs ? hv + s.y[i * a.d + r] : hv);
-    }
-    i += runs;
-  }
-  t.barrier();
+  residual_out(t, a.wo_type, a.wo, a.wo_ld, s.o.x, HD, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
 }
 
 struct MlpScratch {
@@ -401,18 +409,7 @@ void mlp_body(const MlpArgs& a, const Team& t, char* base) {
     s.act.round(i, lo, hi);
   }
   t.barrier();
-  t.share(a.d, 16, &lo, &hi);
-  if (n) g_isa->gemv(a.w_down_type, reinterpret_cast<const uint8_t*>(a.w_down), a.w_down_ld, lo, hi, s.act.x, (int)n,
-                     s.y, a.d, F);
-  for (int64_t i = 0, b = 0; b < a.B; ++b) {
-    const bool runs = i < n && s.rows[i] == b;
-    for (int64_t r = lo; r < hi; ++r) {
-      const float hv = load(a.dtype, a.h, b * a.d + r);
-      store(a.dtype, a.out, b * a.d + r, runs ? hv + s.y[i * a.d + r] : hv);
-    }
-    i += runs;
-  }
-  t.barrier();
+  residual_out(t, a.w_down_type, a.w_down, a.w_down_ld, s.act.x, F, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
 }
 
 struct HeadScratch {
