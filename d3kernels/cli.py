@@ -20,7 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference", "cuda-emu"])
+    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpu", "reference", "cuda-emu"])
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     t = sub.add_parser("selftest", help="verify the GPU backends on this device against the reference, and "
                                         "record the result (auto uses a backend that passed)")
-    t.add_argument("--backend", default="all", choices=["all", "cuda", "triton", "cuda-emu"])
+    t.add_argument("--backend", default="all", choices=["all", "cuda", "triton", "cpu", "cuda-emu"])
     t.add_argument("--model", default=None, help="also test this model's shapes (HF directory or .gguf)")
     t.add_argument("--device", default=None, help="default: cuda (cpu for cuda-emu)")
     t.set_defaults(func=cmd_selftest)
