@@ -296,6 +296,8 @@ def _add_eval_commands(sub) -> None:
 
 def cmd_export(args) -> int:
     from .model import save_hf
+    if args.dtype is None and (args.device or "cpu") == "cpu":
+        args.dtype = "fp32"         # float weights, not the packed ones the cpu backend reads
     model = load(args)
     save_hf(model, args.out)
     print(f"wrote {model.config.name} as a Hugging Face directory: {args.out}", file=sys.stderr)
