@@ -4,14 +4,15 @@ weights as the checkpoint stores them (docs/design.md section 3.8).
 Ops take the reference's signatures (attn_block, mlp_block, write_kv, attn_block_paged, write_kv_paged,
 lm_head, sample). Activations and the KV cache are float32, float16 or bfloat16; a weight is a tensor of
 any of those dtypes or a d3kernels.quant.PackedWeight (q4_0, q4_1, q8_0, f16, bf16, f32), read as stored.
-With a quantized weight the activations are rounded to 8-bit blocks before the integer dot products (as
-llama.cpp does), so the outputs follow the 16-bit tolerance rule (docs/design.md section 6).
+With a quantized weight the activations are rounded to 16-bit integer blocks before the integer dot
+products (llama.cpp rounds to 8 bits), so the outputs get tolerance.PACKED_SLACK (docs/design.md
+section 6).
 
 A step's launches can be recorded once (`record`) and run as one native call (`Program.run`): the CPU's
 CUDA graph. The step core records one program per plan key, so a decode step costs one call from Python
 and one parallel region, whatever the number of layers it keeps.
 
-Instruction sets: the best this CPU has (avx512: AVX-512 VNNI; avx2; scalar), or the one D3K_CPU_ISA
+Instruction sets: the best this CPU has (avx512: AVX-512 F/BW/VL; avx2; scalar), or the one D3K_CPU_ISA
 names (a lower one, for tests). Threads: torch.get_num_threads() at import (`set_num_threads`).
 """
 from __future__ import annotations
@@ -30,10 +31,13 @@ C = _ops.C_CPU
 ERROR = _ops.C_CPU_ERROR
 ISA_ENV = "D3K_CPU_ISA"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# activation dtype -> the C++ DType code (the float QType codes: d3k/cpu/ops.h numbers them alike)
+_DTYPE_CODES = {dt: quant.CODES[q] for dt, q in quant.FLOAT_QTYPES.items()}
 _STRUCTS = {"attn_block": "AttnArgs", "attn_block_paged": "AttnArgs", "mlp_block": "MlpArgs",
             "write_kv": "WriteKvArgs", "write_kv_paged": "WriteKvArgs", "lm_head": "LmHeadArgs"}
-_ADD = {"AttnArgs": "add_attn", "MlpArgs": "add_mlp", "WriteKvArgs": "add_write_kv", "LmHeadArgs": "add_lm_head"}
+# Args struct -> (its launcher, the Program method that records it)
+_LAUNCHERS = {"AttnArgs": ("attn_block", "add_attn"), "MlpArgs": ("mlp_block", "add_mlp"),
+              "WriteKvArgs": ("write_kv", "add_write_kv"), "LmHeadArgs": ("lm_head", "add_lm_head")}
 _WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down", "w_lm")
 # what the paged KV writer does not read (it writes at slot_mapping)
 _UNREAD = {"write_kv_paged": ("block_table", "max_pages")}
@@ -153,11 +157,11 @@ class CpuKernels:
 
     def _launch(self, name: str, args: tuple) -> None:
         struct, a = self._args(name, args)
+        launcher, add = _LAUNCHERS[struct]
         if self._program is not None:
-            getattr(self._program, _ADD[struct])(a)
+            getattr(self._program, add)(a)
         else:
-            getattr(self.C, {"AttnArgs": "attn_block", "MlpArgs": "mlp_block", "WriteKvArgs": "write_kv",
-                        "LmHeadArgs": "lm_head"}[struct])(a)
+            getattr(self.C, launcher)(a)
 
     def record_step(self, launch) -> Step:
         """Record the launches launch(counts) makes (cpu ops; it counts them in `counts`) as a Step."""

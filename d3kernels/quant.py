@@ -23,6 +23,7 @@ BLOCK = 32
 QTYPES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q4_0": (32, 18), "q4_1": (32, 20), "q8_0": (32, 34)}
 CODES = {"f32": 0, "f16": 1, "bf16": 2, "q4_0": 3, "q4_1": 4, "q8_0": 5}
 FLOAT_QTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_FLOAT_DTYPES = {q: dt for dt, q in FLOAT_QTYPES.items()}
 # GGUF tensor type numbers (ggml_type) of the types kept packed
 GGUF_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 8: "q8_0", 30: "bf16"}
 # the fast paths of d3kernels.cpu, when built: {"linear": fn(x, w, b), "rows": fn(w, ids, out)}
@@ -127,9 +128,8 @@ def is_packed(w) -> bool:
 def dequantize(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     """float32 values [..., rows, cols] of packed bytes [..., rows, row_bytes]."""
     lead = data.shape[:-1]
-    if qtype in ("f32", "f16", "bf16"):
-        dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[qtype]
-        return data.contiguous().view(dt).reshape(*lead, cols).float()
+    if qtype in _FLOAT_DTYPES:
+        return data.contiguous().view(_FLOAT_DTYPES[qtype]).reshape(*lead, cols).float()
     per, nbytes = QTYPES[qtype]
     blocks = data.reshape(*lead, cols // per, nbytes)
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()           # [..., nb, 1]
@@ -145,9 +145,8 @@ def dequantize(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
 def quantize(w: torch.Tensor, qtype: str) -> PackedWeight:
     """Pack float weights [..., rows, cols] as `qtype` (GGUF's rounding: q4_0 / q8_0 scale by the block's
     absolute maximum, q4_1 by its range); f16 / bf16 / f32 round to that dtype."""
-    if qtype in ("f32", "f16", "bf16"):
-        dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[qtype]
-        return PackedWeight.from_tensor(w.to(dt))
+    if qtype in _FLOAT_DTYPES:
+        return PackedWeight.from_tensor(w.to(_FLOAT_DTYPES[qtype]))
     cols = w.shape[-1]
     row_bytes(qtype, cols)
     x = w.float().reshape(*w.shape[:-1], cols // BLOCK, BLOCK)

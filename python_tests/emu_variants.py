@@ -97,12 +97,17 @@ def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"
     if missing:
         raise ValueError(f"no emulated translation unit for {sorted(missing)}")
     cxx = shlex.split(entries[0]["command"])[0]
-    so = out_dir / ("_C_emu" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    _run([cxx, "-shared", "-o", str(so), *link], str(out_dir))
-    # A unique package part: pybind11 caches modules by their full name (the init function is still PyInit__C_emu).
+    return _link_and_import(cxx, link, out_dir, "_C_emu", [])
+
+
+def _link_and_import(cxx: str, objects: list, out_dir: Path, name: str, flags: list):
+    """Link objects into the extension `name` in out_dir and import it under a unique package part:
+    pybind11 caches modules by their full name (the init function is still PyInit_<name>)."""
+    so = out_dir / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
+    _run([cxx, "-shared", *flags, "-o", str(so), *objects], str(out_dir))
     global _COUNT
     _COUNT += 1
-    spec = importlib.util.spec_from_file_location(f"d3k_emu_variant{_COUNT}._C_emu", so)
+    spec = importlib.util.spec_from_file_location(f"d3k_variant{_COUNT}.{name}", so)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -140,12 +145,4 @@ def build_cpu_variant(tmp: Path, edits: dict, recompile: list, name: str = "cpu_
         cmd[cmd.index("-c") + 1] = str(src / "cpu" / key)
         _run(cmd, e["directory"])
         link.append(str(obj))
-    cxx = shlex.split(entries[0]["command"])[0]
-    so = src.parent / ("_C_cpu" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    _run([cxx, "-shared", "-fopenmp", "-o", str(so), *link], str(src.parent))
-    global _COUNT
-    _COUNT += 1
-    spec = importlib.util.spec_from_file_location(f"d3k_cpu_variant{_COUNT}._C_cpu", so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _link_and_import(shlex.split(entries[0]["command"])[0], link, src.parent, "_C_cpu", ["-fopenmp"])

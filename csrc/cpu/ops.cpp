@@ -189,14 +189,13 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 // ------------------------------------------------------------------ checks
 std::string need(bool ok, const std::string& what) { return ok ? "" : "d3kernels cpu: " + what; }
 
-std::string check_weight(const char* name, uintptr_t p, QType t, int64_t ld, int64_t rows, int64_t cols) {
+std::string check_weight(const char* name, uintptr_t p, QType t, int64_t ld, int64_t cols) {
   if (!p) return need(false, std::string(name) + " is a null pointer");
   const int64_t rb = row_bytes(t, cols);
   if (rb < 0)
     return need(false, std::string(name) + ": " + std::to_string(cols) + " columns of " + qtype_name(t) +
                            " are not whole blocks of " + std::to_string(kBlock) + " (a misaligned row)");
   if (ld < rb) return need(false, std::string(name) + ": row stride " + std::to_string(ld) + " < " + std::to_string(rb));
-  (void)rows;
   return "";
 }
 
@@ -207,22 +206,26 @@ std::string check_common(int64_t B, int64_t d, DType dt) {
 }
 
 // ------------------------------------------------------------------ the ops' bodies
-struct KvAddr {  // where row b's K/V of one layer live
-  uintptr_t k, v, valid;
+// The one addressing rule of both caches, per layer: a contiguous [B, H_kv, S, D] or a paged
+// [num_pages, page_size, H_kv, D] K (or V), with validity [B, S] or [num_pages, page_size]. An entry is the
+// validity index (b * S + p, or a paged slot); the stacked caches of write_kv add `entries() * H_kv * D`
+// elements per layer.
+struct KvAddr {
   Layout layout;
-  int64_t Hkv, S, D, ps, max_pages, num_pages;
-  const int32_t* bt;
-  int es;
-  // element offset of (b, head g, position p) and validity index; -1 if the position has no page
+  int64_t B, Hkv, S, D, ps, max_pages, num_pages;
+  const int32_t* bt;  // paged: block_table [B, max_pages] (read by slot(); write_kv writes at slot_mapping)
+  int64_t entries() const { return layout == Layout::kContiguous ? B * S : num_pages * ps; }
+  // the entry of row b's position p; -1 if its page is not in the pool
   int64_t slot(int64_t b, int64_t p) const {
     if (layout == Layout::kContiguous) return b * S + p;
     const int32_t page = bt[b * max_pages + p / ps];
     if (page < 0 || page >= num_pages) return -1;
     return (int64_t)page * ps + p % ps;
   }
-  int64_t elem(int64_t b, int64_t g, int64_t slot_or_p, bool by_slot) const {
-    if (layout == Layout::kContiguous) return ((b * Hkv + g) * S + (by_slot ? slot_or_p - b * S : slot_or_p)) * D;
-    return (slot_or_p * Hkv + g) * D;
+  // element offset of row b's head g at entry e
+  int64_t elem(int64_t b, int64_t g, int64_t e) const {
+    if (layout == Layout::kContiguous) return ((b * Hkv + g) * S + (e - b * S)) * D;
+    return (e * Hkv + g) * D;
   }
 };
 
@@ -276,8 +279,9 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   const int32_t* pos = reinterpret_cast<const int32_t*>(a.pos);
   const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
   const int64_t limit = std::min(paged ? a.max_pages * a.page_size : a.S, a.rope_len);
-  KvAddr kv{a.k_cache, a.v_cache, a.kv_valid, a.layout, a.Hkv, a.S, D, a.page_size, a.max_pages, a.num_pages,
-            reinterpret_cast<const int32_t*>(a.block_table), esize(a.dtype)};
+  KvAddr kv{a.layout, a.B, a.Hkv, a.S, D, a.page_size, a.max_pages, a.num_pages,
+            reinterpret_cast<const int32_t*>(a.block_table)};
+  const int64_t es = esize(a.dtype);
   int64_t n = 0;  // every thread computes the same list
   for (int64_t b = 0; b < a.B; ++b)
     if (act[b] && (!paged || slots[b] >= 0)) s.rows[n++] = b;
@@ -289,9 +293,9 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
     s.x.round(i, 0, a.d);
     s.o.point(i);
     bool bad = p < 0 || p >= limit;
-    if (paged) bad = bad || slots[b] >= a.num_pages * a.page_size || kv.slot(b, p) != slots[b];
+    if (paged) bad = bad || slots[b] >= kv.entries() || kv.slot(b, p) != slots[b];
     s.bad[i] = bad;
-    s.slot[i] = bad ? -1 : paged ? slots[b] : b * a.S + p;
+    s.slot[i] = bad ? -1 : kv.slot(b, p);   // paged: the slot_mapping entry, checked just above
   }
   t.barrier();
   // 2. qkv [n, R] = wqkv @ x (+ bias)
@@ -312,7 +316,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
     const float* v = s.qkv + i * R + HD + a.Hkv * D + g * D;
     rope(k, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
          reinterpret_cast<const float*>(a.rope_sin) + p * a.rope_ld);
-    const int64_t e = kv.elem(b, g, s.slot[i], true);
+    const int64_t e = kv.elem(b, g, s.slot[i]);
     for (int64_t j = 0; j < D; ++j) {
       store(a.dtype, a.k_cache, e + j, k[j]);
       store(a.dtype, a.v_cache, e + j, v[j]);
@@ -340,7 +344,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
         sc[pp] = -std::numeric_limits<float>::infinity();
         continue;
       }
-      const uint8_t* kr = reinterpret_cast<const uint8_t*>(a.k_cache) + kv.elem(b, g, sl, true) * kv.es;
+      const uint8_t* kr = reinterpret_cast<const uint8_t*>(a.k_cache) + kv.elem(b, g, sl) * es;
       sc[pp] = g_isa->dot(kvt, kr, q, D) * scale;
       mx = std::max(mx, sc[pp]);
     }
@@ -353,7 +357,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
     for (int64_t pp = 0; pp <= p; ++pp) {
       if (sc[pp] == 0.f) continue;
       const int64_t sl = kv.slot(b, pp);
-      g_isa->axpy(kvt, sc[pp] / sum, reinterpret_cast<const uint8_t*>(a.v_cache) + kv.elem(b, g, sl, true) * kv.es,
+      g_isa->axpy(kvt, sc[pp] / sum, reinterpret_cast<const uint8_t*>(a.v_cache) + kv.elem(b, g, sl) * es,
                   o, D);
     }
   }
@@ -458,7 +462,8 @@ void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
   const int32_t* pos = reinterpret_cast<const int32_t*>(a.pos);
   const int64_t* slots = reinterpret_cast<const int64_t*>(a.slot_mapping);
   const int64_t D = a.D, HD = a.H * a.D, KV = a.Hkv * D, es = esize(a.dtype);
-  const int64_t per_layer = paged ? a.num_pages * a.page_size : a.B * a.S;   // validity entries per layer
+  const KvAddr kv{a.layout, a.B, a.Hkv, a.S, D, a.page_size, 0, a.num_pages, nullptr};
+  const int64_t per_layer = kv.entries(), layer_elems = per_layer * KV;
   const int64_t limit = std::min(paged ? std::numeric_limits<int64_t>::max() : a.S, a.rope_len);
   uint8_t* valid = reinterpret_cast<uint8_t*>(a.kv_valid);
   // the entry (slot) row b writes, or -1: out of range or (paged) no slot
@@ -468,12 +473,6 @@ void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
     if (!paged) return b * a.S + p;
     return slots[b] >= 0 && slots[b] < per_layer ? slots[b] : -1;
   };
-  // element offset of (layer l, entry e, head 0)
-  auto elem = [&](int64_t l, int64_t b, int64_t e) -> int64_t {
-    if (paged) return (l * per_layer + e) * KV;
-    return ((l * a.B + b) * a.Hkv * a.S) * D + (e - b * a.S) * D;   // head g adds g * S * D
-  };
-  const int64_t head_step = paged ? D : a.S * D;
   for (int64_t task = t.id; task < a.L * a.B; task += t.n) {
     const int64_t l = task / a.B, b = task % a.B, e = slot_of(b);
     if (!flags[l * a.B + b] || e < 0) continue;
@@ -487,7 +486,7 @@ void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
         continue;
       }
       for (int64_t g = 0; g < a.Hkv; ++g) {
-        const int64_t to = elem(l, b, e) + g * head_step, from = elem(src, b, e) + g * head_step;
+        const int64_t to = l * layer_elems + kv.elem(b, g, e), from = src * layer_elems + kv.elem(b, g, e);
         std::memcpy(reinterpret_cast<char*>(a.k_cache) + to * es, reinterpret_cast<char*>(a.k_cache) + from * es, D * es);
         std::memcpy(reinterpret_cast<char*>(a.v_cache) + to * es, reinterpret_cast<char*>(a.v_cache) + from * es, D * es);
       }
@@ -497,21 +496,21 @@ void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
       rms_norm(a.dtype, a.src_h, b, a.norms + (uintptr_t)(l * a.d * es), a.d, a.eps, x);
       s.x.point(t.id);
       s.x.round(t.id, 0, a.d);
-      float* kv = s.kv + t.id * 2 * KV;
+      float* kvr = s.kv + t.id * 2 * KV;
       const uint8_t* w = reinterpret_cast<const uint8_t*>(a.wqkv) + l * a.wqkv_lstride + HD * a.wqkv_ld;
-      g_isa->gemv(a.wqkv_type, w, a.wqkv_ld, 0, 2 * KV, &s.x.x[t.id], 1, kv, 2 * KV, a.d);
+      g_isa->gemv(a.wqkv_type, w, a.wqkv_ld, 0, 2 * KV, &s.x.x[t.id], 1, kvr, 2 * KV, a.d);
       if (a.bqkv) {
         const int64_t R = HD + 2 * KV;
-        for (int64_t r = 0; r < 2 * KV; ++r) kv[r] += load(a.dtype, a.bqkv, l * R + HD + r);
+        for (int64_t r = 0; r < 2 * KV; ++r) kvr[r] += load(a.dtype, a.bqkv, l * R + HD + r);
       }
       const int64_t p = pos[b];
       for (int64_t g = 0; g < a.Hkv; ++g) {
-        rope(kv + g * D, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
+        rope(kvr + g * D, D, reinterpret_cast<const float*>(a.rope_cos) + p * a.rope_ld,
              reinterpret_cast<const float*>(a.rope_sin) + p * a.rope_ld);
-        const int64_t to = elem(l, b, e) + g * head_step;
+        const int64_t to = l * layer_elems + kv.elem(b, g, e);
         for (int64_t j = 0; j < D; ++j) {
-          store(a.dtype, a.k_cache, to + j, kv[g * D + j]);
-          store(a.dtype, a.v_cache, to + j, kv[KV + g * D + j]);
+          store(a.dtype, a.k_cache, to + j, kvr[g * D + j]);
+          store(a.dtype, a.v_cache, to + j, kvr[KV + g * D + j]);
         }
       }
       valid[l * per_layer + e] = 1;
@@ -531,8 +530,8 @@ std::string check(const AttnArgs& a) {
   if (a.layout == Layout::kPaged && (!a.block_table || !a.slot_mapping || a.page_size < 1 || a.max_pages < 1))
     return need(false, "attn_block_paged: block_table, slot_mapping, page_size and max_pages are needed");
   if (a.rope_ld < a.D / 2) return need(false, "rope table row stride < D/2");
-  e = check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, (a.H + 2 * a.Hkv) * a.D, a.d);
-  return e.empty() ? check_weight("wo", a.wo, a.wo_type, a.wo_ld, a.d, a.H * a.D) : e;
+  e = check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, a.d);
+  return e.empty() ? check_weight("wo", a.wo, a.wo_type, a.wo_ld, a.H * a.D) : e;
 }
 
 std::string check(const MlpArgs& a) {
@@ -540,8 +539,8 @@ std::string check(const MlpArgs& a) {
   if (!e.empty()) return e;
   if (a.F < 1 || !a.out || !a.h || !a.mlp_norm || !a.row_active) return need(false, "mlp_block: bad F or a null pointer");
   if (quantized(a.w_down_type) && a.F % kBlock) return need(false, "w_down: F is not a multiple of 32");
-  e = check_weight("w_gate_up", a.w_gate_up, a.w_gate_up_type, a.w_gate_up_ld, 2 * a.F, a.d);
-  return e.empty() ? check_weight("w_down", a.w_down, a.w_down_type, a.w_down_ld, a.d, a.F) : e;
+  e = check_weight("w_gate_up", a.w_gate_up, a.w_gate_up_type, a.w_gate_up_ld, a.d);
+  return e.empty() ? check_weight("w_down", a.w_down, a.w_down_type, a.w_down_ld, a.F) : e;
 }
 
 std::string check(const WriteKvArgs& a) {
@@ -554,14 +553,14 @@ std::string check(const WriteKvArgs& a) {
     return need(false, "write_kv: a null pointer");
   if (a.layout == Layout::kPaged && (!a.slot_mapping || a.page_size < 1 || a.num_pages < 1))
     return need(false, "write_kv_paged: slot_mapping, page_size and num_pages are needed");
-  return check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, (a.H + 2 * a.Hkv) * a.D, a.d);
+  return check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, a.d);
 }
 
 std::string check(const LmHeadArgs& a) {
   std::string e = check_common(a.B, a.d, a.dtype);
   if (!e.empty()) return e;
   if (a.V < 1 || !a.logits || !a.h || !a.final_norm) return need(false, "lm_head: bad V or a null pointer");
-  return check_weight("w_lm", a.w_lm, a.w_lm_type, a.w_lm_ld, a.V, a.d);
+  return check_weight("w_lm", a.w_lm, a.w_lm_type, a.w_lm_ld, a.d);
 }
 
 template <class Args>
@@ -612,7 +611,7 @@ std::string lm_head(const LmHeadArgs& a) { return launch(a, head_body); }
 std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t w_ld, uintptr_t bias, int64_t N,
                    int64_t R, int64_t K) {
   if (!y || !x || N < 1 || R < 1 || K < 1) return need(false, "linear: null pointer or empty size");
-  std::string e = check_weight("w", w, w_type, w_ld, R, K);
+  std::string e = check_weight("w", w, w_type, w_ld, K);
   if (!e.empty()) return e;
   Bump count{nullptr};
   Rows tmp;
@@ -645,7 +644,7 @@ std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t 
 std::string embed(uintptr_t out, DType dtype, uintptr_t ids, uintptr_t w, QType w_type, int64_t w_ld, int64_t N,
                   int64_t R, int64_t K) {
   if (!out || !ids || N < 0 || R < 1 || K < 1) return need(false, "embed: null pointer or empty size");
-  std::string e = check_weight("w", w, w_type, w_ld, R, K);
+  std::string e = check_weight("w", w, w_type, w_ld, K);
   if (!e.empty()) return e;
   const int64_t* id = reinterpret_cast<const int64_t*>(ids);
   for (int64_t i = 0; i < N; ++i) {
