@@ -150,8 +150,9 @@ _LAUNCHERS = {"attn_block": ("attn_block", "AttnBlockArgs"), "attn_block_paged":
               "write_kv": ("write_kv", "WriteKvArgs"), "write_kv_paged": ("write_kv", "WriteKvArgs")}
 
 
-def _launcher_method(name: str, note: str = ""):
-    """CudaKernels.<name>: the reference op's signature, launched by CudaKernels._launch."""
+def launcher_method(name: str, note: str = ""):
+    """A kernels class's method <name>: the reference op's signature, handed to the class's _launch(name, args)
+    (CudaKernels here, d3kernels.cpu.CpuKernels)."""
     def method(self, *args) -> None:
         self._launch(name, args)
     method.__name__ = method.__qualname__ = name
@@ -279,13 +280,13 @@ class CudaKernels:
             a.act_ws = scratch["act"].data_ptr()
         self._call(getattr(self.C, launcher), a)
 
-    attn_block = _launcher_method("attn_block")
-    mlp_block = _launcher_method("mlp_block")
-    write_kv = _launcher_method("write_kv")
-    attn_block_paged = _launcher_method("attn_block_paged", "page_size a multiple of the build's "
+    attn_block = launcher_method("attn_block")
+    mlp_block = launcher_method("mlp_block")
+    write_kv = launcher_method("write_kv")
+    attn_block_paged = launcher_method("attn_block_paged", "page_size a multiple of the build's "
                                                             "page_size_multiple")
-    write_kv_paged = _launcher_method("write_kv_paged", "rows with slot_mapping < 0 write nothing")
-    lm_head = _launcher_method("lm_head")
+    write_kv_paged = launcher_method("write_kv_paged", "rows with slot_mapping < 0 write nothing")
+    lm_head = launcher_method("lm_head")
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:

@@ -179,29 +179,12 @@ class CpuKernels:
         finally:
             self._program = None
 
-    def attn_block(self, *args) -> None:
-        """attn_block (reference signature)."""
-        self._launch("attn_block", args)
-
-    def mlp_block(self, *args) -> None:
-        """mlp_block (reference signature)."""
-        self._launch("mlp_block", args)
-
-    def write_kv(self, *args) -> None:
-        """write_kv (reference signature)."""
-        self._launch("write_kv", args)
-
-    def attn_block_paged(self, *args) -> None:
-        """attn_block_paged (reference signature)."""
-        self._launch("attn_block_paged", args)
-
-    def write_kv_paged(self, *args) -> None:
-        """write_kv_paged (reference signature); rows with slot_mapping < 0 write nothing."""
-        self._launch("write_kv_paged", args)
-
-    def lm_head(self, *args) -> None:
-        """lm_head (reference signature)."""
-        self._launch("lm_head", args)
+    attn_block = _ops.launcher_method("attn_block")
+    mlp_block = _ops.launcher_method("mlp_block")
+    write_kv = _ops.launcher_method("write_kv")
+    attn_block_paged = _ops.launcher_method("attn_block_paged")
+    write_kv_paged = _ops.launcher_method("write_kv_paged", "rows with slot_mapping < 0 write nothing")
+    lm_head = _ops.launcher_method("lm_head")
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:
