@@ -5,7 +5,7 @@ what was expected and what arrived, and returns the sizes it read. They only
 look at tensor metadata, so they also run on fake tensors (the torch.library
 fake kernels in d3kernels/_ops.py call them while torch.compile traces).
 
-A weight may be a d3kernels.quant.PackedWeight (weights as the checkpoint stores
+A weight may be packed (d3kernels.quant PackedWeight, PackedRows, PackedStack: weights as the checkpoint stores
 them; only the cpu backend reads those): its shape and device are checked, its
 storage type is the backend's to check.
 
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from .quant import PackedWeight
+from .quant import is_packed
 
 FILL_MODES = ("mask", "project", "copy")
 
 
 def expect(name: str, t: torch.Tensor, shape: tuple, dtype=None, device=None) -> None:
-    if isinstance(t, PackedWeight):
+    if is_packed(t):
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)} ({t.qtype})")
+            raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)} "
+                             f"({'+'.join(t.qtypes)})")
         if device is not None and t.device != device:
             raise ValueError(f"expected {name} on {device}, got {t.device}")
         return

@@ -126,8 +126,11 @@ class Weights:
 
     @property
     def bytes_per_weight(self) -> float:
-        """Bytes one value of the layer matrices takes (0.625 for q4_1, 2 for bf16, ...)."""
-        return self.wqkv.element_size()
+        """Average bytes one value of the layer matrices takes (0.625 for q4_1, 2 for bf16; a Q4_K_M file's
+        mix of q4_K and q6_K lies between 0.5625 and 0.8203)."""
+        mats = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+        nbytes = sum(m.nbytes if quant.is_packed(m) else m.numel() * m.element_size() for m in mats)
+        return nbytes / sum(m.shape.numel() for m in mats)
 
     def to(self, dtype: torch.dtype) -> "Weights":
         """A copy in another dtype (e.g. float64 for a test oracle), packed matrices dequantized; a tied
@@ -372,8 +375,8 @@ def embedded_model_path() -> str:
 def _unpermute(w, n_head: int):
     """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights [n_head * D, d] (a tensor or a
     PackedWeight: whole rows move, so blocks stay intact)."""
-    if quant.is_packed(w):
-        return quant.PackedWeight(_unpermute(w.data, n_head), w.qtype, w.cols)
+    if quant.is_packed(w):        # kept in storage order, read in Hugging Face order (no copy)
+        return quant.PackedWeight(w.data, w.qtype, w.cols, heads=n_head)
     rows, d = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, d).transpose(1, 2).reshape(rows, d)
 
