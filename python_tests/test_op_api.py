@@ -374,6 +374,7 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
     ("_C", "_C_emu", "_C_cpu", "quant"),   # torch and the stdlib: the extensions; packed weights
+    ("gguf",),         # GGUF files: header, architectures, checks, the mapped tensors (on quant)
     ("checks", "guarded", "model", "schedule", "tolerance", "workspace"),
     ("cache", "declare"),   # the KV cache layouts (their slot rule is the reference's too); the op declarations
     ("reference",),    # the specification
