@@ -161,10 +161,13 @@ class PackedWeight:
         return PackedWeight(self.data[i], self.qtype, self.cols, self.heads)
 
     def to(self, device=None, dtype=None) -> "PackedWeight | torch.Tensor":
-        """Moved to `device`; with a float dtype, the dequantized values instead (a plain tensor)."""
+        """Moved to `device` (itself when already there); with a float dtype, the dequantized values instead (a
+        plain tensor)."""
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        return self if device is None else PackedWeight(self.data.to(device), self.qtype, self.cols, self.heads)
+        if device is None or torch.device(device) == self.device:
+            return self
+        return PackedWeight(self.data.to(device), self.qtype, self.cols, self.heads)
 
     def __repr__(self) -> str:
         h = f", heads={self.heads}" if self.heads else ""
@@ -269,7 +272,9 @@ class PackedRows:
     def to(self, device=None, dtype=None) -> "PackedRows | torch.Tensor":
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        return self if device is None else PackedRows([p.to(device) for p in self.parts])
+        if device is None or torch.device(device) == self.device:
+            return self
+        return PackedRows([p.to(device) for p in self.parts])
 
     def __repr__(self) -> str:
         return f"PackedRows({', '.join(repr(p) for p in self.parts)})"
@@ -358,7 +363,9 @@ class PackedStack:
     def to(self, device=None, dtype=None) -> "PackedStack | torch.Tensor":
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        return self if device is None else PackedStack([p.to(device) for p in self.layers])
+        if device is None or torch.device(device) == self.device:
+            return self
+        return PackedStack([p.to(device) for p in self.layers])
 
     def __repr__(self) -> str:
         return f"PackedStack({len(self.layers)} x {tuple(self.layers[0].shape)}, {'+'.join(self.qtypes)}, " \
