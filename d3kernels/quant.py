@@ -88,6 +88,13 @@ def _storage_rows(ids: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
     return h * D + 2 * (k % (D // 2)) + k // (D // 2)
 
 
+def _device_dtype(device, dtype) -> tuple:
+    """to()'s arguments as (torch.device or None, dtype or None); a dtype may come first, as in Tensor.to."""
+    if isinstance(device, torch.dtype):
+        device, dtype = None, device
+    return (None if device is None else torch.device(device)), dtype
+
+
 # ------------------------------------------------------------------------------------------ PackedWeight
 class PackedWeight:
     """A weight [..., rows, cols] stored as `qtype`; `data` is uint8 [..., rows, row_bytes], contiguous.
@@ -161,11 +168,12 @@ class PackedWeight:
         return PackedWeight(self.data[i], self.qtype, self.cols, self.heads)
 
     def to(self, device=None, dtype=None) -> "PackedWeight | torch.Tensor":
-        """Moved to `device` (itself when already there); with a float dtype, the dequantized values instead (a
-        plain tensor)."""
+        """Moved to `device` (itself when already there); with a float dtype (to(dtype) or to(dtype=...)), the
+        dequantized values instead (a plain tensor)."""
+        device, dtype = _device_dtype(device, dtype)
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        if device is None or torch.device(device) == self.device:
+        if device is None or device == self.device:
             return self
         return PackedWeight(self.data.to(device), self.qtype, self.cols, self.heads)
 
@@ -270,9 +278,10 @@ class PackedRows:
         return _merge(p.storage() for p in self.parts)
 
     def to(self, device=None, dtype=None) -> "PackedRows | torch.Tensor":
+        device, dtype = _device_dtype(device, dtype)
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        if device is None or torch.device(device) == self.device:
+        if device is None or device == self.device:
             return self
         return PackedRows([p.to(device) for p in self.parts])
 
@@ -361,9 +370,10 @@ class PackedStack:
         return _merge(p.storage() for p in self.layers)
 
     def to(self, device=None, dtype=None) -> "PackedStack | torch.Tensor":
+        device, dtype = _device_dtype(device, dtype)
         if dtype is not None:
             return self.dequantize(dtype).to(device)
-        if device is None or torch.device(device) == self.device:
+        if device is None or device == self.device:
             return self
         return PackedStack([p.to(device) for p in self.layers])
 
