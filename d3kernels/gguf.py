@@ -434,7 +434,7 @@ def _check_tensors(f: GGUFFile, cfg: dict, packed: bool, convert: bool) -> dict:
             f"{f.path}: tensor {t.name!r} is stored as {t.type_name}, which d3kernels does not keep packed "
             f"({len(refused)} matrices of type {', '.join(kinds)}); supported: {', '.join(SUPPORTED_TYPES)}. "
             "Pass a dtype (load_model(path, dtype='fp32') or --dtype fp32) to load the model dequantized "
-            f"(about {sum(int(np.prod(s)) for s, _, _ in expected.values()) * 4 / 1e9:.1f} GB in float32).")
+            f"({_size(sum(int(np.prod(s)) for s, _, _ in expected.values()) * 4)} in float32).")
     if ROPE_FREQS in f.tensors:
         if f.tensors[ROPE_FREQS].shape != (cfg["head_dim"] // 2,):
             raise GGUFError(f"{f.path}: tensor {ROPE_FREQS!r}: expected shape {(cfg['head_dim'] // 2,)}, got "
@@ -443,6 +443,10 @@ def _check_tensors(f: GGUFFile, cfg: dict, packed: bool, convert: bool) -> dict:
             raise GGUFError(f"{f.path}: both {cfg['arch']}.rope.scaling.type and a {ROPE_FREQS!r} tensor; "
                             "expected one of them")
     return by_hf
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def tokenizer(path: str, cache_dir: str):
