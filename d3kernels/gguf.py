@@ -21,6 +21,7 @@ and d3kernels.quant; gguf-py only to dequantize a type that quant does not keep 
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -227,7 +228,7 @@ def _read_header(mm, size: int, path: str) -> GGUFFile:
         if ne[0] % per:
             raise GGUFError(f"{path}: tensor {name!r}: rows of {ne[0]} values are not whole {type_name(type_id)} "
                             f"blocks of {per}")
-        nbytes = ne[0] // per * nbytes_block * int(np.prod(ne[1:], dtype=np.int64))
+        nbytes = ne[0] // per * nbytes_block * math.prod(ne[1:])     # Python ints: no overflow
         start = data_start + offset
         if offset % alignment:
             raise GGUFError(f"{path}: tensor {name!r}: data offset {offset} is not a multiple of the alignment "
