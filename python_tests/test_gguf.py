@@ -7,6 +7,8 @@
 - Truncated and corrupt files: a GGUFError naming the file, the tensor or field and what is wrong, and the
   file is no longer mapped afterwards. Unsupported types are refused without a dtype, converted with one.
   Another architecture is refused naming the field.
+- Files quantized by llama.cpp itself (when llama-cpp-python is installed): Q4_K_M, Q5_K_M, Q5_1 load with
+  llama.cpp's per-layer types and transformers' logits; Q3_K_M is refused.
 - Resident memory: a subprocess loads a ~300 MB file and reads every weight byte; its resident memory grows
   by at most the file size + 15%.
 """
@@ -245,6 +247,64 @@ def test_load_logs_storage_types(tmp_path, caplog):
     line = " ".join(r.getMessage() for r in caplog.records if r.name == "d3kernels.model")
     for part in ("q.gguf", "q4_K", "q6_K", "q5_0", "q8_0", "f32", "MB", "packed"):
         assert part in line
+
+
+# llama.cpp's own quantizer (llama-cpp-python), when installed: presets by their llama_ftype number
+LLAMA_CPP_PRESETS = {"Q4_K_M": 15, "Q5_K_M": 17, "Q5_1": 9, "Q3_K_M": 12}
+
+
+def llama_cpp_quantize(src: str, dst: str, preset: str) -> str:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = LLAMA_CPP_PRESETS[preset]
+    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)) == 0
+    return dst
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q5_1"])
+def test_llama_cpp_quantized_file(preset, tmp_path, monkeypatch):
+    """A file quantized by llama.cpp itself: each matrix keeps the type llama.cpp chose for it (per layer),
+    decodes to gguf-py's values, and the reference's logits equal transformers' on those values."""
+    monkeypatch.setattr(quant, "NATIVE", {})
+    hf = tiny_hf("llama", seed=3)
+    src = hf_to_gguf(hf, "llama", tmp_path / "f16.gguf", lambda n, l: "f16")
+    path = llama_cpp_quantize(src, str(tmp_path / f"{preset}.gguf"), preset)
+    reader = gguf.GGUFReader(path)
+    t = {x.name: x for x in reader.tensors}
+    m = load_model(path, device="cpu", packed=True)
+    w, H, Hk = m.weights, 4, 2
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.startswith("model.layers."):
+                l, rest = name[len("model.layers."):].split(".", 1)
+                g = f"blk.{l}.{HF_TO_GGUF[rest]}"
+            else:
+                g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+            x = t[g]
+            v = torch.from_numpy(np.array(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32))
+            if g.endswith(("attn_q.weight", "attn_k.weight")):       # llama.cpp's permutation undone
+                n = H if "attn_q" in g else Hk
+                v = v.reshape(n, v.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(v.shape)
+            p.copy_(v.reshape(p.shape))
+    for l in range(3):
+        stored = [t[f"blk.{l}.{n}.weight"].tensor_type.name for n in ("attn_q", "attn_k", "attn_v", "ffn_down")]
+        ours = [p.qtype.upper() for p in w.wqkv[l].parts] + [w.w_down[l].qtype.upper()]
+        assert ours == stored
+        assert torch.equal(w.wqkv[l].dequantize(), torch.cat([hf.model.layers[l].self_attn.q_proj.weight,
+                                                              hf.model.layers[l].self_attn.k_proj.weight,
+                                                              hf.model.layers[l].self_attn.v_proj.weight]))
+    if preset == "Q4_K_M":      # llama.cpp mixes attn_v's type across layers: the per-layer case is exercised
+        assert {w.wqkv[l].parts[2].qtype for l in range(3)} == {"q4_K", "q6_K"}
+    del reader, t
+    assert (_ref_logits(m, PROMPT) - _hf_logits(hf, PROMPT)).abs().max() <= ATOL
+
+
+def test_llama_cpp_q3_k_m_file_is_refused(tmp_path):
+    src = hf_to_gguf(tiny_hf("llama", seed=3), "llama", tmp_path / "f16.gguf", lambda n, l: "f16")
+    path = llama_cpp_quantize(src, str(tmp_path / "Q3_K_M.gguf"), "Q3_K_M")
+    _expect_error(path, "is stored as Q3_K", "supported: F32")
 
 
 # ------------------------------------------------------------------------------------------ refusals
