@@ -394,7 +394,7 @@ def read_model(path: str, packed: bool, convert: bool) -> GGUFModel:
     f = open_gguf(path)
     try:
         cfg = config_fields(f)
-        by_hf = _check_tensors(f, cfg, packed, convert)
+        by_hf = _check_tensors(f, cfg, convert)
     except BaseException:
         f.close()
         raise
@@ -407,7 +407,7 @@ def read_model(path: str, packed: bool, convert: bool) -> GGUFModel:
     return m
 
 
-def _check_tensors(f: GGUFFile, cfg: dict, packed: bool, convert: bool) -> dict:
+def _check_tensors(f: GGUFFile, cfg: dict, convert: bool) -> dict:
     """{HF name: (TensorInfo, heads)} after checking every tensor's presence, shape and type."""
     expected = _expected(cfg)
     allowed = set(expected) | {ROPE_FREQS}
