@@ -291,9 +291,12 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("row_bytes", [](int q, int64_t cols) { return cpu::row_bytes(cpu::QType(q), cols); }, py::arg("qtype"),
         py::arg("cols"), "Bytes of one row of cols values of QType code qtype; -1 if not whole blocks.");
 
+  m.attr("MAX_SEGS") = cpu::kMaxSegs;   // row blocks per weight matrix (ops.h MatDesc)
   py::enum_<cpu::QType>(m, "QType", py::module_local())
       .value("f32", cpu::QType::kF32).value("f16", cpu::QType::kF16).value("bf16", cpu::QType::kBF16)
-      .value("q4_0", cpu::QType::kQ4_0).value("q4_1", cpu::QType::kQ4_1).value("q8_0", cpu::QType::kQ8_0);
+      .value("q4_0", cpu::QType::kQ4_0).value("q4_1", cpu::QType::kQ4_1).value("q8_0", cpu::QType::kQ8_0)
+      .value("q5_0", cpu::QType::kQ5_0).value("q5_1", cpu::QType::kQ5_1).value("q4_K", cpu::QType::kQ4_K)
+      .value("q5_K", cpu::QType::kQ5_K).value("q6_K", cpu::QType::kQ6_K);
   py::enum_<cpu::DType>(m, "DType", py::module_local())
       .value("f32", cpu::DType::kF32).value("f16", cpu::DType::kF16).value("bf16", cpu::DType::kBF16);
   py::enum_<cpu::Layout>(m, "Layout", py::module_local())

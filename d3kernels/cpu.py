@@ -3,10 +3,11 @@ weights as the checkpoint stores them (docs/design.md section 3.8).
 
 Ops take the reference's signatures (attn_block, mlp_block, write_kv, attn_block_paged, write_kv_paged,
 lm_head, sample). Activations and the KV cache are float32, float16 or bfloat16; a weight is a tensor of
-any of those dtypes or a d3kernels.quant.PackedWeight (q4_0, q4_1, q8_0, f16, bf16, f32), read as stored.
-With a quantized weight the activations are rounded to 16-bit integer blocks before the integer dot
-products (llama.cpp rounds to 8 bits), so the outputs get tolerance.PACKED_SLACK (docs/design.md
-section 6).
+any of those dtypes or a packed weight of d3kernels.quant (PackedWeight, PackedRows, PackedStack: ggml's
+q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K blocks, f16, bf16, f32, each row block in its own type),
+read as stored, through a MatDesc (`weight_desc`). With a block type the activations are rounded to 16-bit
+integer blocks of 32 (two int8 planes) before the integer dot products, so the outputs get
+tolerance.PACKED_SLACK (docs/design.md section 6).
 
 A step's launches can be recorded once (`record`) and run as one native call (`Program.run`): the CPU's
 CUDA graph. The step core records one program per plan key, so a decode step costs one call from Python
@@ -93,16 +94,42 @@ def set_num_threads(n: int) -> None:
     C.set_num_threads(int(n))
 
 
-def _weight(w, stacked: bool) -> tuple:
-    """(address, QType code, row stride in bytes, layer stride in bytes) of a weight tensor or PackedWeight."""
-    if quant.is_packed(w):
-        t, code = w.data, quant.CODES[w.qtype]
-        return t.data_ptr(), code, t.shape[-1], t.stride(0) if stacked else 0
-    if w.dtype not in quant.FLOAT_QTYPES:
-        raise TypeError(f"the cpu backend reads float32 / float16 / bfloat16 weights or PackedWeights, got {w.dtype}")
-    code = quant.CODES[quant.FLOAT_QTYPES[w.dtype]]
-    es = w.element_size()
-    return w.data_ptr(), code, w.shape[-1] * es, w.stride(0) * es if stacked else 0
+def _segments(m) -> list:
+    """The row blocks (d3k/cpu/ops.h Seg: address, QType code, row stride in bytes, rows, perm_d) of a 2-D
+    weight: a float tensor, a PackedWeight, or a PackedRows of them."""
+    if isinstance(m, torch.Tensor):
+        if m.dtype not in quant.FLOAT_QTYPES:
+            raise TypeError(f"the cpu backend reads float32 / float16 / bfloat16 weights or PackedWeights, got {m.dtype}")
+        es = m.element_size()
+        return [(m.data_ptr(), quant.CODES[quant.FLOAT_QTYPES[m.dtype]], m.stride(0) * es, m.shape[0], 0)]
+    parts = getattr(m, "parts", None)
+    if parts is not None:
+        return [seg for p in parts for seg in _segments(p)]
+    rows, heads = m.data.shape[0], getattr(m, "heads", 0) or 0
+    return [(m.data.data_ptr(), quant.CODES[m.qtype], m.data.stride(0), rows, rows // heads if heads else 0)]
+
+
+def _layers(w, stacked: bool) -> list:
+    """The 2-D matrices of a weight: its layers when stacked (a tensor or PackedWeight [L, ...], a PackedStack)."""
+    if not stacked:
+        return [w]
+    layers = getattr(w, "layers", None)
+    return list(layers) if layers is not None else [w[l] for l in range(w.shape[0])]
+
+
+def weight_desc(w, stacked: bool = False) -> torch.Tensor:
+    """The MatDesc array (int64 [n, 16]: n = 1, or L when stacked) the C++ ops read a weight through; the
+    caller keeps it (and the weight) alive while anything may read it."""
+    mats = _layers(w, stacked)
+    desc = torch.zeros(len(mats), 1 + 5 * C.MAX_SEGS, dtype=torch.int64)
+    for i, m in enumerate(mats):
+        segs = _segments(m)
+        if len(segs) > C.MAX_SEGS:
+            raise ValueError(f"a weight of {len(segs)} row blocks; the cpu backend reads at most {C.MAX_SEGS}")
+        desc[i, 0] = len(segs)
+        for j, seg in enumerate(segs):
+            desc[i, 1 + 5 * j: 6 + 5 * j] = torch.tensor(seg, dtype=torch.int64)
+    return desc
 
 
 class CpuKernels:
@@ -115,8 +142,9 @@ class CpuKernels:
     def __init__(self, module=None):
         self.C = module if module is not None else C
         self._program = None
+        self._keep = None     # while recording: the weight descriptors the program reads
 
-    def _args(self, name: str, args: tuple):
+    def _args(self, name: str, args: tuple, keep: list):
         op = declare.OPS[name]
         struct = _STRUCTS[name]
         C = self.C
@@ -133,12 +161,9 @@ class CpuKernels:
             if arg in skip:
                 continue
             if arg in _WEIGHTS:
-                ptr, code, ld, lstride = _weight(v, stacked)
-                setattr(a, field, ptr)
-                setattr(a, field + "_type", C.QType(code))
-                setattr(a, field + "_ld", ld)
-                if stacked:
-                    a.wqkv_lstride = lstride
+                desc = weight_desc(v, stacked)
+                keep.append(desc)
+                setattr(a, field, desc.data_ptr())
             elif arg == "mode":
                 a.mode = _ops.FILL_MODE_CODES[v]
             else:
@@ -156,7 +181,8 @@ class CpuKernels:
         return struct, a
 
     def _launch(self, name: str, args: tuple) -> None:
-        struct, a = self._args(name, args)
+        keep = self._keep if self._program is not None else []
+        struct, a = self._args(name, args, keep)
         launcher, add = _LAUNCHERS[struct]
         if self._program is not None:
             getattr(self._program, add)(a)
@@ -166,18 +192,19 @@ class CpuKernels:
     def record_step(self, launch) -> Step:
         """Record the launches launch(counts) makes (cpu ops; it counts them in `counts`) as a Step."""
         program, counts = self.C.Program(), Counter()
-        with self.record(program):
+        with self.record(program) as keep:
             launch(counts)
-        return Step(program, counts)
+        return Step(program, counts, keep)
 
     @contextlib.contextmanager
     def record(self, program):
-        """Inside the block, op calls are added to `program` (a C.Program) instead of running."""
-        self._program = program
+        """Inside the block, op calls are added to `program` (a C.Program) instead of running; yields the list
+        of weight descriptors the program reads, which must live as long as it."""
+        self._program, self._keep = program, []
         try:
-            yield program
+            yield self._keep
         finally:
-            self._program = None
+            self._program, self._keep = None, None
 
     attn_block = _ops.launcher_method("attn_block")
     mlp_block = _ops.launcher_method("mlp_block")
@@ -202,8 +229,8 @@ ops = CpuKernels()
 class Step:
     """One recorded decode step (a C.Program) and the op calls it makes, per run."""
 
-    def __init__(self, program, counts: Counter):
-        self.program, self.counts = program, counts
+    def __init__(self, program, counts: Counter, keep: list):
+        self.program, self.counts, self._keep = program, counts, keep
 
     def run(self) -> None:
         self.program.run()

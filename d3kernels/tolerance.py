@@ -3,9 +3,11 @@
 A backend's output is compared with a float64 computation of the same math (the reference ops on float64
 tensors). It may be at most 2x as far off as the reference run at the backend's own precision, plus a
 slack of 1e-5 (fp32) or 2e-3 (fp16/bf16) times the output's largest magnitude. NaN never passes.
-The cpu backend with quantized weights rounds its float32 activations to 16-bit integer blocks before the
-dot products (d3kernels.cpu): its slack is PACKED_SLACK (1e-4), the rounding's own size (2^-15 of a block's
-largest value) with room for the sums over d and F terms.
+The cpu backend with block-quantized weights rounds its float32 activations to 16-bit integer blocks of 32
+(two int8 planes, d3kernels.cpu) before the dot products: its slack is PACKED_SLACK (1e-4), the rounding's own
+size (1/65024 of a block's largest value per value) with room for the sums over d and F terms. The integer
+math itself is held to a tighter rule: the kernels' dot products equal an exact float64 emulation of the same
+rounding within 1e-5 (python_tests/test_cpu_backend.py, test_block_dot_equals_rounding_emulation).
 """
 from __future__ import annotations
 

@@ -28,11 +28,21 @@ CSRC = ROOT / "csrc"
 _COUNT = 0
 
 
+def _commands(path) -> list:
+    """compile_commands.json's entries, each with an absolute "output" (older CMake leaves the field out: it is
+    then the command's -o argument)."""
+    entries = json.load(open(path))
+    for e in entries:
+        out = e.get("output") or shlex.split(e["command"])[shlex.split(e["command"]).index("-o") + 1]
+        e["output"] = os.path.join(e["directory"], out)
+    return entries
+
+
 def emu_build_dir():
     """The CMake build directory of the installed _C_emu (newest first), or None."""
     best = None
     for path in glob.glob(str(ROOT / "build" / "cmake-*" / "compile_commands.json")):
-        entries = json.load(open(path))
+        entries = _commands(path)
         if any(e["output"].endswith("_C_emu.dir/csrc/emu/simt.cpp.o") and os.path.exists(e["output"])
                for e in entries):
             if best is None or os.path.getmtime(path) > os.path.getmtime(best):
@@ -76,7 +86,7 @@ def build_variant(tmp: Path, edits: dict, recompile: list, name: str = "variant"
         raise RuntimeError(why_not())
     src = _edited_copy(Path(tmp) / name / "csrc", edits)
 
-    entries = [e for e in json.load(open(build / "compile_commands.json")) if "/_C_emu.dir/" in e["output"]]
+    entries = [e for e in _commands(build / "compile_commands.json") if "/_C_emu.dir/" in e["output"]]
     objects = {Path(e["file"]).stem if "/emu/" in e["file"] and "/csrc/" not in e["file"] else Path(e["file"]).name:
                e for e in entries}
     out_dir = src.parent
@@ -117,7 +127,7 @@ def cpu_build_dir():
     """The CMake build directory of the installed _C_cpu (newest first), or None."""
     best = None
     for path in glob.glob(str(ROOT / "build" / "cmake-*" / "compile_commands.json")):
-        entries = json.load(open(path))
+        entries = _commands(path)
         if any("/_C_cpu.dir/" in e["output"] and os.path.exists(e["output"]) for e in entries):
             if best is None or os.path.getmtime(path) > os.path.getmtime(best):
                 best = path
@@ -132,7 +142,7 @@ def build_cpu_variant(tmp: Path, edits: dict, recompile: list, name: str = "cpu_
     if build is None:
         raise RuntimeError("no CMake build of d3kernels._C_cpu with compile_commands.json under build/")
     src = _edited_copy(Path(tmp) / name / "csrc", edits)
-    entries = [e for e in json.load(open(build / "compile_commands.json")) if "/_C_cpu.dir/" in e["output"]]
+    entries = [e for e in _commands(build / "compile_commands.json") if "/_C_cpu.dir/" in e["output"]]
     link = []
     for e in entries:
         key = Path(e["file"]).name

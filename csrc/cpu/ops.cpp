@@ -24,7 +24,13 @@
 #include "d3k/cpu/ops.h"
 
 namespace d3k::cpu {
+
+float kHalfTable[65536];
 namespace {
+const bool g_half_table_filled = [] {
+  for (uint32_t i = 0; i < 65536; ++i) kHalfTable[i] = f16_to_f32((uint16_t)i);
+  return true;
+}();
 
 // ------------------------------------------------------------------ instruction set, threads
 bool cpu_has(const char* what) {
@@ -108,44 +114,69 @@ char* arena(std::size_t bytes) {
   return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(t_arena.data()) + 63) & ~uintptr_t(63));
 }
 
-// The rounded copy of nx activation rows of K values, and their float values.
+// The rounded copy of nx activation rows of K values (kernels.h XRow), and their float values.
 struct Rows {
   float* f;
-  int16_t* q;
-  float *d, *s;
-  int32_t* qsum;
+  int8_t *hi, *lo;
+  float *dx, *xs;
+  int32_t* nz;
   XRow* x;
   int64_t K;
   void make(Bump& m, int64_t nx, int64_t K_, bool quantized) {
     K = K_;
     f = m.take<float>(nx * K);
     x = m.take<XRow>(nx);
-    q = quantized ? m.take<int16_t>(nx * K) : nullptr;
-    d = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
-    s = quantized ? m.take<float>(nx * K / kBlock) : nullptr;
-    qsum = quantized ? m.take<int32_t>(nx * K / kBlock) : nullptr;
+    const int64_t nb = K / kBlock;
+    hi = quantized ? m.take<int8_t>(nx * K) : nullptr;
+    lo = quantized ? m.take<int8_t>(nx * K) : nullptr;
+    dx = quantized ? m.take<float>(nx * nb) : nullptr;
+    xs = quantized ? m.take<float>(nx * nb) : nullptr;
+    nz = quantized ? m.take<int32_t>(nx * K / 4) : nullptr;
   }
   // row i: point x[i] at its pieces (one thread per row, before a barrier)
   void point(int64_t i) {
     XRow& r = x[i];
     r.f = f + i * K;
-    if (!q) return;
+    if (!hi) return;
     const int64_t nb = K / kBlock;
-    r.q = q + i * K;
-    r.d = d + i * nb;
-    r.s = s + i * nb;
-    r.qsum = qsum + i * nb;
+    r.hi = hi + i * K;
+    r.lo = lo + i * K;
+    r.dx = dx + i * nb;
+    r.xs = xs + i * nb;
+    r.nz = nz + i * K / 4;
   }
-  // round values [lo, hi) of row i to 8-bit blocks (lo, hi multiples of kBlock; no-op without rounding)
-  void round(int64_t i, int64_t lo, int64_t hi) const {
-    if (!q || hi <= lo) return;
+  // round values [v0, v1) of row i to 16-bit blocks (multiples of kBlock; no-op without rounding)
+  void round(int64_t i, int64_t v0, int64_t v1) const {
+    if (!hi || v1 <= v0) return;
     const int64_t nb = K / kBlock;
-    g_isa->quantize(f + i * K + lo, hi - lo, q + i * K + lo, d + i * nb + lo / kBlock, s + i * nb + lo / kBlock,
-                    qsum + i * nb + lo / kBlock);
+    g_isa->quantize(f + i * K + v0, v1 - v0, hi + i * K + v0, lo + i * K + v0, dx + i * nb + v0 / kBlock,
+                    nz + (i * K + v0) / 4, xs + i * nb + v0 / kBlock);
   }
 };
 
-bool quantized(QType t) { return t == QType::kQ4_0 || t == QType::kQ4_1 || t == QType::kQ8_0; }
+bool is_block(int64_t t) { return t >= (int64_t)QType::kQ4_0 && t < kNumQTypes; }
+
+// ------------------------------------------------------------------ weights: row blocks (ops.h MatDesc)
+const MatDesc& mat(uintptr_t p, int64_t layer = 0) { return reinterpret_cast<const MatDesc*>(p)[layer]; }
+
+bool quantized(const MatDesc& m) {
+  for (int64_t s = 0; s < m.nseg; ++s)
+    if (is_block(m.seg[s].type)) return true;
+  return false;
+}
+
+// y[b * ldy + r] = row r of m . xs[b] for r in [r0, r1) (rows of the whole matrix; un-permuted, see Seg)
+void gemv_mat(const MatDesc& m, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy, int64_t K) {
+  int64_t base = 0;
+  for (int64_t s = 0; s < m.nseg; ++s) {
+    const Seg& g = m.seg[s];
+    const int64_t lo = std::max(r0, base), hi = std::min(r1, base + g.rows);
+    if (lo < hi)
+      g_isa->gemv(QType(g.type), reinterpret_cast<const uint8_t*>(g.ptr), g.ld, lo - base, hi - base, xs, nx, y + base,
+                  ldy, K, g.perm_d);
+    base += g.rows;
+  }
+}
 
 // ------------------------------------------------------------------ activations
 int esize(DType t) { return t == DType::kF32 ? 4 : 2; }
@@ -189,13 +220,30 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 // ------------------------------------------------------------------ checks
 std::string need(bool ok, const std::string& what) { return ok ? "" : "d3kernels cpu: " + what; }
 
-std::string check_weight(const char* name, uintptr_t p, QType t, int64_t ld, int64_t cols) {
-  if (!p) return need(false, std::string(name) + " is a null pointer");
-  const int64_t rb = row_bytes(t, cols);
-  if (rb < 0)
-    return need(false, std::string(name) + ": " + std::to_string(cols) + " columns of " + qtype_name(t) +
-                           " are not whole blocks of " + std::to_string(kBlock) + " (a misaligned row)");
-  if (ld < rb) return need(false, std::string(name) + ": row stride " + std::to_string(ld) + " < " + std::to_string(rb));
+std::string check_weight(const char* name, uintptr_t p, int64_t rows, int64_t cols, int64_t layers = 1) {
+  if (!p) return need(false, std::string(name) + " is a null pointer (no MatDesc)");
+  for (int64_t l = 0; l < layers; ++l) {
+    const MatDesc& m = mat(p, l);
+    const std::string at = std::string(name) + (layers > 1 ? " layer " + std::to_string(l) : "");
+    if (m.nseg < 1 || m.nseg > kMaxSegs) return need(false, at + ": " + std::to_string(m.nseg) + " row blocks (1 to 3)");
+    int64_t total = 0;
+    for (int64_t s = 0; s < m.nseg; ++s) {
+      const Seg& g = m.seg[s];
+      if (!g.ptr) return need(false, at + ": a null pointer");
+      if (g.type < 0 || g.type >= kNumQTypes) return need(false, at + ": unknown storage type " + std::to_string(g.type));
+      const int64_t rb = row_bytes(QType(g.type), cols);
+      if (rb < 0)
+        return need(false, at + ": " + std::to_string(cols) + " columns of " + qtype_name(QType(g.type)) +
+                               " are not whole blocks (a misaligned row)");
+      if (g.ld < rb) return need(false, at + ": row stride " + std::to_string(g.ld) + " < " + std::to_string(rb));
+      if (g.rows < 1) return need(false, at + ": an empty row block");
+      if (g.perm_d < 0 || g.perm_d % 2 || (g.perm_d && g.rows % g.perm_d))
+        return need(false, at + ": perm_d " + std::to_string(g.perm_d) + " does not divide the block's rows");
+      total += g.rows;
+    }
+    if (total != rows)
+      return need(false, at + ": " + std::to_string(total) + " rows, expected " + std::to_string(rows));
+  }
   return "";
 }
 
@@ -231,11 +279,11 @@ struct KvAddr {
 
 // The end of both layer halves: out = h + w @ x for the n running rows (rows[i], activations xs[i] of K values),
 // out = h for the others; each thread takes a share of the d outputs. y: [n, d] scratch.
-void residual_out(const Team& t, QType wt, uintptr_t w, int64_t ld, const XRow* xs, int64_t K, const int64_t* rows,
-                  int64_t n, float* y, DType dt, uintptr_t h, uintptr_t out, int64_t B, int64_t d) {
+void residual_out(const Team& t, const MatDesc& w, const XRow* xs, int64_t K, const int64_t* rows, int64_t n,
+                  float* y, DType dt, uintptr_t h, uintptr_t out, int64_t B, int64_t d) {
   int64_t lo, hi;
   t.share(d, 16, &lo, &hi);
-  if (n) g_isa->gemv(wt, reinterpret_cast<const uint8_t*>(w), ld, lo, hi, xs, (int)n, y, d, K);
+  if (n) gemv_mat(w, lo, hi, xs, (int)n, y, d, K);
   for (int64_t i = 0, b = 0; b < B; ++b) {
     const bool runs = i < n && rows[i] == b;
     for (int64_t r = lo; r < hi; ++r) {
@@ -258,8 +306,8 @@ struct AttnScratch {
 AttnScratch attn_scratch(Bump& m, const AttnArgs& a, int threads) {
   AttnScratch s;
   const int64_t R = (a.H + 2 * a.Hkv) * a.D, HD = a.H * a.D;
-  s.x.make(m, a.B, a.d, quantized(a.wqkv_type));
-  s.o.make(m, a.B, HD, quantized(a.wo_type));
+  s.x.make(m, a.B, a.d, quantized(mat(a.wqkv)));
+  s.o.make(m, a.B, HD, quantized(mat(a.wo)));
   s.qkv = m.take<float>(a.B * R);
   s.y = m.take<float>(a.B * a.d);
   const int64_t S = a.layout == Layout::kPaged ? a.max_pages * a.page_size : a.S;
@@ -298,10 +346,10 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
     s.slot[i] = bad ? -1 : kv.slot(b, p);   // paged: the slot_mapping entry, checked just above
   }
   t.barrier();
-  // 2. qkv [n, R] = wqkv @ x (+ bias)
+  // 2. qkv [n, R] = wqkv @ x (+ bias); shares of whole heads, so un-permuted rows stay in the thread's share
   int64_t lo, hi;
-  t.share(R, 16, &lo, &hi);
-  if (n) g_isa->gemv(a.wqkv_type, reinterpret_cast<const uint8_t*>(a.wqkv), a.wqkv_ld, lo, hi, s.x.x, (int)n, s.qkv, R, a.d);
+  t.share(R, D, &lo, &hi);
+  if (n) gemv_mat(mat(a.wqkv), lo, hi, s.x.x, (int)n, s.qkv, R, a.d);
   if (a.bqkv)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t r = lo; r < hi; ++r) s.qkv[i * R + r] += load(a.dtype, a.bqkv, r);
@@ -363,10 +411,10 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   }
   t.barrier();
   // 5. round o, then 6. out = h + wo @ o; idle rows: out = h
-  t.share(HD, kBlock, &lo, &hi);
+  t.share(HD, 64, &lo, &hi);
   for (int64_t i = 0; i < n; ++i) s.o.round(i, lo, hi);
   t.barrier();
-  residual_out(t, a.wo_type, a.wo, a.wo_ld, s.o.x, HD, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
+  residual_out(t, mat(a.wo), s.o.x, HD, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
 }
 
 struct MlpScratch {
@@ -377,8 +425,8 @@ struct MlpScratch {
 
 MlpScratch mlp_scratch(Bump& m, const MlpArgs& a) {
   MlpScratch s;
-  s.x.make(m, a.B, a.d, quantized(a.w_gate_up_type));
-  s.act.make(m, a.B, a.F, quantized(a.w_down_type));
+  s.x.make(m, a.B, a.d, quantized(mat(a.w_gate_up)));
+  s.act.make(m, a.B, a.F, quantized(mat(a.w_down)));
   s.gu = m.take<float>(a.B * 2 * a.F);
   s.y = m.take<float>(a.B * a.d);
   s.rows = m.take<int64_t>(a.B);
@@ -402,18 +450,18 @@ void mlp_body(const MlpArgs& a, const Team& t, char* base) {
   t.barrier();
   // gate row j and up row F + j in the same thread, so silu(g) * u needs no barrier
   int64_t lo, hi;
-  t.share(F, kBlock, &lo, &hi);
-  const uint8_t* wgu = reinterpret_cast<const uint8_t*>(a.w_gate_up);
+  t.share(F, 64, &lo, &hi);   // whole chunks of the rounding, which each thread rounds for its own share
+  const MatDesc& wgu = mat(a.w_gate_up);
   if (n) {
-    g_isa->gemv(a.w_gate_up_type, wgu, a.w_gate_up_ld, lo, hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
-    g_isa->gemv(a.w_gate_up_type, wgu, a.w_gate_up_ld, F + lo, F + hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
+    gemv_mat(wgu, lo, hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
+    gemv_mat(wgu, F + lo, F + hi, s.x.x, (int)n, s.gu, 2 * F, a.d);
   }
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = lo; j < hi; ++j) s.act.f[i * F + j] = silu(s.gu[i * 2 * F + j]) * s.gu[i * 2 * F + F + j];
     s.act.round(i, lo, hi);
   }
   t.barrier();
-  residual_out(t, a.w_down_type, a.w_down, a.w_down_ld, s.act.x, F, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
+  residual_out(t, mat(a.w_down), s.act.x, F, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
 }
 
 struct HeadScratch {
@@ -422,7 +470,7 @@ struct HeadScratch {
 
 HeadScratch head_scratch(Bump& m, const LmHeadArgs& a) {
   HeadScratch s;
-  s.x.make(m, a.B, a.d, quantized(a.w_lm_type));
+  s.x.make(m, a.B, a.d, quantized(mat(a.w_lm)));
   return s;
 }
 
@@ -437,8 +485,7 @@ void head_body(const LmHeadArgs& a, const Team& t, char* base) {
   t.barrier();
   int64_t lo, hi;
   t.share(a.V, 64, &lo, &hi);
-  g_isa->gemv(a.w_lm_type, reinterpret_cast<const uint8_t*>(a.w_lm), a.w_lm_ld, lo, hi, s.x.x, (int)a.B,
-              reinterpret_cast<float*>(a.logits), a.V, a.d);
+  gemv_mat(mat(a.w_lm), lo, hi, s.x.x, (int)a.B, reinterpret_cast<float*>(a.logits), a.V, a.d);
   t.barrier();
 }
 
@@ -449,7 +496,9 @@ struct KvScratch {
 
 KvScratch kv_scratch(Bump& m, const WriteKvArgs& a, int threads) {
   KvScratch s;
-  s.x.make(m, threads, a.d, quantized(a.wqkv_type));
+  bool q = false;
+  for (int64_t l = 0; l < a.L; ++l) q = q || quantized(mat(a.wqkv, l));
+  s.x.make(m, threads, a.d, q);
   s.kv = m.take<float>(threads * 2 * a.Hkv * a.D);
   return s;
 }
@@ -497,8 +546,8 @@ void kv_body(const WriteKvArgs& a, const Team& t, char* base) {
       s.x.point(t.id);
       s.x.round(t.id, 0, a.d);
       float* kvr = s.kv + t.id * 2 * KV;
-      const uint8_t* w = reinterpret_cast<const uint8_t*>(a.wqkv) + l * a.wqkv_lstride + HD * a.wqkv_ld;
-      g_isa->gemv(a.wqkv_type, w, a.wqkv_ld, 0, 2 * KV, &s.x.x[t.id], 1, kvr, 2 * KV, a.d);
+      // layer l's K and V rows (HD .. HD + 2 KV of its wqkv), written at kvr[0 .. 2 KV)
+      gemv_mat(mat(a.wqkv, l), HD, HD + 2 * KV, &s.x.x[t.id], 1, kvr - HD, 2 * KV, a.d);
       if (a.bqkv) {
         const int64_t R = HD + 2 * KV;
         for (int64_t r = 0; r < 2 * KV; ++r) kvr[r] += load(a.dtype, a.bqkv, l * R + HD + r);
@@ -530,17 +579,18 @@ std::string check(const AttnArgs& a) {
   if (a.layout == Layout::kPaged && (!a.block_table || !a.slot_mapping || a.page_size < 1 || a.max_pages < 1))
     return need(false, "attn_block_paged: block_table, slot_mapping, page_size and max_pages are needed");
   if (a.rope_ld < a.D / 2) return need(false, "rope table row stride < D/2");
-  e = check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, a.d);
-  return e.empty() ? check_weight("wo", a.wo, a.wo_type, a.wo_ld, a.H * a.D) : e;
+  e = check_weight("wqkv", a.wqkv, (a.H + 2 * a.Hkv) * a.D, a.d);
+  return e.empty() ? check_weight("wo", a.wo, a.d, a.H * a.D) : e;
 }
 
 std::string check(const MlpArgs& a) {
   std::string e = check_common(a.B, a.d, a.dtype);
   if (!e.empty()) return e;
   if (a.F < 1 || !a.out || !a.h || !a.mlp_norm || !a.row_active) return need(false, "mlp_block: bad F or a null pointer");
-  if (quantized(a.w_down_type) && a.F % kBlock) return need(false, "w_down: F is not a multiple of 32");
-  e = check_weight("w_gate_up", a.w_gate_up, a.w_gate_up_type, a.w_gate_up_ld, a.d);
-  return e.empty() ? check_weight("w_down", a.w_down, a.w_down_type, a.w_down_ld, a.F) : e;
+  e = check_weight("w_gate_up", a.w_gate_up, 2 * a.F, a.d);
+  if (e.empty()) e = check_weight("w_down", a.w_down, a.d, a.F);
+  if (e.empty() && quantized(mat(a.w_down)) && a.F % kBlock) return need(false, "w_down: F is not a multiple of 32");
+  return e;
 }
 
 std::string check(const WriteKvArgs& a) {
@@ -553,14 +603,14 @@ std::string check(const WriteKvArgs& a) {
     return need(false, "write_kv: a null pointer");
   if (a.layout == Layout::kPaged && (!a.slot_mapping || a.page_size < 1 || a.num_pages < 1))
     return need(false, "write_kv_paged: slot_mapping, page_size and num_pages are needed");
-  return check_weight("wqkv", a.wqkv, a.wqkv_type, a.wqkv_ld, a.d);
+  return check_weight("wqkv", a.wqkv, (a.H + 2 * a.Hkv) * a.D, a.d, a.L);
 }
 
 std::string check(const LmHeadArgs& a) {
   std::string e = check_common(a.B, a.d, a.dtype);
   if (!e.empty()) return e;
   if (a.V < 1 || !a.logits || !a.h || !a.final_norm) return need(false, "lm_head: bad V or a null pointer");
-  return check_weight("w_lm", a.w_lm, a.w_lm_type, a.w_lm_ld, a.d);
+  return check_weight("w_lm", a.w_lm, a.V, a.d);
 }
 
 template <class Args>
@@ -585,22 +635,26 @@ std::string launch(const Args& a, Body body) {
 }  // namespace
 
 // ------------------------------------------------------------------ public
+namespace {
+struct TypeInfo {
+  const char* name;
+  int values, bytes;   // per block (1 value for the float types)
+};
+constexpr TypeInfo kTypes[kNumQTypes] = {{"f32", 1, 4},    {"f16", 1, 2},    {"bf16", 1, 2},   {"q4_0", 32, 18},
+                                         {"q4_1", 32, 20}, {"q8_0", 32, 34}, {"q5_0", 32, 22}, {"q5_1", 32, 24},
+                                         {"q4_K", 256, 144}, {"q5_K", 256, 176}, {"q6_K", 256, 210}};
+}  // namespace
+
 int64_t row_bytes(QType q, int64_t cols) {
-  switch (q) {
-    case QType::kF32: return 4 * cols;
-    case QType::kF16:
-    case QType::kBF16: return 2 * cols;
-    case QType::kQ4_0: return cols % kBlock ? -1 : cols / kBlock * 18;
-    case QType::kQ4_1: return cols % kBlock ? -1 : cols / kBlock * 20;
-    case QType::kQ8_0: return cols % kBlock ? -1 : cols / kBlock * 34;
-  }
-  return -1;
+  const int i = (int)q;
+  if (i < 0 || i >= kNumQTypes || cols < 1) return -1;
+  const TypeInfo& t = kTypes[i];
+  return cols % t.values ? -1 : cols / t.values * t.bytes;
 }
 
 const char* qtype_name(QType q) {
-  static const char* names[] = {"f32", "f16", "bf16", "q4_0", "q4_1", "q8_0"};
   const int i = (int)q;
-  return i >= 0 && i < 6 ? names[i] : "unknown";
+  return i >= 0 && i < kNumQTypes ? kTypes[i].name : "unknown";
 }
 
 std::string attn_block(const AttnArgs& a) { return launch(a, attn_body); }
@@ -611,14 +665,16 @@ std::string lm_head(const LmHeadArgs& a) { return launch(a, head_body); }
 std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t w_ld, uintptr_t bias, int64_t N,
                    int64_t R, int64_t K) {
   if (!y || !x || N < 1 || R < 1 || K < 1) return need(false, "linear: null pointer or empty size");
-  std::string e = check_weight("w", w, w_type, w_ld, K);
+  const MatDesc desc{1, {{(int64_t)w, (int64_t)w_type, w_ld, R, 0}}};
+  std::string e = check_weight("w", reinterpret_cast<uintptr_t>(&desc), R, K);
   if (!e.empty()) return e;
+  const bool q = quantized(desc);
   Bump count{nullptr};
   Rows tmp;
-  tmp.make(count, N, K, quantized(w_type));
+  tmp.make(count, N, K, q);
   Bump m{arena(count.used)};
   Rows rows;
-  rows.make(m, N, K, quantized(w_type));
+  rows.make(m, N, K, q);
   in_team([&](const Team& t) {
     for (int64_t i = t.id; i < N; i += t.n) {
       std::memcpy(rows.f + i * K, reinterpret_cast<const float*>(x) + i * K, K * 4);
@@ -632,7 +688,7 @@ std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t 
     // a block of x rows at a time keeps them in cache while each weight row is read once per block
     for (int64_t i0 = 0; i0 < N; i0 += 64) {
       const int nx = (int)std::min<int64_t>(64, N - i0);
-      g_isa->gemv(w_type, reinterpret_cast<const uint8_t*>(w), w_ld, lo, hi, rows.x + i0, nx, out + i0 * R, R, K);
+      gemv_mat(desc, lo, hi, rows.x + i0, nx, out + i0 * R, R, K);
     }
     if (bias)
       for (int64_t i = 0; i < N; ++i)
@@ -644,41 +700,16 @@ std::string linear(uintptr_t y, uintptr_t x, uintptr_t w, QType w_type, int64_t 
 std::string embed(uintptr_t out, DType dtype, uintptr_t ids, uintptr_t w, QType w_type, int64_t w_ld, int64_t N,
                   int64_t R, int64_t K) {
   if (!out || !ids || N < 0 || R < 1 || K < 1) return need(false, "embed: null pointer or empty size");
-  std::string e = check_weight("w", w, w_type, w_ld, K);
+  const MatDesc desc{1, {{(int64_t)w, (int64_t)w_type, w_ld, R, 0}}};
+  std::string e = check_weight("w", reinterpret_cast<uintptr_t>(&desc), R, K);
   if (!e.empty()) return e;
   const int64_t* id = reinterpret_cast<const int64_t*>(ids);
+  std::vector<float> row(K);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t r = id[i];
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(w) + r * w_ld;
-    for (int64_t j = 0; j < K; ++j) {
-      float v = std::numeric_limits<float>::quiet_NaN();
-      if (r >= 0 && r < R) {
-        if (!quantized(w_type)) {
-          v = load(DType((int)w_type), reinterpret_cast<uintptr_t>(row), j);
-        } else {
-          const int64_t blk = j / kBlock, k = j % kBlock;
-          const int bytes = w_type == QType::kQ4_0 ? 18 : w_type == QType::kQ4_1 ? 20 : 34;
-          const uint8_t* bp = row + blk * bytes;
-          uint16_t dh;
-          std::memcpy(&dh, bp, 2);
-          const float dsc = f16_to_f32(dh);
-          if (w_type == QType::kQ8_0) {
-            v = dsc * (float)reinterpret_cast<const int8_t*>(bp + 2)[k];
-          } else {
-            const uint8_t* qs = bp + (w_type == QType::kQ4_1 ? 4 : 2);
-            const int q = k < 16 ? (qs[k] & 0xF) : (qs[k - 16] >> 4);
-            if (w_type == QType::kQ4_0) {
-              v = dsc * (float)(q - 8);
-            } else {
-              uint16_t mh;
-              std::memcpy(&mh, bp + 2, 2);
-              v = dsc * (float)q + f16_to_f32(mh);
-            }
-          }
-        }
-      }
-      store(dtype, out, i * K + j, v);
-    }
+    if (r >= 0 && r < R) g_isa->decode_row(w_type, reinterpret_cast<const uint8_t*>(w) + r * w_ld, row.data(), K);
+    else std::fill(row.begin(), row.end(), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t j = 0; j < K; ++j) store(dtype, out, i * K + j, row[j]);
   }
   return "";
 }

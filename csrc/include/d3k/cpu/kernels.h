@@ -9,30 +9,33 @@
 
 namespace d3k::cpu {
 
-// One activation row as the dot products read it: float values, and for quantized weights the same values
-// rounded to 16-bit integer blocks of kBlock (q, per-block scale d, the rounded block's sum s = d * qsum,
-// qsum = sum of q). 16 bits, not llama.cpp's 8: the rounding error (amax / 65534 per value) stays far below
-// the weights' own, at the same instruction count (one 32-pair multiply-add per block with AVX-512).
-constexpr float kQMax = 32767.f;
+// One activation row as the dot products read it: its float values, and for block-quantized weights the same
+// values rounded to 16-bit integer blocks of kBlock (dx = amax / kQMax), stored as two int8 planes
+// q = 255 hi + lo (d3k/cpu/formats.h lists each array's shape). kQMax = 127 * 255 + 127 keeps hi in int8.
+constexpr float kQMax = 32512.f;
 struct XRow {
   const float* f = nullptr;
-  const int16_t* q = nullptr;
-  const float* d = nullptr;
-  const float* s = nullptr;
-  const int32_t* qsum = nullptr;
+  const int8_t* hi = nullptr;
+  const int8_t* lo = nullptr;
+  const float* dx = nullptr;
+  const int32_t* nz = nullptr;
+  const float* xs = nullptr;
 };
 
 struct IsaKernels {
   const char* name;
-  // x [K] (K a multiple of kBlock) -> q [K], d, s, qsum [K / kBlock]: d = amax / kQMax, q = round(x / d),
-  // qsum = sum of q, s = d * qsum.
-  void (*quantize)(const float* x, int64_t K, int16_t* q, float* d, float* s, int32_t* qsum);
-  // y[b * ldy + r] = w[r, :] . xs[b] for r in [r0, r1), b < nx; w rows of K values of type t, ld bytes apart.
+  // x [K] (K a multiple of kBlock) -> the rounded row's arrays (formats.h)
+  void (*quantize)(const float* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* nz, float* xs);
+  // y[b * ldy + map(r)] = w[r, :] . xs[b] for rows r in [r0, r1), b < nx; w rows of K values of type t, ld bytes
+  // apart. map(r) = r, or with perm_d > 0 (rows stored in llama.cpp's interleaved-RoPE order, heads of perm_d
+  // rows) the row's Hugging Face index: within each head, row 2 i + j goes to j perm_d / 2 + i.
   void (*gemv)(QType t, const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y,
-               int64_t ldy, int64_t K);
+               int64_t ldy, int64_t K, int64_t perm_d);
   // float types (f32 / f16 / bf16) only: v[:K] . x, and y[:K] += a * v.
   float (*dot)(QType t, const uint8_t* v, const float* x, int64_t K);
   void (*axpy)(QType t, float a, const uint8_t* v, float* y, int64_t K);
+  // one row of any type as float32 values: y[:K] = w row (the embedding lookup)
+  void (*decode_row)(QType t, const uint8_t* w, float* y, int64_t K);
 };
 
 extern const IsaKernels kScalar;
@@ -62,6 +65,9 @@ inline float f16_to_f32(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// f16_to_f32 of every 16-bit pattern (csrc/cpu/ops.cpp fills it at load): one load per block scale
+extern float kHalfTable[65536];
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;

@@ -3,45 +3,19 @@
 // / none), so the intrinsics paths below are chosen by the compiler's feature macros.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "d3k/cpu/kernels.h"
+#include "d3k/cpu/formats.h"
 
 namespace d3k::cpu {
 namespace D3K_ISA_NS {
 namespace {
 
-inline float half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return f16_to_f32(h);
-}
-
-// ------------------------------------------------------------------ activation rounding
-void quantize(const float* x, int64_t K, int16_t* q, float* d, float* s, int32_t* qsum) {
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    const float* xb = x + b * kBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-    const float db = amax / kQMax, id = db > 0.f ? 1.f / db : 0.f;
-    int32_t qs = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      const int v = (int)std::nearbyint(xb[j] * id);   // round half to even, as the vector conversion does
-      q[b * kBlock + j] = (int16_t)v;
-      qs += v;
-    }
-    d[b] = db;
-    s[b] = db * (float)qs;   // the rounded block's sum: Q4_1's minimum then multiplies the values it dots
-    qsum[b] = qs;
-  }
-}
-
-// ------------------------------------------------------------------ block dot products
 #if defined(__AVX2__)
-inline __m256i nibbles(const uint8_t* qs) {  // 32 bytes: the low nibbles of qs[0:16], then the high ones
-  const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -50,82 +24,79 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-using VecI = __m512;
-// the 32 weights of a block as int16 times the block's 32 int16 activations: 16 int32 lanes of pair sums
-template <QType T>
-inline __m512 block_dot(const uint8_t* blk, const int16_t* xq) {
-  __m512i w;
-  if constexpr (T == QType::kQ8_0) w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 2)));
-  else w = _mm512_cvtepu8_epi16(nibbles(blk + (T == QType::kQ4_1 ? 4 : 2)));
-  return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xq)));
-}
-inline __m512 vfma(__m512 a, float b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
-inline float vsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-inline __m512 vzero() { return _mm512_setzero_ps(); }
-#elif defined(__AVX2__)
-using VecI = __m256;
-template <QType T>
-inline __m256 block_dot(const uint8_t* blk, const int16_t* xq) {
-  __m256i lo, hi;
-  if constexpr (T == QType::kQ8_0) {
-    const __m256i w8 = _mm256_loadu_si256((const __m256i*)(blk + 2));
-    lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
-    hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
-  } else {
-    const __m256i n = nibbles(blk + (T == QType::kQ4_1 ? 4 : 2));
-    lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(n));
-    hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(n, 1));
-  }
-  const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xq)),
-                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + 16))));
-  return _mm256_cvtepi32_ps(p);
-}
-inline __m256 vfma(__m256 a, float b, __m256 c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
-inline float vsum(__m256 v) { return hsum(v); }
-inline __m256 vzero() { return _mm256_setzero_ps(); }
-#endif
-
-// w: one row of nb blocks; the block types' dot products with one rounded activation row
-template <QType T>
-float dot_blocks(const uint8_t* w, const XRow& x, int64_t nb) {
-  constexpr int kBytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : 34;
-  float extra = 0.f;  // Q4_0's -8 offset, Q4_1's minimum
-#if defined(__AVX2__)
-  VecI acc0 = vzero(), acc1 = vzero();
-  auto one = [&](int64_t i, VecI& acc) {
-    const uint8_t* blk = w + i * kBytes;
-    const float scale = half(blk) * x.d[i];
-    acc = vfma(block_dot<T>(blk, x.q + i * kBlock), scale, acc);
-    if constexpr (T == QType::kQ4_0) extra -= 8.f * scale * (float)x.qsum[i];
-    if constexpr (T == QType::kQ4_1) extra += half(blk + 2) * x.s[i];
-  };
-  int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    one(b, acc0);
-    one(b + 1, acc1);
-  }
-  if (b < nb) one(b, acc0);
-  return vsum(acc0) + vsum(acc1) + extra;
-#else
-  float acc = 0.f;
-  for (int64_t i = 0; i < nb; ++i) {
-    const uint8_t* blk = w + i * kBytes;
-    const int16_t* xq = x.q + i * kBlock;
-    const float scale = half(blk) * x.d[i];
-    int32_t sum = 0;
-    if constexpr (T == QType::kQ8_0) {
-      const int8_t* wq = (const int8_t*)(blk + 2);
-      for (int j = 0; j < kBlock; ++j) sum += (int32_t)wq[j] * xq[j];
-    } else {
-      const uint8_t* qs = blk + (T == QType::kQ4_1 ? 4 : 2);
-      for (int j = 0; j < 16; ++j) sum += (int32_t)(qs[j] & 0xF) * xq[j] + (int32_t)(qs[j] >> 4) * xq[j + 16];
+// ------------------------------------------------------------------ activation rounding
+void quantize(const float* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* nz, float* xs) {
+  for (int64_t g = 0; g < K / kBlock; ++g) {
+    const float* xb = x + g * kBlock;
+    float amax = 0.f;
+    for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    const float d = amax / kQMax, id = d > 0.f ? 1.f / d : 0.f;
+    int32_t total = 0;
+    for (int j = 0; j < kBlock; j += 4) {
+      int32_t s = 0;
+      for (int k = j; k < j + 4; ++k) {
+        const int q = (int)std::nearbyint(xb[k] * id);   // round half to even; |q| <= 32512
+        const int l = ((q + 127) % 255 + 255) % 255 - 127, h = (q - l) / 255;   // q = 255 h + l, both in [-127, 127]
+        hi[g * kBlock + k] = (int8_t)h;
+        lo[g * kBlock + k] = (int8_t)l;
+        s += q;
+      }
+      nz[(g * kBlock + j) / 4] = -8 * s;
+      total += s;
     }
-    acc += scale * (float)sum;
-    if constexpr (T == QType::kQ4_0) extra -= 8.f * scale * (float)x.qsum[i];
-    if constexpr (T == QType::kQ4_1) extra += half(blk + 2) * x.s[i];
+    dx[g] = d;
+    xs[g] = d * (float)total;
   }
-  return acc + extra;
+}
+
+// ------------------------------------------------------------------ block rows
+// Any block format, through its portable decode (formats.h): the scalar and AVX2 paths, and the AVX-512
+// path's half chunk at the end of a row of 32-value blocks.
+template <class F>
+float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t c0, int64_t K) {
+  float acc = 0.f;
+  alignas(64) uint8_t w[64];
+  float sc[4], mn[2];
+  for (int64_t c = c0; c * 64 < K; ++c) {
+    const int ng = (int)std::min<int64_t>(2, (K - c * 64) / kBlock);
+    F::decode(row, c, ng, w, sc, mn);
+    for (int g = 0; g < ng; ++g) {
+      const int64_t v = c * 64 + 32 * g;
+      float part = 0.f;
+      for (int h = 0; h < 2; ++h) {
+        int32_t s = 0;
+        for (int k = 16 * h; k < 16 * h + 16; ++k) s += (int32_t)w[32 * g + k] * (255 * x.hi[v + k] + x.lo[v + k]);
+        const int32_t* nz = x.nz + (v + 16 * h) / 4;   // -8 sum(q) per 4 values
+        s += F::kOffset / 8 * (nz[0] + nz[1] + nz[2] + nz[3]);
+        part += sc[2 * g + h] * (float)s;
+      }
+      acc += part * x.dx[2 * c + g] + mn[g] * x.xs[2 * c + g];
+    }
+  }
+  return acc;
+}
+
+template <class F>
+float dot_row(const uint8_t* row, const XRow& x, int64_t K) {
+#if defined(D3K_SIMD_BLOCKS)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  if constexpr (F::kValues == 256) {
+    __m256 mins = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; ++sb) F::super(row, sb, x, a0, a1, mins);
+    return fmt::hsum8(_mm256_add_ps(a0, a1)) + fmt::hsum8(mins);
+  } else {
+    float e0 = 0.f, e1 = 0.f;   // two chains, so the minima's scalar adds do not serialize the loop
+    const int64_t nb = K / 32;
+    int64_t g = 0;
+    for (; g + 1 < nb; g += 2) {
+      F::group(row + g * F::kBytes, 32 * g, x, a0, e0);
+      F::group(row + (g + 1) * F::kBytes, 32 * g + 32, x, a1, e1);
+    }
+    if (g < nb) F::group(row + g * F::kBytes, 32 * g, x, a0, e0);
+    return fmt::hsum8(_mm256_add_ps(a0, a1)) + e0 + e1;
+  }
+#else
+  return dot_chunks_portable<F>(row, x, 0, K);
 #endif
 }
 
@@ -205,30 +176,145 @@ void axpy_float(float a, const uint8_t* v, float* y, int64_t K) {
   for (; j < K; ++j) y[j] += a * load1<T>(v, j);
 }
 
-template <QType T>
-void gemv_t(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy,
-            int64_t K) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w + r * ld;
-    for (int b = 0; b < nx; ++b) {
-      if constexpr (T == QType::kF32 || T == QType::kF16 || T == QType::kBF16) {
-        y[b * ldy + r] = dot_float<T>(row, xs[b].f, K);
-      } else {
-        y[b * ldy + r] = dot_blocks<T>(row, xs[b], K / kBlock);
-      }
-    }
+// ------------------------------------------------------------------ many activation rows (prefill, batches)
+// With several activation rows, a weight row is decoded once (the format's portable decode) into signed int8
+// values w - zero point, a scale per 16 values and a minimum per 32, and then multiplied with every activation
+// row: the decode is paid once per weight row and call instead of once per activation row.
+constexpr int kUnpackRows = 4;   // from this many activation rows on
+
+template <class F>
+void unpack_row(const uint8_t* row, int64_t K, int8_t* q, float* sc, float* mn) {
+  alignas(64) uint8_t w[64];
+  float s4[4], m2[2];
+  for (int64_t c = 0; c * 64 < K; ++c) {
+    const int ng = (int)std::min<int64_t>(2, (K - c * 64) / kBlock);
+    F::decode(row, c, ng, w, s4, m2);
+    for (int k = 0; k < 32 * ng; ++k) q[c * 64 + k] = (int8_t)((int)w[k] - F::kOffset);
+    for (int i = 0; i < 2 * ng; ++i) sc[c * 4 + i] = s4[i];
+    for (int g = 0; g < ng; ++g) mn[c * 2 + g] = m2[g];
   }
 }
 
+// an unpacked weight row . one rounded activation row
+inline float dot_unpacked(const int8_t* q, const float* sc, const float* mn, bool mins, const XRow& x, int64_t K) {
+  float extra = 0.f;
+  const int64_t ng = K / kBlock;
+#if defined(D3K_SIMD_BLOCKS)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i k255 = _mm256_set1_epi16(255);
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * g)), a = _mm256_sign_epi8(w, w);
+    const __m256i xh = _mm256_loadu_si256((const __m256i*)(x.hi + 32 * g));
+    const __m256i xl = _mm256_loadu_si256((const __m256i*)(x.lo + 32 * g));
+    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(xh, w)), k255),
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(xl, w)), ones));
+    const __m256 s = _mm256_mul_ps(_mm256_set_m128(_mm_broadcast_ss(sc + 2 * g + 1), _mm_broadcast_ss(sc + 2 * g)),
+                                   _mm256_broadcast_ss(x.dx + g));
+    if (g & 1) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a1);
+    else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a0);
+    if (mins) extra += mn[g] * x.xs[g];
+  }
+  return fmt::hsum8(_mm256_add_ps(a0, a1)) + extra;
+#else
+  float acc = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    float part = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      int32_t s = 0;
+      for (int k = 32 * g + 16 * h; k < 32 * g + 16 * h + 16; ++k) s += (int32_t)q[k] * (255 * x.hi[k] + x.lo[k]);
+      part += sc[2 * g + h] * (float)s;
+    }
+    acc += part * x.dx[g];
+    if (mins) extra += mn[g] * x.xs[g];
+  }
+  return acc + extra;
+#endif
+}
+
+// the row's output index: its own, or un-permuted from llama.cpp's interleaved-RoPE order (kernels.h)
+inline int64_t out_row(int64_t r, int64_t perm_d) {
+  if (!perm_d) return r;
+  const int64_t head = r / perm_d, i = r % perm_d;
+  return head * perm_d + (i & 1) * (perm_d / 2) + (i >> 1);
+}
+
+template <QType T>
+float dot_any(const uint8_t* row, const XRow& x, int64_t K) {
+  if constexpr (T == QType::kF32 || T == QType::kF16 || T == QType::kBF16) return dot_float<T>(row, x.f, K);
+  else return dot_row<fmt::Of<T>>(row, x, K);
+}
+
+template <class F>
+void gemm_rows(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy,
+               int64_t K, int64_t perm_d) {
+  thread_local std::vector<char> buf;   // grown once per thread to the largest K, then reused
+  const std::size_t need = K + (K / 16 + K / 32) * sizeof(float) + 128;
+  if (buf.size() < need) buf.resize(need);
+  int8_t* q = reinterpret_cast<int8_t*>(buf.data());
+  float* sc = reinterpret_cast<float*>(buf.data() + ((K + 63) & ~int64_t(63)));
+  float* mn = sc + K / 16;
+  const bool mins = F::kType == QType::kQ4_1 || F::kType == QType::kQ5_1 || F::kType == QType::kQ4_K ||
+                    F::kType == QType::kQ5_K;
+  for (int64_t r = r0; r < r1; ++r) {
+    unpack_row<F>(w + r * ld, K, q, sc, mn);
+    const int64_t o = out_row(r, perm_d);
+    for (int b = 0; b < nx; ++b) y[b * ldy + o] = dot_unpacked(q, sc, mn, mins, xs[b], K);
+  }
+}
+
+template <QType T>
+void gemv_t(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy,
+            int64_t K, int64_t perm_d) {
+  if constexpr (T != QType::kF32 && T != QType::kF16 && T != QType::kBF16) {
+    if (nx >= kUnpackRows) {
+      return gemm_rows<fmt::Of<T>>(w, ld, r0, r1, xs, nx, y, ldy, K, perm_d);
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * ld;
+    const int64_t o = out_row(r, perm_d);
+    for (int b = 0; b < nx; ++b) y[b * ldy + o] = dot_any<T>(row, xs[b], K);
+  }
+}
+
+#define D3K_EACH_BLOCK_QTYPE(X) X(kQ4_0) X(kQ4_1) X(kQ8_0) X(kQ5_0) X(kQ5_1) X(kQ4_K) X(kQ5_K) X(kQ6_K)
+#define D3K_EACH_QTYPE(X) X(kF32) X(kF16) X(kBF16) D3K_EACH_BLOCK_QTYPE(X)
+
 void gemv(QType t, const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y,
-          int64_t ldy, int64_t K) {
+          int64_t ldy, int64_t K, int64_t perm_d) {
   switch (t) {
-    case QType::kF32: return gemv_t<QType::kF32>(w, ld, r0, r1, xs, nx, y, ldy, K);
-    case QType::kF16: return gemv_t<QType::kF16>(w, ld, r0, r1, xs, nx, y, ldy, K);
-    case QType::kBF16: return gemv_t<QType::kBF16>(w, ld, r0, r1, xs, nx, y, ldy, K);
-    case QType::kQ4_0: return gemv_t<QType::kQ4_0>(w, ld, r0, r1, xs, nx, y, ldy, K);
-    case QType::kQ4_1: return gemv_t<QType::kQ4_1>(w, ld, r0, r1, xs, nx, y, ldy, K);
-    case QType::kQ8_0: return gemv_t<QType::kQ8_0>(w, ld, r0, r1, xs, nx, y, ldy, K);
+#define D3K_CASE(q) \
+    case QType::q: return gemv_t<QType::q>(w, ld, r0, r1, xs, nx, y, ldy, K, perm_d);
+    D3K_EACH_QTYPE(D3K_CASE)
+#undef D3K_CASE
+  }
+}
+
+template <class F>
+void decode_blocks(const uint8_t* row, float* y, int64_t K) {
+  alignas(64) uint8_t w[64];
+  float sc[4], mn[2];
+  for (int64_t c = 0; c * 64 < K; ++c) {
+    const int ng = (int)std::min<int64_t>(2, (K - c * 64) / kBlock);
+    F::decode(row, c, ng, w, sc, mn);
+    for (int k = 0; k < 32 * ng; ++k) y[c * 64 + k] = sc[k / 16] * (float)((int)w[k] - F::kOffset) + mn[k / 32];
+  }
+}
+
+void decode_row(QType t, const uint8_t* w, float* y, int64_t K) {
+  switch (t) {
+    case QType::kF32:
+    case QType::kF16:
+    case QType::kBF16:
+      for (int64_t j = 0; j < K; ++j)
+        y[j] = t == QType::kF32 ? load1<QType::kF32>(w, j) : t == QType::kF16 ? load1<QType::kF16>(w, j)
+                                                                                : load1<QType::kBF16>(w, j);
+      return;
+#define D3K_CASE(q) \
+    case QType::q: return decode_blocks<fmt::Of<QType::q>>(w, y, K);
+    D3K_EACH_BLOCK_QTYPE(D3K_CASE)
+#undef D3K_CASE
   }
 }
 
@@ -252,6 +338,6 @@ void axpy(QType t, float a, const uint8_t* v, float* y, int64_t K) {
 }  // namespace D3K_ISA_NS
 
 const IsaKernels D3K_ISA_TABLE = {D3K_ISA_NAME, D3K_ISA_NS::quantize, D3K_ISA_NS::gemv, D3K_ISA_NS::dot,
-                                  D3K_ISA_NS::axpy};
+                                  D3K_ISA_NS::axpy, D3K_ISA_NS::decode_row};
 
 }  // namespace d3k::cpu

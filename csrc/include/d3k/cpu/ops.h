@@ -2,14 +2,13 @@
 // stores them. Plain C++ header: bindings.cpp binds these structs field by field (as for the CUDA ops).
 //
 // Pointers are CPU addresses (tensor.data_ptr()); tensors are contiguous. Activations (h, out, the KV
-// cache, norms, biases) are float32, float16 or bfloat16 (`dtype`, see DType). A weight matrix is
-// [rows, cols] stored as `<name>_type` (QType) with `<name>_ld` bytes from one row to the next; a stacked
-// weight [L, rows, cols] adds `<name>_lstride` bytes from one layer to the next. Quantized types are the
-// GGUF blocks of 32 values: Q4_0 {f16 d; u8 qs[16]} (v = d (q - 8)), Q4_1 {f16 d, m; u8 qs[16]}
-// (v = d q + m), Q8_0 {f16 d; i8 qs[32]} (v = d q); byte j of qs holds value j (low nibble) and j + 16.
-// With a quantized weight the activations are rounded to 16-bit integer blocks of 32 (scale amax / 32767)
-// before the integer dot products (llama.cpp rounds them to 8 bits); float weights are read as float32 and
-// multiplied in float32.
+// cache, norms, biases) are float32, float16 or bfloat16 (`dtype`, see DType). A weight field holds the
+// address of a MatDesc (a stacked weight: of L consecutive MatDescs, one per layer): a matrix [rows, cols]
+// as up to three row blocks (Seg), each with its own storage type, so a GGUF file's q / k / v or gate / up
+// tensors are read where they lie, in whatever type each has. Block types are ggml's (d3k/cpu/formats.h):
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32 values), Q4_K, Q5_K, Q6_K (super-blocks of 256). With a block
+// type the activations are rounded to 16-bit integer blocks of 32 (two int8 planes, d3k/cpu/kernels.h) before
+// the integer dot products; float weights are read as float32 and multiplied in float32.
 //
 // Launchers check sizes and pointers, run on the calling thread's team of worker threads and return ""
 // or an error message (they never throw). Semantics: d3kernels/reference/ops.py.
@@ -22,16 +21,32 @@
 namespace d3k::cpu {
 
 enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-enum class QType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ4_0 = 3, kQ4_1 = 4, kQ8_0 = 5 };
+enum class QType : int {
+  kF32 = 0, kF16 = 1, kBF16 = 2, kQ4_0 = 3, kQ4_1 = 4, kQ8_0 = 5, kQ5_0 = 6, kQ5_1 = 7, kQ4_K = 8, kQ5_K = 9,
+  kQ6_K = 10
+};
+constexpr int kNumQTypes = 11;
 enum class Layout : int { kContiguous = 0, kPaged = 1 };
-constexpr int kBlock = 32;  // values per quantized block
+constexpr int kBlock = 32;  // values per block of the activation rounding
 
-// Bytes of one row of `cols` values of type q (cols a multiple of kBlock for the block types), or -1.
+// Bytes of one row of `cols` values of type q (whole blocks of the type), or -1.
 int64_t row_bytes(QType q, int64_t cols);
 const char* qtype_name(QType q);
 
+// One row block of a weight matrix: `rows` rows of type `type` (a QType) at address `ptr`, `ld` bytes apart.
+// perm_d > 0: the rows are in llama.cpp's interleaved-RoPE order, heads of perm_d rows (GGUF Llama Q and K);
+// the kernels write each output at its Hugging Face row. All int64, so Python fills them as one int64 tensor.
+struct Seg {
+  int64_t ptr, type, ld, rows, perm_d;
+};
+constexpr int kMaxSegs = 3;
+struct MatDesc {
+  int64_t nseg;
+  Seg seg[kMaxSegs];
+};
+
 #define D3K_CPU_DECLARE_FIELD(type, name) type name{};
-#define D3K_CPU_WEIGHT(X, w) X(uintptr_t, w) X(QType, w##_type) X(int64_t, w##_ld)
+#define D3K_CPU_WEIGHT(X, w) X(uintptr_t, w)   // the address of its MatDesc(s)
 
 // attn_block and attn_block_paged (layout kPaged: k_cache / v_cache are the pool [num_pages, page_size, H_kv, D],
 // kv_valid [num_pages, page_size], block_table [B, max_pages] int32, slot_mapping [B] int64, -1: row idle).
@@ -60,7 +75,7 @@ struct MlpArgs {
 // 1 project, 2 copy.
 #define D3K_CPU_WRITE_KV_FIELDS(X)                                                        \
   X(uintptr_t, k_cache) X(uintptr_t, v_cache) X(uintptr_t, kv_valid) X(uintptr_t, src_h)  \
-  X(uintptr_t, norms) D3K_CPU_WEIGHT(X, wqkv) X(int64_t, wqkv_lstride) X(uintptr_t, bqkv) \
+  X(uintptr_t, norms) D3K_CPU_WEIGHT(X, wqkv) X(uintptr_t, bqkv)                          \
   X(uintptr_t, pos) X(uintptr_t, rope_cos) X(uintptr_t, rope_sin) X(uintptr_t, flags)     \
   X(int, mode) X(int64_t, L) X(int64_t, B) X(int64_t, d) X(int64_t, H) X(int64_t, Hkv)    \
   X(int64_t, D) X(int64_t, S) X(int64_t, rope_len) X(int64_t, rope_ld) X(double, eps)     \
