@@ -121,15 +121,27 @@ def commit() -> str:
     return h + (" + uncommitted changes in d3kernels/ or csrc/" if dirty else "")
 
 
+def cpu_flags() -> str:
+    """The vector extensions the kernel reports (/proc/cpuinfo): avx2, avx512f, avx512_vnni, avx512_bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(x for x in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16") if x in flags)
+
+
 def cpu_name() -> str:
+    """/proc/cpuinfo's model name with its family and model numbers (a VM may show only "AMD EPYC")."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
 
 
 class FileBytes:
@@ -270,11 +282,19 @@ def main() -> None:
     path = embedded_model_path() if embedded else os.path.abspath(args.gguf)
     fb = FileBytes(path)
     L = fb.num_layers
+    try:
+        from d3kernels import cpu as d3cpu
+        d3cpu.set_num_threads(threads)
+        isa = d3cpu.isa()
+    except Exception as e:  # noqa: BLE001 (reported below: the cpu backend is not built or cannot run)
+        isa = f"unavailable ({type(e).__name__}: {e})"
     env = {"date": datetime.date.today().isoformat(), "commit": commit(), "cpu": cpu_name(),
+           "cpu_flags": cpu_flags(), "d3kernels_isa": isa,
            "torch": torch.__version__, "threads": threads, "file": path, "file_bytes": os.path.getsize(path),
            "file_types": fb.type_mix(), "loadavg_start": os.getloadavg()}
     print(f"{path}\n  {os.path.getsize(path) / 1e9:.3f} GB, {L} layers, matrices: {fb.type_mix()}")
-    print(f"  {env['date']}, commit {env['commit']}, {env['cpu']}, torch {torch.__version__}, {threads} threads, "
+    print(f"  {env['date']}, commit {env['commit']}, {env['cpu']} ({env['cpu_flags']}; d3kernels isa {isa}), "
+          f"torch {torch.__version__}, {threads} threads, "
           f"{n} greedy tokens, {args.reps} paired rounds, prompt processing at {P} tokens; "
           f"load average {env['loadavg_start'][0]:.1f}", flush=True)
 
@@ -344,7 +364,8 @@ def main() -> None:
             print(f"llama.cpp (llama-cpp-python {llama.info['version']}) load {llama.info['load_s']:.1f} s; "
                   f"{'REPACKED: ' + '; '.join(llama.repack) if llama.repack else 'no repacked buffer'}")
             print(f"  {llama.info['system_info']}")
-            engines.append({"name": "llama.cpp", "alpha": 1.0, "decode": llama.decode, "prefill": llama.prefill,
+            engines.append({"name": "llama.cpp", "alpha": 1.0, "decode": lambda k: llama.decode(ids, k),
+                            "prefill": llama.prefill,
                             "kept": lambda i: tuple(range(L))})
         except Exception as e:  # noqa: BLE001
             why = f"llama.cpp failed: {str(e)[:300]}"

@@ -167,12 +167,12 @@ def main() -> None:
         llama_cpp, version = None, None
 
     f16 = out_path(args.out_dir, args.size, "F16")
-    done = []
-    t = time.perf_counter()
+    done = []                                   # (path, wall seconds, CPU seconds of this process's threads)
+    t, c = time.perf_counter(), time.process_time()
     if args.force or not os.path.exists(f16):
         print(f"writing {f16} (gguf-py, random F16, seed {args.seed})", flush=True)
         write_f16(f16, args.size, args.seed)
-        done.append((f16, time.perf_counter() - t))
+        done.append((f16, time.perf_counter() - t, time.process_time() - c))
     else:
         print(f"{f16} exists (--force rewrites it)")
     if llama_cpp is None:
@@ -189,18 +189,18 @@ def main() -> None:
             print(f"{dst} exists (--force rewrites it)")
             continue
         print(f"quantizing to {q} (llama.cpp ftype {FTYPES[q]}) ...", flush=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         quantize(f16, dst, q)
-        done.append((dst, time.perf_counter() - t))
-        print(f"  {time.perf_counter() - t:.1f} s", flush=True)
+        done.append((dst, time.perf_counter() - t, time.process_time() - c))
+        print(f"  {done[-1][1]:.1f} s ({done[-1][2]:.1f} CPU s)", flush=True)
     if args.drop_f16 and llama_cpp is not None:
         os.remove(f16)
         print(f"deleted {f16}")
 
-    print("\nfile                                          GB   seconds  matrices")
-    for path, secs in done:
+    print(f"\n{'file':36s}     GB  wall s   CPU s  matrices (load average {os.getloadavg()[0]:.1f})")
+    for path, secs, cpu in done:
         if os.path.exists(path):
-            print(f"{os.path.basename(path):42s} {os.path.getsize(path) / 1e9:6.3f} {secs:8.1f}  {type_mix(path)}")
+            print(f"{os.path.basename(path):36s} {os.path.getsize(path) / 1e9:6.3f} {secs:7.1f} {cpu:7.1f}  {type_mix(path)}")
     if llama_cpp is not None and not args.no_check:
         for q in types:
             path = out_path(args.out_dir, args.size, q)
