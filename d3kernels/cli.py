@@ -308,6 +308,11 @@ def cmd_serve(args) -> int:
     from .openai_api import serve
     from .schedule import D3Schedule
 
+    if args.threads is not None:
+        _set_threads(args.threads)
+        from . import cpu
+        if cpu.C is not None:       # the cpu backend took torch's count at import
+            cpu.set_num_threads(args.threads)
     model = load(args)
     order = _order(args.order)
     if order == "calibrated":
@@ -342,6 +347,8 @@ def _add_serve_command(sub) -> None:
     s.add_argument("--temperature", type=float, default=0.0, help="default of requests that set none (0 = greedy)")
     s.add_argument("--top-p", type=float, default=1.0, help="default of requests that set none")
     s.add_argument("--top-k", type=int, default=0, help="default of requests that set none (0 = off)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the decode ops (default: torch's choice; fewer leave cores to the HTTP side)")
     s.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds live requests may run on after SIGINT / SIGTERM before they are aborted")
     s.set_defaults(func=cmd_serve)

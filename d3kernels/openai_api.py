@@ -267,23 +267,26 @@ class TextStream:
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
 
+    def _grow(self, final: bool) -> None:
+        """Decode what the newest tokens add, and end the text at a stop string it completes."""
+        start = len(self.text)
+        self._advance(final)
+        if self.stops and len(self.text) > start:
+            lo = max(0, start - max(len(s) for s in self.stops) + 1)
+            hits = [i for i in (self.text.find(s, lo) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[:min(hits)], True
+
     def push(self, toks: list, final: bool = False) -> str:
         """Add tokens (final: the request has ended); returns the new text that is safe to send."""
-        longest = max((len(s) for s in self.stops), default=0)
-        for j, t in enumerate(toks):
+        for t in toks:
             if self.stopped:
                 break
             self.ids.append(t)
             self.used += 1
-            start = len(self.text)
-            self._advance(final and j == len(toks) - 1)
-            if self.stops and len(self.text) > start:
-                lo = max(0, start - longest + 1)
-                hits = [i for i in (self.text.find(s, lo) for s in self.stops) if i >= 0]
-                if hits:
-                    self.text, self.stopped = self.text[:min(hits)], True
+            self._grow(False)
         if final and not self.stopped and self.read < len(self.ids):
-            self._advance(True)
+            self._grow(True)      # the last bytes, complete or not
         end = len(self.text) if (final or self.stopped) else len(self.text) - self._held()
         out = self.text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)

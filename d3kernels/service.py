@@ -87,7 +87,7 @@ class Engine:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._counts = {"submitted": 0, "rejected_full": 0, "completed": 0, "cancelled": 0, "aborted": 0,
-                        "errors": 0, "steps": 0, "tokens": 0}
+                        "errors": 0, "steps": 0, "tokens": 0, "peak_live": 0, "peak_queued": 0}
         cache = server.cache
         self.paged = bool(getattr(cache, "paged", False))
         self._promised = 0                  # pages promised to live requests
@@ -126,6 +126,7 @@ class Engine:
             h = Handle(next(self._ids), list(prompt), max_new_tokens, dict(options), sink)
             self._queue.append(h)
             self._counts["submitted"] += 1
+            self._counts["peak_queued"] = max(self._counts["peak_queued"], len(self._queue))
             self._cond.notify()
         return h
 
@@ -169,7 +170,8 @@ class Engine:
 
     def stats(self) -> dict:
         """A consistent snapshot: queued, live, slots, counts (submitted, rejected_full, completed, cancelled,
-        aborted, errors, steps, tokens) and, on a paged cache, num_pages, free_pages and promised_pages."""
+        aborted, errors, steps, tokens, the peaks of live and queued requests) and, on a paged cache,
+        num_pages, free_pages and promised_pages."""
         with self._cond:
             s = {"queued": len(self._queue), "live": len(self._live), "slots": self.server.max_batch,
                  "max_queue": self.max_queue, "draining": self._draining, **self._counts}
@@ -231,6 +233,7 @@ class Engine:
             h.first_token = time.perf_counter()
             with self._cond:
                 self._live[h.rid] = h
+                self._counts["peak_live"] = max(self._counts["peak_live"], len(self._live))
             self._deliver(h, list(r.tokens), r.layers, r.finished)
 
     def _step(self) -> None:

@@ -387,8 +387,8 @@ LAYERS = [
     ("speculative",),  # lossless D3 on the step core
     ("decoder",),      # the single-request driver
     ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
-    ("calibrate", "selftest"),
-    ("eval",),
+    ("calibrate", "selftest", "service"),   # service: the engine loop over a Server (serve's core)
+    ("eval", "openai_api"),   # openai_api: the HTTP server of `d3kernels serve`
     ("__init__",),
     ("cli",),          # the command line, on top
     ("__main__",),
