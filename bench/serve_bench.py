@@ -6,8 +6,9 @@ when one can be started.
                                 [--max-tokens 64] [--threads N] [--model PATH] [--json OUT]
                                 [--llama-python /venv/bin/python] [--smoke]
 
-Each alpha gets its own server process (`d3kernels serve --max-batch max(streams) --alpha A`, the embedded
-model unless --model). For each concurrency c, c asyncio clients (the openai package, streaming chat
+Each alpha and concurrency c gets its own server process (`d3kernels serve --max-batch c --alpha A`, the
+embedded model unless --model: a step's lm_head computes every slot's row, live or not, so spare slots are
+not free). c asyncio clients (the openai package, streaming chat
 completions of the built-in prompts, temperature 0, ignore_eos so every request makes --max-tokens tokens)
 run c x --requests-per-stream requests after a warm-up of c short ones. Per request: TTFT = first token's
 arrival - send; TPOT = (last token's arrival - first's) / (tokens - 1). Aggregate tokens/s = all tokens / the
@@ -160,20 +161,22 @@ def main(argv=None) -> int:
         pass
     rows = []
     for alpha in alphas:
-        cmd = [sys.executable, "-m", "d3kernels", "serve", "--model", model_path, "--port", "0", "--alpha",
-               str(alpha), "--max-batch", str(max(streams)), "--max-seq-len", "512",
-               "--max-queue", str(max(streams) * a.requests_per_stream + 8)]
-        cmd += ["--threads", str(a.threads)] if a.threads else []
-        srv = Process(cmd, os.path.join(tmp, f"d3k-{alpha}.log"), r"serving \S+ on http://127\.0\.0\.1:(\d+)")
-        try:
-            model_id = re.search(r"serving (\S+) on", open(srv.log_path).read()).group(1)
-            for c in streams:
+        for c in streams:
+            # one server per level, with as many slots as streams: a step's lm_head runs over every slot
+            # (static buffers), so spare slots are not free
+            cmd = [sys.executable, "-m", "d3kernels", "serve", "--model", model_path, "--port", "0", "--alpha",
+                   str(alpha), "--max-batch", str(c), "--max-seq-len", "512",
+                   "--max-queue", str(c * a.requests_per_stream + 8)]
+            cmd += ["--threads", str(a.threads)] if a.threads else []
+            srv = Process(cmd, os.path.join(tmp, f"d3k-{alpha}-{c}.log"), r"serving \S+ on http://127\.0\.0\.1:(\d+)")
+            try:
+                model_id = re.search(r"serving (\S+) on", open(srv.log_path).read()).group(1)
                 r = asyncio.run(run_level(f"http://127.0.0.1:{srv.port}", model_id, prompts, c,
                                           c * a.requests_per_stream, a.max_tokens, True))
-                rows.append({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, **r})
+                rows.append({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, **r})
                 print(json.dumps(rows[-1]), flush=True)
-        finally:
-            srv.stop()
+            finally:
+                srv.stop()
     if not a.no_llama:
         py, why = llama_server_python(a.llama_python)
         if py is None:

@@ -54,6 +54,7 @@ COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "logprobs")
 FIELDS = {"completions": COMMON + ("prompt", "echo", "best_of", "suffix"),
           "chat": COMMON + ("messages", "max_completion_tokens", "top_logprobs")}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}     # the Server's own sampling (serve() sets no other)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions; chat: the room left
 MAX_STOPS = 16
 
@@ -370,7 +371,9 @@ class _Run:
 
     def submit(self) -> None:
         r = self.req
-        opts = dict(ignore_eos=r["ignore_eos"], alpha=r["alpha"], **r["sampling"])
+        opts = dict(ignore_eos=r["ignore_eos"], alpha=r["alpha"])
+        if r["sampling"] != GREEDY:     # greedy rows are sampled together, in the step's one batched call
+            opts.update(r["sampling"])
         try:
             self.handle = self.ctx.engine.submit(r["ids"], r["max_tokens"], self._sink, **opts)
         except QueueFull as e:
