@@ -15,7 +15,8 @@ arrival - send; TPOT = (last token's arrival - first's) / (tokens - 1). Aggregat
 wall time from the first send to the last token. The rows are appended to --json (one object per setting).
 
 llama.cpp's anchor is `PYTHON -m llama_cpp.server` on the same GGUF file (PYTHON: --llama-python,
-D3K_LLAMA_PYTHON, or this interpreter when `llama_cpp.server` imports); it serves one request at a time, and
+D3K_LLAMA_PYTHON, or this interpreter when `llama_cpp.server` imports), with --interrupt_requests False (by
+default a new request interrupts the running one); it serves one request at a time, and
 its chat stream has no ignore_eos, so its requests may end early (its tokens are counted from the stream).
 Without it the rows say why not.
 """
@@ -121,7 +122,7 @@ def llama_server_python(arg):
     py = arg or sys.executable
     if not (shutil.which(py) or os.path.exists(py)):
         return None, f"{py} not found"
-    ok = subprocess.run([py, "-c", "import llama_cpp.server"], capture_output=True, text=True)
+    ok = subprocess.run([py, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
     if ok.returncode == 0:
         return py, None
     last = (ok.stderr.strip().splitlines() or ["?"])[-1]
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded model)")
     ap.add_argument("--json", default=None, help="append the rows to this JSON file")
     ap.add_argument("--llama-python", default=os.environ.get("D3K_LLAMA_PYTHON"))
-    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
+    ap.add_argument("--no-d3k", action="store_true", help="only the llama.cpp anchor")
     ap.add_argument("--smoke", action="store_true", help="1 stream, 2 requests of 8 tokens, the default alpha")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -160,7 +162,14 @@ def main(argv=None) -> int:
     except OSError:
         pass
     rows = []
-    for alpha in alphas:
+
+    def add(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:      # row by row, so a run that fails later keeps what it measured
+            old = json.load(open(a.json)) if os.path.exists(a.json) else []
+            json.dump(old + [row], open(a.json, "w"), indent=1)
+    for alpha in ([] if a.no_d3k else alphas):
         for c in streams:
             # one server per level, with as many slots as streams: a step's lm_head runs over every slot
             # (static buffers), so spare slots are not free
@@ -173,32 +182,33 @@ def main(argv=None) -> int:
                 model_id = re.search(r"serving (\S+) on", open(srv.log_path).read()).group(1)
                 r = asyncio.run(run_level(f"http://127.0.0.1:{srv.port}", model_id, prompts, c,
                                           c * a.requests_per_stream, a.max_tokens, True))
-                rows.append({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, **r})
-                print(json.dumps(rows[-1]), flush=True)
+                add({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, **r})
             finally:
                 srv.stop()
     if not a.no_llama:
         py, why = llama_server_python(a.llama_python)
         if py is None:
-            rows.append({**meta, "server": "llama-cpp-python", "skipped": why})
-            print(f"llama.cpp anchor skipped: {why}", flush=True)
+            add({**meta, "server": "llama-cpp-python", "skipped": why})
         else:
             import socket
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             cmd = [py, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1", "--port", str(port),
-                   "--n_ctx", "512", "--model_alias", "gguf"]
+                   "--n_ctx", "512", "--model_alias", "gguf", "--interrupt_requests", "False"]
             cmd += ["--n_threads", str(a.threads)] if a.threads else []
-            srv = Process(cmd, os.path.join(tmp, "llama.log"), r"(Uvicorn running)", port=port)
             try:
-                for c in streams:
-                    r = asyncio.run(run_level(f"http://127.0.0.1:{port}", "gguf", prompts, c,
-                                              c * a.requests_per_stream, a.max_tokens, False))
-                    rows.append({**meta, "server": "llama-cpp-python", "alpha": 1.0, "streams": c, **r})
-                    print(json.dumps(rows[-1]), flush=True)
-            finally:
-                srv.stop()
+                srv = Process(cmd, os.path.join(tmp, "llama.log"), r"(Uvicorn running)", port=port)
+            except RuntimeError as e:
+                add({**meta, "server": "llama-cpp-python", "skipped": str(e)[-400:]})
+            else:
+                try:
+                    for c in streams:
+                        r = asyncio.run(run_level(f"http://127.0.0.1:{port}", "gguf", prompts, c,
+                                                  c * a.requests_per_stream, a.max_tokens, False))
+                        add({**meta, "server": "llama-cpp-python", "alpha": 1.0, "streams": c, **r})
+                finally:
+                    srv.stop()
     print(f"\n{'server':18s} {'alpha':>6s} {'streams':>7s} {'tok/s':>8s} {'TTFT p50':>9s} {'p99':>8s} "
           f"{'TPOT p50':>9s} {'p99':>8s}  (ms)")
     for r in rows:
@@ -207,9 +217,6 @@ def main(argv=None) -> int:
             continue
         print(f"{r['server']:18s} {r['alpha']:6g} {r['streams']:7d} {r['tokens_per_s']:8.1f} {r['ttft_p50_ms']:9.1f} "
               f"{r['ttft_p99_ms']:8.1f} {r['tpot_p50_ms']:9.1f} {r['tpot_p99_ms']:8.1f}")
-    if a.json:
-        old = json.load(open(a.json)) if os.path.exists(a.json) else []
-        json.dump(old + rows, open(a.json, "w"), indent=1)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -481,8 +481,9 @@ async def _stream(run: _Run):
             yield _sse(run.chunk(None, first=True))
         while True:
             delta, over = await run.next()
-            if delta or (over and run.finish not in ("abort", "error")):
-                c = run.chunk(delta, run.finish if over else None)
+            failed = run.finish in ("abort", "error")
+            if delta or (over and not failed):
+                c = run.chunk(delta, run.finish if over and not failed else None)
                 if run.req["return_token_ids"]:
                     ids = run.token_ids()
                     c["choices"][0]["token_ids"], sent = ids[sent:], len(ids)
