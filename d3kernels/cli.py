@@ -1,4 +1,4 @@
-"""The `d3kernels` command line: generate, info, selftest, eval, calibrate, export.
+"""The `d3kernels` command line: generate, info, selftest, eval, calibrate, export, serve.
 
 The top layer: it imports the library modules (lazily, per command) and no
 library module imports it. eval and calibrate report what d3kernels.eval and
@@ -304,6 +304,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .openai_api import serve
+    from .schedule import D3Schedule
+
+    if args.threads is not None:
+        _set_threads(args.threads)
+        from . import cpu
+        if cpu.C is not None:       # the cpu backend took torch's count at import
+            cpu.set_num_threads(args.threads)
+    model = load(args)
+    order = _order(args.order)
+    if order == "calibrated":
+        from .calibrate import calibrate_skip_order
+        order = calibrate_skip_order(model, start=args.start, tail=args.tail)
+        _log(f"calibrated skip order: {order}")
+    sched = D3Schedule(model.config.num_layers, alpha=args.alpha, start=args.start, tail=args.tail,
+                       skip_order=order)
+    return serve(model, sched, host=args.host, port=args.port, model_id=args.served_model_name,
+                 max_batch=args.max_batch, max_seq_len=min(args.max_seq_len, model.config.max_position),
+                 page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue,
+                 backend=args.backend, fill=args.fill, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, shutdown_grace_s=args.shutdown_grace, log=_log)
+
+
+def _add_serve_command(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) on the "
+                                     "continuous-batching Server")
+    _add_model_args(s)
+    _add_schedule_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (the log line names it)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    s.add_argument("--max-seq-len", type=int, default=2048, help="positions per request: prompt + max_tokens")
+    s.add_argument("--page-size", type=int, default=16, help="positions per KV page")
+    s.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages in the pool (default: every slot can reach --max-seq-len)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; beyond that the server answers 429")
+    s.add_argument("--fill", default="mask", choices=["mask", "project", "copy"])
+    s.add_argument("--temperature", type=float, default=0.0, help="default of requests that set none (0 = greedy)")
+    s.add_argument("--top-p", type=float, default=1.0, help="default of requests that set none")
+    s.add_argument("--top-k", type=int, default=0, help="default of requests that set none (0 = off)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the decode ops (default: torch's choice; fewer leave cores to the HTTP side)")
+    s.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds live requests may run on after SIGINT / SIGTERM before they are aborted")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d3kernels", description="Fast D3 (depth-decay) decoding.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -336,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(x)
     x.set_defaults(func=cmd_export, device="cpu")
     _add_eval_commands(sub)
+    _add_serve_command(sub)
     return p
 
 

@@ -87,19 +87,30 @@ def _project_layers(row_sets: set, never_skipped: set, L: int) -> list:
 
 def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask",
          positions: Optional[Sequence[int]] = None, block_table: Optional[torch.Tensor] = None,
-         page_size: Optional[int] = None) -> Plan:
+         page_size: Optional[int] = None, schedules: Optional[Sequence[Optional[D3Schedule]]] = None) -> Plan:
     """The plan of one decode step, the only code that decides which rows run and write which layers.
     steps[b]: the D3 step index of row b's token (>= 1; 0 is a prompt token, which runs at full depth), or
     None for a row that does not run (an empty slot); a single request's step is a plan whose rows share
     one index. positions[b]: the position row b writes (plan.positions). On a paged cache, the host
-    block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages)."""
+    block_table [B, max_pages] int32 and page_size give plan.slots (the engine allocates the pages).
+    schedules[b]: the schedule row b runs (None or absent: `schedule`); each must share `schedule`'s order
+    (D3Schedule.shares_order: only alpha and decay_start may differ), so every row's kept set is still one
+    of `schedule`'s nested sets and the union, the plan key, is one of at most n_flex + 1."""
     if fill not in ("mask", "project", "copy"):
         raise ValueError(f"fill must be one of ('mask', 'project', 'copy'), got {fill!r}")
     L, B = schedule.num_layers, len(steps)
-    rows = {b: schedule.kept_layers(i) for b, i in enumerate(steps) if i is not None}
+    own = list(schedules or []) + [None] * (B - len(schedules or []))
+    if len(own) != B:
+        raise ValueError(f"expected at most {B} schedules (one per row), got {len(schedules)}")
+    own = [schedule if s is None else s for s in own]
+    for b, s in enumerate(own):
+        if s is not schedule and not schedule.shares_order(s):
+            raise ValueError(f"row {b}: its schedule {s} drops layers in another order than {schedule}; "
+                             "rows of one plan may differ only in alpha and decay_start")
     for b, i in enumerate(steps):
         if i is not None and (not isinstance(i, int) or i < 0):
             raise ValueError(f"row {b}: step index {i!r} must be an integer >= 0 (0: a prompt token, full depth)")
+    rows = {b: own[b].kept_layers(i) for b, i in enumerate(steps) if i is not None}
     kept = tuple(sorted(set().union(*rows.values()))) if rows else ()
     mask = torch.zeros(L, B, dtype=torch.uint8)
     for b, k in rows.items():
@@ -111,7 +122,7 @@ def plan(schedule: D3Schedule, steps: Sequence[Optional[int]], fill: str = "mask
         for b in rows:
             copy[:, b] = 1 - mask[:, b]
     elif fill == "project" and skips:
-        never = set(schedule.core_layers())
+        never = set.intersection(*(set(own[b].core_layers()) for b in rows))   # a layer no row may skip
         for l in _project_layers(set(rows.values()), never, L):
             f = torch.zeros(L, B, dtype=torch.uint8)
             for b, k in rows.items():

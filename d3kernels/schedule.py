@@ -135,6 +135,19 @@ class D3Schedule:
             return float(self.num_layers)
         return sum(self.num_kept(i) for i in range(num_tokens)) / num_tokens
 
+    def with_alpha(self, alpha: float) -> "D3Schedule":
+        """The same schedule at another alpha: same layers, head and tail cores, skip order and decay_start,
+        so both schedules' kept sets are prefixes of one order (nested), whatever the two alphas."""
+        if alpha == self.alpha:
+            return self
+        return D3Schedule(self.num_layers, alpha, self.start, self.tail, list(self.skip_order), self.decay_start)
+
+    def shares_order(self, other: "D3Schedule") -> bool:
+        """Whether `other` drops layers in the same order from the same cores (it may differ in alpha and
+        decay_start): then any kept set of either is a kept set of both, and kept sets stay nested."""
+        return (self.num_layers, self.n_head_core, self.tail, self.skip_order) == (
+            other.num_layers, other.n_head_core, other.tail, other.skip_order)
+
     def __repr__(self) -> str:
         order = self.order_name if self.order_name != "explicit" else list(self.skip_order)
         return (f"D3Schedule(num_layers={self.num_layers}, alpha={self.alpha}, start={self.start}, "

@@ -20,6 +20,11 @@ every row that crosses into a new one, finish/EOS/length returns them. When the 
 add() or step() raises cache.PoolFull before doing anything: the caller finishes (preempts) a request
 and retries; nothing is corrupted and the other requests continue as if it had not happened.
 
+Each request may bring its own sampling (temperature, top_k, top_p, and a seed for its own generator) and
+its own alpha: a schedule that differs from the server's only in alpha (D3Schedule.with_alpha) drops layers
+in the same order, so its kept sets are among the server's nested sets and the step's plan, masks and
+graphs are the same ones (engine.plan's schedules=); nothing else changes.
+
 A new request is prefilled in its own call, between decode steps, at full depth (the batched prefill;
 it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
 Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
@@ -55,13 +60,17 @@ class Request:
     i: int = 1
     finished: Optional[str] = None          # "eos" | "length" | "cancelled"
     layers: list = field(default_factory=list)   # kept layers of each of its steps (step 0: the prompt)
+    schedule: Optional[D3Schedule] = None   # the schedule it runs (the server's, or the server's at its alpha)
+    sampling: Optional[tuple] = None        # its own (temperature, top_k, top_p), or None: the server's
+    generator: Optional[torch.Generator] = None   # its own generator (with its own sampling)
 
 
 class Server:
     """Continuous batching with D3 over one StepCore: add(), step(), finish(), result().
 
     Args: as Decoder (max_batch is the number of slots; page_size / num_pages: a paged KV cache whose
-    pages the requests share). temperature etc. apply to every request.
+    pages the requests share). temperature etc.: the sampling of requests that bring none of their own
+    (they share one generator, seeded by seed).
     """
 
     def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 8,
@@ -99,10 +108,17 @@ class Server:
         """Ids of the requests still generating."""
         return [r.rid for r in self._slots if r is not None]
 
-    def add(self, prompt, max_new_tokens: int = 64, ignore_eos: bool = False) -> int:
+    def add(self, prompt, max_new_tokens: int = 64, ignore_eos: bool = False, temperature: Optional[float] = None,
+            top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+            alpha: Optional[float] = None) -> int:
         """Prefill a request into a free slot; returns its id. Its first token is sampled at once
         (result(rid).tokens[0]). Raises, changing nothing, if no slot is free, it cannot fit max_seq_len,
-        or (paged cache) the pool has too few free pages for its prompt (cache.PoolFull)."""
+        or (paged cache) the pool has too few free pages for its prompt (cache.PoolFull).
+
+        temperature, top_k, top_p, seed: this request's own sampling (any of them given: the others default
+        to the server's, and the request draws from its own generator, seeded by seed, so a seeded request
+        samples the same tokens whatever else is in the batch). alpha: run the server's schedule at this
+        alpha (D3Schedule.with_alpha; 1 = full depth)."""
         core = self.core
         rows = token_rows(prompt, self.model.config.vocab, self.model.device)
         if len(rows) != 1:
@@ -110,6 +126,17 @@ class Server:
         ids = rows[0]
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        schedule = self.schedule if alpha is None else self.schedule.with_alpha(alpha)
+        sampling, generator = None, None
+        if (temperature, top_k, top_p, seed) != (None, None, None, None):
+            t, k, p = self.sampling
+            sampling = (t if temperature is None else temperature, k if top_k is None else top_k,
+                        p if top_p is None else top_p)
+            check_sampling(*sampling)
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
         core.check_fit([len(ids)], max_new_tokens)
         free = [b for b, r in enumerate(self._slots) if r is None]
         if not free:
@@ -118,12 +145,13 @@ class Server:
                                "max_batch")
         b = free[0]
         r = Request(next(self._ids), b, list(ids), max_new_tokens,
-                    frozenset() if ignore_eos else frozenset(self.model.config.eos_token_ids))
+                    frozenset() if ignore_eos else frozenset(self.model.config.eos_token_ids),
+                    schedule=schedule, sampling=sampling, generator=generator)
         core.admit(range(b, b + 1), [ids])
-        tok = core.sample(range(b, b + 1), *self.sampling, self.generator).tolist()[0]
+        tok = self._sample(r).tolist()[0]
         self._slots[b] = r
         self.requests[r.rid] = r
-        r.layers.append(self.schedule.kept_layers(0))
+        r.layers.append(schedule.kept_layers(0))
         self._emit(r, tok)
         return r.rid
 
@@ -146,10 +174,16 @@ class Server:
         live = [r for r in self._slots if r is not None]
         if not live:
             return {}
-        p = self.core.plan([None if r is None else r.i for r in self._slots])   # paged: PoolFull, no change
+        p = self.core.plan([None if r is None else r.i for r in self._slots],    # paged: PoolFull, no change
+                           [None if r is None else r.schedule for r in self._slots])
         self.core.run(p)
-        toks = self.core.sample(range(len(self._slots)), *self.sampling, self.generator).tolist()
-        kept = [self.schedule.kept_layers(r.i) for r in live]
+        # the rows on the server's sampling in one call (over every slot), then each row on its own
+        self.core.sample(range(len(self._slots)), *self.sampling, self.generator)
+        for r in live:
+            if r.sampling is not None:
+                self._sample(r)
+        toks = self.core.tokens.tolist()
+        kept = [r.schedule.kept_layers(r.i) for r in live]
         self.step_depths.append(len(p.kept))
         self.row_depths.append(sum(len(k) for k in kept) / len(kept))
         out = {}
@@ -176,6 +210,13 @@ class Server:
                 "free_pages": c.free_pages if c.paged else None}
 
     # ------------------------------------------------------------------ internals
+    def _sample(self, r: Request) -> torch.Tensor:
+        """Request r's next token from its row of the logits, by its own sampling or the server's."""
+        rows = range(r.slot, r.slot + 1)
+        if r.sampling is None:
+            return self.core.sample(rows, *self.sampling, self.generator)
+        return self.core.sample(rows, *r.sampling, r.generator)
+
     def _emit(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)
         if tok in r.eos:

@@ -216,16 +216,17 @@ class StepCore:
         return out
 
     # ------------------------------------------------------------------ the step
-    def plan(self, steps: Sequence[Optional[int]]) -> Plan:
+    def plan(self, steps: Sequence[Optional[int]], schedules: Optional[Sequence[Optional[D3Schedule]]] = None) -> Plan:
         """The plan of one decode step: steps[b] is row b's D3 step index (None: the row does not run; the
-        list may be shorter than max_batch). Checks that every running row has room for one more position
+        list may be shorter than max_batch); schedules[b]: the schedule row b runs, if not this core's (same
+        order, another alpha: engine.plan). Checks that every running row has room for one more position
         and (paged) gives a page to each row that crosses into a new one: ValueError / PoolFull before
         anything changes."""
         steps = list(steps) + [None] * (self.max_batch - len(steps))
         c = self.cache
         c.reserve({b: self._lengths[b] + 1 for b, i in enumerate(steps) if i is not None})   # checks, then pages
         paged = dict(block_table=c.host_block_table(), page_size=c.page_size) if c.paged else {}
-        return make_plan(self.schedule, steps, self.fill, positions=self._lengths, **paged)
+        return make_plan(self.schedule, steps, self.fill, positions=self._lengths, schedules=schedules, **paged)
 
     def run(self, p: Plan) -> torch.Tensor:
         """Run plan p (from plan()): embed the token buffer, the plan's layers, lm_head. The rows that ran

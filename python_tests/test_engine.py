@@ -56,7 +56,7 @@ def test_readme_engine_loop_compiles_and_equals_each_request_alone(monkeypatch):
     ns = {}
     contiguous, paged = _readme_blocks()
     with torch._dynamo.config.patch(recompile_limit=64):
-        exec(compile(contiguous, "README.md", "exec"), ns)
+        exec(compile(contiguous, "<README.md, engine loop>", "exec"), ns)   # not a file name: tracing reads by line
     assert not counters["graph_break"]
     sched = ns["sched"]
     plans = [engine.plan(sched, [t + 1, None if t < 4 else t - 3], "mask") for t in range(12)]
@@ -64,7 +64,7 @@ def test_readme_engine_loop_compiles_and_equals_each_request_alone(monkeypatch):
     assert counters["stats"]["unique_graphs"] == len({p.kept for p in plans})
     # the paged loop: the same tokens (asserted in the block), one more graph per union kept set
     with torch._dynamo.config.patch(recompile_limit=64):
-        exec(compile(paged, "README.md", "exec"), ns)
+        exec(compile(paged, "<README.md, paged engine loop>", "exec"), ns)
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2 * len({p.kept for p in plans})
     assert ns["out_paged"] == ns["out"] and ns["cache"].free_pages == 2

@@ -360,7 +360,8 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda f, **kw: compile_(f, backend="aot_eager", **kw))
     _reset_dynamo()
     ns = {}
-    exec(compile(_readme_block(), "README.md", "exec"), ns)
+    # not "README.md": tracing reads the source by file name and line, and the block starts at line 1
+    exec(compile(_readme_block(), "<README.md, Low-level API>", "exec"), ns)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     dec = d3kernels.Decoder(model, ns["sched"], max_batch=len(prompts), max_seq_len=ns["S"])
     n = ns["out"].shape[1]
@@ -387,8 +388,8 @@ LAYERS = [
     ("speculative",),  # lossless D3 on the step core
     ("decoder",),      # the single-request driver
     ("generate", "hf", "serving", "vllm_plugin"),   # vllm_plugin: the vLLM integration (schedule, engine)
-    ("calibrate", "selftest"),
-    ("eval",),
+    ("calibrate", "selftest", "service"),   # service: the engine loop over a Server (serve's core)
+    ("eval", "openai_api"),   # openai_api: the HTTP server of `d3kernels serve`
     ("__init__",),
     ("cli",),          # the command line, on top
     ("__main__",),

@@ -118,3 +118,56 @@ def test_emulated_kernels_mix_depths_per_row(fill):
         n = len(server.result(rid).tokens)
         want = dec.generate([prompts[k]], max_new_tokens=n, ignore_eos=True).tokens[0].tolist()
         assert server.result(rid).tokens == want, k
+
+
+@pytest.mark.parametrize("fill", ["mask", "project", "copy"])
+def test_per_request_alpha_and_sampling_equal_each_run_alone(fill):
+    """Requests with their own alpha (full depth, a steeper decay) and their own seeded sampling share the
+    batch with requests on the server's settings: each one's tokens and kept layers equal the same request run
+    alone by a Decoder with its schedule and seed, and every step's union is one of the server schedule's kept
+    sets (so no new plan key, no second code path)."""
+    model = tiny_model(L=L, d=64, H=4, H_kv=2, D=16, F=96, V=101, qkv_bias=fill == "project", seed=3)
+    sched = D3Schedule(L, alpha=0.8, start=0.2, tail=1)
+    prompts = _prompts(5, seed=4)
+    own = [{}, {"alpha": 1.0}, {"alpha": 0.6, "temperature": 0.9, "seed": 5}, {"temperature": 1.1, "top_k": 7,
+                                                                                 "seed": 6}, {"alpha": 0.95}]
+    server = Server(model, sched, max_batch=3, max_seq_len=64, backend="reference", fill=fill)
+    keys = []
+    core_plan = server.core.plan
+
+    def spy(steps, schedules=None):
+        p = core_plan(steps, schedules)
+        keys.append(p.kept)
+        return p
+    server.core.plan = spy
+    rids, waiting = {}, list(range(5))
+    for t in range(40):
+        while waiting and len(server.live) < 3 and t % 2 == 0:
+            k = waiting.pop(0)
+            rids[k] = server.add(prompts[k], max_new_tokens=8, ignore_eos=True, **own[k])
+        if not server.live and not waiting:
+            break
+        server.step()
+    assert len(rids) == 5 and not server.live
+    for k, rid in rids.items():
+        s = sched.with_alpha(own[k].get("alpha", sched.alpha))
+        dec = Decoder(model, s, max_batch=1, max_seq_len=64, backend="reference", fill=fill)
+        sampling = {n: v for n, v in own[k].items() if n != "alpha"}
+        g = dec.generate([prompts[k]], max_new_tokens=8, ignore_eos=True, **sampling)
+        assert server.result(rid).tokens == g.tokens[0].tolist(), k
+        assert server.result(rid).layers == g.layers, k
+    nested = {sched.kept_for_count(n) for n in range(L + 1)}
+    assert set(keys) <= nested and len(set(keys)) > 1
+    assert server.result(rids[1]).layers == [tuple(range(L))] * 8          # alpha 1: full depth throughout
+
+
+def test_row_schedules_must_share_the_skip_order():
+    sched = D3Schedule(L, alpha=0.8, start=0.2, tail=1)
+    other = D3Schedule(L, alpha=0.8, start=0.2, tail=1, skip_order="top")
+    from d3kernels import engine
+    assert engine.plan(sched, [3, 1], schedules=[sched.with_alpha(0.5), None]).kept == sched.kept_layers(1)
+    with pytest.raises(ValueError, match="another order"):
+        engine.plan(sched, [3, 1], schedules=[other, None])
+    with pytest.raises(ValueError, match="alpha"):
+        Server(tiny_model(L=L, seed=3), sched, max_batch=1, max_seq_len=16, backend="reference").add(
+            [1, 2], max_new_tokens=2, alpha=1.5)
