@@ -358,7 +358,7 @@ class GGUFModel:
         if qtype is not None:
             return quant.dequantize(data.view(1, -1), qtype, int(np.prod(t.shape))).view(t.shape)
         v = _gguf_py_dequantize(data, t)
-        return v if not heads else quant._to_hf_order(v, heads, 0)
+        return v if not heads else quant.to_hf_order(v, heads, 0)
 
     def rope_freqs(self) -> Optional[torch.Tensor]:
         """The rope_freqs tensor (Llama 3's per-frequency divisors) as float32 [head_dim / 2], or None."""

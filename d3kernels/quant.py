@@ -71,7 +71,7 @@ def row_bytes(qtype: str, cols: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ row order
-def _to_hf_order(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+def to_hf_order(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     """x with its rows along `dim` moved from llama.cpp's interleaved-RoPE order to Hugging Face order
     (heads of D rows: stored row 2 i + j of a head is HF row j D/2 + i)."""
     dim = dim % x.dim()
@@ -186,7 +186,7 @@ class PackedWeight:
         """The values [..., rows, cols] in Hugging Face row order, as `dtype` (float32 is exact for every type)."""
         v = dequantize(self.data, self.qtype, self.cols)
         if self.heads:
-            v = _to_hf_order(v, self.heads, -2)
+            v = to_hf_order(v, self.heads, -2)
         return v.to(dtype)
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -195,7 +195,7 @@ class PackedWeight:
         if "linear" in NATIVE and self.data.dim() == 2 and x.device.type == "cpu":
             if not self.heads:
                 return NATIVE["linear"](x, self, bias)
-            y = _to_hf_order(NATIVE["linear"](x, self, None), self.heads, -1)
+            y = to_hf_order(NATIVE["linear"](x, self, None), self.heads, -1)
         else:
             y = x.float() @ self.dequantize().t()
         return y if bias is None else y + bias.float()
