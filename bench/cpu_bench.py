@@ -235,10 +235,12 @@ def held_bytes(model) -> tuple:
         for k in mats:
             m = getattr(w, k)[l]
             n += m.nbytes
-            kinds[m.qtype if quant.is_packed(m) else f"{str(m.dtype).replace('torch.', '')} (dequantized)"] += 1
+            for t in quant.storage(m) if quant.is_packed(m) else [f"{str(m.dtype).replace('torch.', '')} (dequantized)"]:
+                kinds[t] += 1
         layer.append(n)
     lm = w.lm_head
-    kinds[(lm.qtype if quant.is_packed(lm) else f"{str(lm.dtype).replace('torch.', '')} (dequantized)") + " lm_head"] += 1
+    for t in quant.storage(lm) if quant.is_packed(lm) else [f"{str(lm.dtype).replace('torch.', '')} (dequantized)"]:
+        kinds[t + " lm_head"] += 1
     return layer, lm.nbytes + w.final_norm.nbytes, ", ".join(f"{k} x{v}" for k, v in kinds.most_common())
 
 
