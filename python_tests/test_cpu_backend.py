@@ -1,5 +1,5 @@
 """The native cpu backend (d3kernels.cpu, csrc/cpu/) against the reference: every op, every weight storage
-type, activation dtypes float32 and bfloat16, odd sizes, every instruction set this CPU has (forced), the
+type, activation dtypes float32, bfloat16 and float16, odd sizes, every instruction set this CPU has (forced), the
 recorded step program against eager launches, greedy decoding on the embedded model, bad inputs, and a
 planted bug that the op tests must catch."""
 import os
@@ -64,7 +64,7 @@ def _run_attn(ops, x, wqkv, wo, dtype):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", WTYPES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 def test_attn_and_mlp_blocks(isa, wtype, dtype):
     r = _rand(3)
     x = _attn_inputs(r, torch.float32, **SH)
@@ -266,6 +266,28 @@ def test_step_program_equals_eager_launches(monkeypatch):
         assert torch.equal(a, b), f"step {i}: the program's logits differ from the eager launches'"
     assert runs[0][1]["cpu_programs"] > 0 and runs[1][1]["cpu_programs"] == 0
     assert runs[0][1]["op_calls"] == runs[1][1]["op_calls"]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_decode_steps_match_the_reference(dtype):
+    """8 D3 steps of a float model (activations and weights in `dtype`) on the cpu backend, teacher-forced
+    on its own tokens: each step's logits against the reference Decoder's at the same dtype, by the rule of
+    docs/design.md section 6 (oracle: the reference on the weights' float32 values)."""
+    from d3kernels.decoder import Decoder
+    from d3kernels.model import Model, random_model
+    from d3kernels.schedule import D3Schedule
+    m = random_model(L=4, d=96, H=3, H_kv=1, D=32, F=160, V=301, dtype=dtype, seed=7)
+    m32 = Model(m.config, m.weights.to(torch.float32))
+    sched = D3Schedule(4, alpha=0.8, start=0.25, tail=1)
+    decs = [Decoder(mm, sched, max_batch=2, max_seq_len=32, backend=b)
+            for mm, b in ((m, "cpu"), (m, "reference"), (m32, "reference"))]
+    logits = [dec.prefill([[5, 17, 3, 99, 42], [7, 150, 2]]) for dec in decs]
+    for i in range(1, 9):
+        tokens = logits[0].argmax(-1)
+        logits = [dec.step(tokens) for dec in decs]
+        problem, _, _ = compare(logits[0], logits[1], logits[2], dtype)
+        assert problem is None, f"step {i} ({dtype}): {problem}"
+    assert len(sched.kept_layers(8)) < 4
 
 
 @pytest.mark.slow
