@@ -18,6 +18,7 @@ from .model import Model
 from .schedule import D3Schedule
 from .speculative import speculate
 from .step import StepCore
+from .stops import StopStrings
 
 
 @dataclass
@@ -294,6 +295,7 @@ class Decoder:
             self._feed(rows, False)
         B, eos = len(rows), set() if ignore_eos else set(self.cfg.eos_token_ids)
         conv, out = [list(r) for r in rows], torch.full((B, max_new_tokens), -1, dtype=torch.int64)
+        watch = StopStrings(self.model.tokenizer, stops, B) if stops else None
         layers, finished, t_prefill = [], [None] * B, None
         for n in range(max_new_tokens):
             layers.append(self.schedule.kept_layers(self.i if n > 0 else 0))
@@ -310,7 +312,7 @@ class Decoder:
                 conv[b].append(toks[b])
                 if toks[b] in eos:
                     finished[b] = "eos"
-                elif stops and any(s in self.model.tokenizer.decode(out[b, : n + 1].tolist()) for s in stops):
+                elif watch is not None and watch.add(b, toks[b]):
                     finished[b] = "stop"
             self._conv = conv
             yield toks

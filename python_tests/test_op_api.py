@@ -374,7 +374,7 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 # package itself (`from . import __version__`). Every d3kernels module must be listed here.
 LAYERS = [
     ("_C", "_C_emu", "_C_cpu", "quant"),   # torch and the stdlib: the extensions; packed weights
-    ("checks", "guarded", "model", "schedule", "tolerance", "workspace"),
+    ("checks", "guarded", "model", "schedule", "stops", "tolerance", "workspace"),
     ("cache", "declare"),   # the KV cache layouts (their slot rule is the reference's too); the op declarations
     ("reference",),    # the specification
     ("speed", "triton", "engine", "prefill"),
