@@ -74,9 +74,13 @@ def test_report_lists_every_backend():
     assert dict((r[0], r) for r in rows)["reference"] == ("reference", True, "ok")
 
 
-def test_cuda_emu_is_named_only():
-    """auto never picks the emulated CUDA build; named, it runs on CPU tensors in fp16/bf16 only."""
-    assert backends.resolve("auto", "cpu", torch.bfloat16, 64) in ("cpu", "reference")
+def test_cuda_emu_is_named_only(monkeypatch, tmp_path):
+    """auto never picks the emulated CUDA build (in a fresh cache, without a first-use selftest: the
+    reference); named, it runs on CPU tensors in fp16/bf16 only."""
+    monkeypatch.setenv("D3K_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("D3K_SELFTEST", "0")
+    monkeypatch.delenv("D3K_BACKEND", raising=False)
+    assert backends.resolve("auto", "cpu", torch.bfloat16, 64) == "reference"
     if backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64) is not None:
         pytest.skip(backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64))
     assert backends.resolve("cuda-emu", "cpu", torch.bfloat16, 64) == "cuda-emu"
