@@ -137,7 +137,10 @@ def layer_set(cfg: ModelConfig, S: int, n: int, B: int = 1) -> list:
 def op_case(impl, op: str, cfg: ModelConfig, context: int, B: int = 1):
     """One op of one layer ("attn_block", "mlp_block" or "lm_head") at batch B, attending `context`
     cached positions. Returns (fn, calls, nbytes): fn(i) runs the op on copy i % calls of the weights
-    (and caches), enough copies to defeat the L2; nbytes = the bytes one call must read."""
+    (and caches), enough copies to defeat the L2; nbytes = the bytes one call must read.
+    fn.result(ops, i, dtype=None) runs the op of `ops` (a backend module) on copy i once more, on copies of
+    its inputs (cast to dtype when given; the RoPE tables stay float32), and returns its output, so a
+    benchmark can check what it timed against the reference."""
     from d3kernels.model import rope_tables
     d, S, dsize = cfg.hidden, context + 1, dtype_bytes()
     h = torch.randn(B, d, device=DEVICE).to(DTYPE)
@@ -149,27 +152,45 @@ def op_case(impl, op: str, cfg: ModelConfig, context: int, B: int = 1):
         lm = [w.lm_head] + [torch.randn_like(w.lm_head) for _ in range(copies_to_defeat_l2(w.lm_head.nbytes) - 1)]
         logits = torch.empty(B, cfg.vocab, device=DEVICE, dtype=torch.float32)
 
-        def fn(i):
-            impl.lm_head(logits, h, w.final_norm, lm[i % len(lm)], cfg.eps)
-        return fn, len(lm), w.lm_head.nbytes + d * dsize
+        def call(ops, i, o, cast):
+            ops.lm_head(o, cast(h), cast(w.final_norm), cast(lm[i % len(lm)]), cfg.eps)
+        return op_fn(impl, call, logits), len(lm), w.lm_head.nbytes + d * dsize
     sets = layer_set(cfg, S, copies_to_defeat_l2(cfg.layer_bytes(dsize)), B)
     cos, sin = rope_tables(cfg, S, DEVICE)
     if op == "attn_block":
         nbytes = (cfg.qkv_rows + cfg.heads * cfg.head_dim) * d * dsize + 2 * cfg.kv_heads * cfg.head_dim * S * dsize
 
-        def fn(i):
+        def call(ops, i, o, cast):
             lw, k, v, valid = sets[i % len(sets)]
-            impl.attn_block(out, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k, v, valid, pos, cos, sin, active,
-                            cfg.eps)
+            ops.attn_block(o, cast(h), cast(lw.attn_norm), cast(lw.wqkv), cast(lw.bqkv), cast(lw.wo), cast(k),
+                           cast(v), cast(valid), pos, cos, sin, active, cfg.eps)
     elif op == "mlp_block":
         nbytes = 3 * cfg.intermediate * d * dsize
 
-        def fn(i):
+        def call(ops, i, o, cast):
             lw = sets[i % len(sets)][0]
-            impl.mlp_block(out, h, lw.mlp_norm, lw.w_gate_up, lw.w_down, active, cfg.eps)
+            ops.mlp_block(o, cast(h), cast(lw.mlp_norm), cast(lw.w_gate_up), cast(lw.w_down), active, cfg.eps)
     else:
         raise ValueError(f"unknown op {op!r}")
-    return fn, len(sets), nbytes
+    return op_fn(impl, call, out), len(sets), nbytes
+
+
+def op_fn(impl, call, out: torch.Tensor):
+    """fn(i) = call(impl, i, out, no cast): the timed call. fn.result(ops, i, dtype): call(ops, i, a fresh
+    NaN-filled output, cast) on copies of the inputs (cast to dtype when given, the output too)."""
+    def fn(i):
+        call(impl, i, out, lambda t: t)
+
+    def result(ops, i, dtype=None):
+        def cast(t):
+            if t is None or not isinstance(t, torch.Tensor):
+                return t
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
+        o = torch.full(out.shape, float("nan"), device=out.device, dtype=out.dtype if dtype is None else dtype)
+        call(ops, i, o, cast)
+        return o
+    fn.result = result
+    return fn
 
 
 def time_decode(dec, prompt, new: int):

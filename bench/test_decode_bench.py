@@ -8,12 +8,19 @@ In one run, per model shape (random weights on the GPU):
     ideal line bytes(n) / read bandwidth.
 D3's ideal speedup is full-depth bytes / D3 bytes over the same steps; the
 measured speedup is time(alpha=1) / time(alpha) from this run.
+
+Each case also asserts what it timed: the launches each step made (every layer
+at full depth, n layers at depth n), the tokens generate() returned, and, in
+float32 (smoke mode), the plain PyTorch decode's tokens against the reference
+Decoder's (in bfloat16 its own rounding may flip a near tie of a random model).
 """
 import pytest
 import torch
 
 import bench_common as bc
 import torch_baseline
+from collections import Counter
+
 from d3kernels import D3Schedule, Decoder, backends
 from d3kernels.speed import ideal_speedup, step_bytes
 
@@ -96,6 +103,18 @@ def test_torch_decode(benchmark, read_bw, shape, graphs):
     bc.record(benchmark, read_bw, int(_bytes_per_step(cfg, layers)), {"median_us": ms * 1e3},
               kind="decode", impl="torch-graph" if graphs else "torch-eager", shape=shape, alpha=1.0,
               mean_layers=cfg.num_layers, ms_per_token=ms, tokens_per_s=1e3 / ms)
+    # what ran: every layer at every step (eager: every step launches; graphs: one graph, launched twice
+    # by its capture, then replayed)
+    L, steps = cfg.num_layers, (1 if bc.SMOKE else 2) * NEW
+    launched = steps if not graphs else 2
+    assert dec.stats()["graphs"] == (1 if graphs else 0)
+    assert dec.stats()["op_calls"] == {"attn_block": L * launched, "mlp_block": L * launched, "lm_head": launched}
+    if bc.DTYPE == torch.float32:
+        dec.prefill(_prompt(cfg))
+        ref = Decoder(model, D3Schedule(cfg.num_layers, alpha=1.0), max_seq_len=PROMPT + NEW + 1,
+                      backend="reference", cuda_graphs=False)
+        ref.prefill(_prompt(cfg))
+        assert torch.equal(dec.decode(NEW), ref.decode(NEW))
 
 
 def _hf_model(cfg):
@@ -131,9 +150,10 @@ def test_hf_generate(benchmark, read_bw, shape, cache):
         import time
         t = time.perf_counter()
         with torch.no_grad():
-            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         if bc.GPU:
             torch.cuda.synchronize()
+        assert out.shape == (1, PROMPT + n), f"generate returned {tuple(out.shape)} for {n} new tokens"
         return time.perf_counter() - t
     run(NEW)                                   # warm-up
     ms = (run(NEW) - run(1)) * 1e3 / (NEW - 1)
@@ -164,6 +184,10 @@ def test_depth_sweep(benchmark, read_bw, shape, backend):
         dec.set_schedule(bc.FixedDepth(sched, n))
         p = dec.core.plan([1])
         dec.core.load(p)
+        before = Counter(dec.stats()["op_calls"])
+        dec.core.launch(p)                        # what one timed step launches: n layers and the lm_head
+        ran = Counter(dec.stats()["op_calls"]) - before
+        assert len(p.kept) == n and ran == Counter(attn_block=n, mlp_block=n, lm_head=1), (n, ran)
         t = bc.device_time_us(lambda i, p=p: dec.core.launch(p), calls=1, reps=10)
         nbytes = step_bytes(cfg, n, PROMPT, dsize)
         rows.append({"kept": n, "us": t["median_us"], "ideal_us": nbytes / (read_bw * 1e9) * 1e6,

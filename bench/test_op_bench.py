@@ -3,7 +3,11 @@ per backend, at batch 1 and context 512 (32k for the long-context attention case
 
 Weights (and caches) are rotated through enough copies to defeat the 50 MB L2.
 Each case records device time, bytes, GB/s and the fraction of the read
-bandwidth measured in the same run (extra_info of the pytest-benchmark JSON).
+bandwidth measured in the same run (extra_info of the pytest-benchmark JSON),
+and checks the op it timed against the reference (docs/design.md section 6;
+the plain PyTorch baseline rounds its intermediates to the model dtype, so it
+gets TORCH_SLACK, loose enough for that and tight enough to catch a wrong or
+missing computation).
 """
 import pytest
 import torch
@@ -11,10 +15,22 @@ import torch
 import bench_common as bc
 import torch_baseline
 from d3kernels import backends
+from d3kernels import reference as ref
 from d3kernels.model import rope_tables
+from d3kernels.tolerance import compare
 
 BACKENDS = ["reference", "triton"] if bc.SMOKE else ["cuda", "triton", "torch"]
 CONTEXT = 16 if bc.SMOKE else 512
+TORCH_SLACK = 2e-2
+
+
+def _check(fn, backend, what):
+    """The timed op of `backend` (copy 0 of its inputs) against the reference, by the tolerance rule."""
+    impl = torch_baseline if backend == "torch" else backends.get(backend)
+    got, same = fn.result(impl, 0), fn.result(ref, 0)
+    problem, err, bound = compare(got, same, fn.result(ref, 0, torch.float64), bc.DTYPE,
+                                  slack=TORCH_SLACK if backend == "torch" else None)
+    assert problem is None, f"{what} ({backend}): {problem}"
 
 
 def _impl(name, cfg):
@@ -38,6 +54,7 @@ def test_op(benchmark, read_bw, op, backend, shape):
     row = bc.record(benchmark, read_bw, nbytes, timing, kind="op", op=op, backend=backend, shape=shape,
                     batch=1, context=CONTEXT, dtype=str(bc.DTYPE), l2_copies=n)
     assert row["median_us"] > 0
+    _check(fn, backend, f"{op} {shape}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,12 +74,15 @@ def test_long_context_attention(benchmark, read_bw, backend):
     pos = torch.full((1,), ctx, device=bc.DEVICE, dtype=torch.int32)
     active = torch.ones(1, device=bc.DEVICE, dtype=torch.uint8)
 
-    def fn(i):
+    def call(ops, i, o, cast):
         lw, k, v, valid = sets[i % len(sets)]
-        impl.attn_block(out, h, lw.attn_norm, lw.wqkv, lw.bqkv, lw.wo, k, v, valid, pos, cos, sin, active, cfg.eps)
+        ops.attn_block(o, cast(h), cast(lw.attn_norm), cast(lw.wqkv), cast(lw.bqkv), cast(lw.wo), cast(k), cast(v),
+                       cast(valid), pos, cos, sin, active, cfg.eps)
+    fn = bc.op_fn(impl, call, out)
     timing = bc.device_time_us(fn, calls=len(sets))
     benchmark.pedantic(fn, args=(0,), rounds=1, iterations=1)
     w_bytes = (cfg.qkv_rows + cfg.heads * cfg.head_dim) * cfg.hidden * dsize
     row = bc.record(benchmark, read_bw, kv_bytes + w_bytes, timing, kind="op", op="attn_block_32k",
                     backend=backend, shape=shape, batch=1, context=ctx, dtype=str(bc.DTYPE), kv_bytes=kv_bytes)
     assert row["median_us"] > 0
+    _check(fn, backend, f"attn_block at context {ctx}")

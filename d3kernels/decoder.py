@@ -18,6 +18,7 @@ from .model import Model
 from .schedule import D3Schedule
 from .speculative import speculate
 from .step import StepCore
+from .stops import StopStrings
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Decoder:
         self.i = 0                  # D3 step index of the token the next step generates
         self.prefilled = []         # per row: the tokens the last prefill fed
         self._conv = None           # per row: the conversation of the last generate()/stream()
+        self._pending = False       # the token buffer holds tokens sampled from the logits, not yet fed
 
     @property
     def cache(self):
@@ -103,7 +105,7 @@ class Decoder:
     def reset(self) -> None:
         """Forget the current request: clear the depth mask, positions and step index."""
         self.core.reset()
-        self.batch, self.i, self._conv = 0, 0, None
+        self.batch, self.i, self._conv, self._pending = 0, 0, None, False
 
     def snapshot(self) -> dict:
         """Copies of the request state (cache, positions, tokens held, step index, last logits), for
@@ -113,7 +115,7 @@ class Decoder:
     def restore(self, state: dict) -> torch.Tensor:
         """Go back to a snapshot() taken from this decoder; returns the logits [B, V] it held."""
         self.core.load_state(state)
-        self.batch, self.i, self._conv = state["batch"], state["i"], None
+        self.batch, self.i, self._conv, self._pending = state["batch"], state["i"], None, False
         return self.core.logits[: self.batch]
 
     def set_schedule(self, schedule: D3Schedule) -> None:
@@ -187,7 +189,7 @@ class Decoder:
         if not continued:
             self.reset()
         logits = self.core.admit(range(len(rows)), rows, continued)
-        self.batch, self.i, self.prefilled = len(rows), 1, [len(r) for r in rows]
+        self.batch, self.i, self.prefilled, self._pending = len(rows), 1, [len(r) for r in rows], False
         return logits
 
     def truncate(self, lengths: Sequence[int]) -> None:
@@ -202,7 +204,7 @@ class Decoder:
                 raise ValueError(f"row {b}: length {n} outside [0, {held[b]}]")
         for b, n in enumerate(lengths):
             self.core.truncate(b, n)
-        self._conv = None
+        self._conv, self._pending = None, False
 
     # ------------------------------------------------------------------ decode
     def step(self, tokens) -> torch.Tensor:
@@ -221,13 +223,14 @@ class Decoder:
         """One uniform decode step of the request's rows from the token buffer (a plan whose rows share
         step index i); advances i."""
         logits = self.core.run(self.core.plan([self.i] * self.batch))
-        self.i += 1
+        self.i, self._pending = self.i + 1, False
         return logits[: self.batch]
 
     def decode(self, n: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Run n decode steps after prefill() with no host sync; returns the device tensor [B, n]
-        of tokens T_1..T_n (T_0 is sampled from the prefill logits first). No EOS handling:
+        of tokens T_1..T_n. T_0, the first token fed, is sampled from the logits of the last prefill() or
+        step() (after decode() it is decode()'s last token, sampled but not yet fed). No EOS handling:
         for throughput measurement and callers that check stops themselves."""
         if self.batch == 0:
             raise RuntimeError("decode() before prefill(): start a request with prefill(input_ids)")
@@ -237,11 +240,12 @@ class Decoder:
         self.cache.reserve({b: self.core.lengths[b] + n for b in B})
         self._conv = None
         out = torch.empty(self.batch, n, dtype=torch.int64, device=self.device)
-        if self.i == 1:
+        if not self._pending:
             self.core.sample(B, temperature, top_k, top_p, generator)
         for k in range(n):
             self._step()
             out[:, k].copy_(self.core.sample(B, temperature, top_k, top_p, generator))
+        self._pending = True
         return out
 
     def _request(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop, continue_) -> tuple:
@@ -291,12 +295,14 @@ class Decoder:
             self._feed(rows, False)
         B, eos = len(rows), set() if ignore_eos else set(self.cfg.eos_token_ids)
         conv, out = [list(r) for r in rows], torch.full((B, max_new_tokens), -1, dtype=torch.int64)
+        watch = StopStrings(self.model.tokenizer, stops, B) if stops else None
         layers, finished, t_prefill = [], [None] * B, None
         for n in range(max_new_tokens):
             layers.append(self.schedule.kept_layers(self.i if n > 0 else 0))
             if n > 0:
                 self._step()
             toks = self.core.sample(range(B), temperature, top_k, top_p, gen).tolist()   # the one sync per step
+            self._pending = True
             t_prefill = time.perf_counter() - t0 if t_prefill is None else t_prefill
             for b in range(B):
                 if finished[b] is not None:
@@ -306,7 +312,7 @@ class Decoder:
                 conv[b].append(toks[b])
                 if toks[b] in eos:
                     finished[b] = "eos"
-                elif stops and any(s in self.model.tokenizer.decode(out[b, : n + 1].tolist()) for s in stops):
+                elif watch is not None and watch.add(b, toks[b]):
                     finished[b] = "stop"
             self._conv = conv
             yield toks

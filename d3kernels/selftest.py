@@ -30,7 +30,7 @@ AUTO_ENV = "D3K_SELFTEST"          # "0": auto never runs the selftest itself (t
 EPS = 1e-5
 PAGE = 16
 DTYPES = (torch.bfloat16, torch.float16)
-CPU_DTYPES = (torch.float32, torch.bfloat16)      # the cpu backend's activations: float32 first
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # the cpu backend's activations: float32 first
 # B rows, hidden d, heads H / H_kv, head_dim D (the CUDA kernels take 64 and 128), MLP width F, vocab V,
 # cache length S (a multiple of PAGE), bias: Qwen2's qkv bias
 SHAPES = {

@@ -24,6 +24,7 @@ import torch
 
 from .reference import filtered_probs
 from .schedule import D3Schedule
+from .stops import StopStrings
 
 
 class _Pick:
@@ -66,7 +67,7 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
     """Speculative decoding of `rows` (token-id lists) on Decoder `dec`, greedy or (temperature > 0, with
     `generator`, a CPU torch.Generator) sampling. continued=False: a new request; True: `rows` are whole
     conversations and the cache keeps what it holds of them (Decoder.continue_with). stops: stop strings
-    (checked on the decoded new tokens, as Decoder.stream does). Returns (tokens [B, n] LongTensor with -1 after a
+    (matched on each new token's text, as Decoder.stream does). Returns (tokens [B, n] LongTensor with -1 after a
     row finished, finished per row, stats): stats counts rounds, drafted and accepted tokens, the draft's layer
     passes and the verify passes (tokens x L)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -88,6 +89,7 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
     t_prefill = time.perf_counter() - t0
     out = [[] for _ in range(B)]
     finished = [None] * B
+    watch = StopStrings(dec.model.tokenizer, stops, B) if stops else None
     pick = _Pick(temperature, top_k, top_p, generator)
     last = [pick.first(core.logits[b]) for b in range(B)]   # T_0, from the full-depth prompt pass
 
@@ -97,7 +99,7 @@ def speculate(dec, rows: list, max_new_tokens: int, k: int, draft: Optional[D3Sc
             if t in eos:
                 finished[b] = "eos"
                 return
-            if stops and any(s in dec.model.tokenizer.decode(out[b]) for s in stops):
+            if watch is not None and watch.add(b, t):
                 finished[b] = "stop"
                 return
             if len(out[b]) >= max_new_tokens:

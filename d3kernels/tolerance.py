@@ -1,8 +1,20 @@
 """The correctness rule of docs/design.md section 6, in one place (the tests and `d3kernels selftest`).
 
 A backend's output is compared with a float64 computation of the same math (the reference ops on float64
-tensors). It may be at most 2x as far off as the reference run at the backend's own precision, plus a
-slack of 1e-5 (fp32) or 2e-3 (fp16/bf16) times the output's largest magnitude. NaN never passes.
+tensors). Its max abs error may be at most 2x that of the reference run at the backend's own precision,
+plus a slack of 1e-5 (fp32) or 2e-4 (fp16/bf16) times the output's largest magnitude. NaN never passes.
+
+In fp16 / bf16 the max error is that of rounding the largest outputs, so it hides an error confined to a
+smaller part of the output: a 2% scale error in wo (the attention half's residual branch) passed the max
+rule in bf16. So 16-bit outputs must also keep their mean abs error within MEAN_FACTOR (1.5) x the
+reference's plus MEAN_SLACK (1e-4) x the mean magnitude: rounding errors average out, a systematic one
+does not. What correct kernels need: on every case of `d3kernels selftest` (cuda-emu, which runs the CUDA
+kernels' code, and cpu; both 16-bit dtypes, ops and decode steps) their max error was at most 1.11x and
+their mean error at most 1.08x the reference's; the slacks cover outputs the reference gets almost exactly
+(float32 logits from 16-bit inputs: float32 summation order, about 1e-6 of the largest logit, or 2^-16 of
+it for Triton's split products). A 2% scale error in any one weight of attn_block, mlp_block or lm_head
+fails in bf16 (python_tests/test_tolerance.py).
+
 The cpu backend with block-quantized weights rounds its float32 activations to 16-bit integer blocks of 32
 (two int8 planes, d3kernels.cpu) before the dot products: its slack is PACKED_SLACK (1e-4), the rounding's own
 size (1/65024 of a block's largest value per value) with room for the sums over d and F terms. The integer
@@ -13,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+SLACK = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
+MEAN_FACTOR, MEAN_SLACK = 1.5, 1e-4      # the mean rule of 16-bit outputs
 PACKED_SLACK = 1e-4
 
 
@@ -39,6 +52,12 @@ def compare(out: torch.Tensor, same_precision: torch.Tensor, oracle64: torch.Ten
     bound = 2 * base + max(SLACK[dtype], slack or 0.0) * oracle.abs().max().item()
     if err > bound:
         return f"max abs error {err:.3e} > bound {bound:.3e} (reference error {base:.3e})", err, bound
+    if dtype in (torch.float16, torch.bfloat16):
+        mean, mean_base = (out - oracle).abs().mean().item(), (same - oracle).abs().mean().item()
+        mean_bound = MEAN_FACTOR * mean_base + max(MEAN_SLACK, slack or 0.0) * oracle.abs().mean().item()
+        if mean > mean_bound:
+            return (f"mean abs error {mean:.3e} > bound {mean_bound:.3e} (reference mean error {mean_base:.3e}): "
+                    "a systematic error"), err, bound
     return None, err, bound
 
 

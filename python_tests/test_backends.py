@@ -7,12 +7,25 @@ import torch
 from d3kernels import backends
 
 
-def test_auto_on_cpu_is_the_cpu_backend_when_built(monkeypatch):
+def test_auto_on_cpu_is_the_cpu_backend_when_built(monkeypatch, tmp_path):
+    """In a fresh cache (no record of an earlier run), auto runs the cpu selftest once (small shape here),
+    and picks the cpu backend for every dtype it takes."""
+    from d3kernels import selftest, verify
+    monkeypatch.setenv("D3K_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("D3K_BACKEND", raising=False)
-    want = "cpu" if backends.why_not("cpu", "cpu", torch.float32) is None else "reference"
+    monkeypatch.delenv("D3K_SELFTEST", raising=False)
+    runs = []
+    real = selftest.run
+    monkeypatch.setattr(selftest, "run", lambda *a, **kw: runs.append(a) or real(*a, **{**kw, "shapes": ["small"]}))
+    built = backends.why_not("cpu", "cpu", torch.float32) is None
+    want = "cpu" if built else "reference"
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert backends.resolve("auto", "cpu", dt, 64) == want
     assert backends.resolve("auto", "cpu", torch.float64, 64) == "reference"     # a dtype it does not take
+    assert runs == ([("cpu", "cpu")] if built else [])
+    if built:
+        rec = verify.status("cpu", "cpu")
+        assert rec["passed"] and rec["path"].startswith(str(tmp_path))
 
 
 def test_auto_on_cpu_without_the_cpu_backend_is_reference(monkeypatch):
@@ -61,9 +74,13 @@ def test_report_lists_every_backend():
     assert dict((r[0], r) for r in rows)["reference"] == ("reference", True, "ok")
 
 
-def test_cuda_emu_is_named_only():
-    """auto never picks the emulated CUDA build; named, it runs on CPU tensors in fp16/bf16 only."""
-    assert backends.resolve("auto", "cpu", torch.bfloat16, 64) in ("cpu", "reference")
+def test_cuda_emu_is_named_only(monkeypatch, tmp_path):
+    """auto never picks the emulated CUDA build (in a fresh cache, without a first-use selftest: the
+    reference); named, it runs on CPU tensors in fp16/bf16 only."""
+    monkeypatch.setenv("D3K_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("D3K_SELFTEST", "0")
+    monkeypatch.delenv("D3K_BACKEND", raising=False)
+    assert backends.resolve("auto", "cpu", torch.bfloat16, 64) == "reference"
     if backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64) is not None:
         pytest.skip(backends.why_not("cuda-emu", "cpu", torch.bfloat16, 64))
     assert backends.resolve("cuda-emu", "cpu", torch.bfloat16, 64) == "cuda-emu"

@@ -376,7 +376,7 @@ def test_readme_low_level_loop_equals_the_decoder(monkeypatch):
 LAYERS = [
     ("_C", "_C_emu", "_C_cpu", "quant"),   # torch and the stdlib: the extensions; packed weights
     ("gguf",),         # GGUF files: header, architectures, checks, the mapped tensors (on quant)
-    ("checks", "guarded", "model", "schedule", "tolerance", "workspace"),
+    ("checks", "guarded", "model", "schedule", "stops", "tolerance", "workspace"),
     ("cache", "declare"),   # the KV cache layouts (their slot rule is the reference's too); the op declarations
     ("reference",),    # the specification
     ("speed", "triton", "engine", "prefill"),

@@ -41,9 +41,40 @@ def test_greedy_speculative_equals_full_depth(k, sched):
     assert g.tokens.shape[1] == 29                     # the last round stopped at max_new_tokens
 
 
-def test_eos_inside_an_accepted_run_and_a_full_cache():
-    """A row stops at EOS even when the EOS sits inside a run of accepted drafts; a cache exactly as long
-    as prompt + max_new_tokens is enough (the last rounds draft fewer)."""
+def _identity_flex_model(sched: D3Schedule):
+    """_model() with every flex layer of `sched` an identity (wo and w_down zero: out = h), so skipping them
+    changes nothing and full depth accepts every draft (the long accepted runs a real drafter rarely has)."""
+    model = _model()
+    with torch.no_grad():
+        for l in sched.flex_layers:
+            model.weights.wo[l].zero_()
+            model.weights.w_down[l].zero_()
+    return model
+
+
+def test_eos_inside_an_accepted_run():
+    """An EOS among the accepted drafts of a round ends its row there: the drafts accepted after it are
+    not emitted. Drafts run 2 of 6 layers, but the skipped ones are identities, so every draft is
+    accepted and the EOS (row 0's T_2) sits inside round 1's run of 5 accepted drafts."""
+    sched = D3Schedule(6, alpha=0.6, start=0.2, tail=1)
+    assert sched.kept_layers(1) == (0, 4, 5) and sched.kept_layers(2) == (0, 5)
+    model = _identity_flex_model(sched)
+    free = _full_depth(model, PROMPTS, 20, eos=False).tokens
+    eos = int(free[0, 2])
+    assert eos not in free[0, :2].tolist()                 # row 0's first EOS is T_2
+    model.config.eos_token_ids = [eos]
+    want = _full_depth(model, PROMPTS, 20)
+    assert want.finished[0] == "eos" and int((want.tokens[0] >= 0).sum()) == 3
+    dec = Decoder(model, sched, max_batch=3, max_seq_len=96, backend="reference")
+    g = dec.generate(PROMPTS, max_new_tokens=20, speculative=5)
+    s = g.speculation
+    assert s["accepted"] == s["drafted"] > 0, s             # every draft accepted: round 1 emits T_1..T_6
+    assert torch.equal(g.tokens, want.tokens) and g.finished == want.finished
+
+
+def test_eos_and_a_full_cache():
+    """A row stops at an EOS that comes as the full-depth token after a round's accepted drafts; a cache exactly as long as
+    prompt + max_new_tokens is enough (the last rounds draft fewer)."""
     model = _model()
     free = _full_depth(model, PROMPTS, 20, eos=False).tokens
     eos = int(free[0, 6])

@@ -32,14 +32,17 @@ def test_lengths_are_the_one_source_of_positions():
 
 
 def test_token_log_is_what_the_cache_holds():
-    """history() is every token fed, in position order: prompts, step() tokens and decode()'s device tokens."""
+    """history() is every token fed, in position order: prompts, step() tokens and decode()'s device tokens.
+    decode() first feeds the argmax of the step() before it, then its own tokens but the last."""
     dec = Decoder(_model(), D3Schedule(6, **SCHED), max_batch=2, max_seq_len=32, backend="reference")
     dec.prefill([[5, 6, 7], [8]])
-    dec.step([9, 10])
+    t0 = dec.step([9, 10]).argmax(-1).tolist()
+    assert t0 != [9, 10]
     out = dec.decode(4)
-    t0 = dec.history[0][4]                        # decode() feeds T_0 (not returned) then T_1..T_3
-    assert dec.history == [[5, 6, 7, 9, t0] + out[0, :3].tolist(), [8, 10, dec.history[1][2]] + out[1, :3].tolist()]
+    assert dec.history == [[5, 6, 7, 9, t0[0]] + out[0, :3].tolist(), [8, 10, t0[1]] + out[1, :3].tolist()]
     assert dec.lengths == [8, 6]
+    more = dec.decode(2)                          # a second decode() feeds the first one's last token
+    assert dec.history[0][8:] == [out[0, 3].item(), more[0, 0].item()]
     dec.truncate([2, 6])
     assert dec.history[0] == [5, 6] and len(dec.history[1]) == 6
 

@@ -26,7 +26,8 @@ def _f(t: torch.Tensor) -> torch.Tensor:
 
 def _check_positions(positions: list, rows: list, limit: int, op: str) -> None:
     """The reference reads positions on the host, so it rejects out-of-range ones before writing anything
-    (the CUDA kernels cannot raise without a host sync: attn_block gives a NaN row, write_kv skips it)."""
+    (docs/design.md section 3.1; the kernels cannot raise without a host sync: attn_block gives a NaN row and
+    writes nothing for it, write_kv skips it)."""
     for b in rows:
         if not 0 <= positions[b] < limit:
             raise ValueError(f"{op}: row {b} has position {positions[b]}, outside [0, {limit}) "

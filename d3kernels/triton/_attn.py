@@ -9,11 +9,16 @@
 3. combine: merges the NS partials of each (row, head) into o [B, H D] fp32.
 4. O-projection GEMV + residual (the shared gemv_residual_kernel); inactive rows get out = h.
 
+An active row whose position is out of range (outside [0, min(S, RoPE rows)); paged: also a slot past
+the pool) writes nothing in kernel 1, and kernel 2 stores l = NaN for it (paged: also for a row whose
+block_table holds a page outside the pool at a position it reads), so its o and out are NaN, as in the
+CUDA kernels (docs/design.md section 3.1: the kernels cannot raise without a host sync).
+
 attn_block_paged runs the same four kernels with PAGED = True: the cache is a pool of pages
 [num_pages, page_size, H_kv, D] (kv_valid [num_pages, page_size]); kernel 1 writes each row's K/V at its
 slot_mapping slot (a row runs iff row_active = 1 and slot >= 0), kernel 2 reads logical position p at
 slot block_table[b, p // page_size] * page_size + p % page_size (one gathered block_table load per
-position block; entries outside [0, num_pages) are masked, never dereferenced).
+position block; entries outside [0, num_pages) are never dereferenced, and make the row's output NaN).
 """
 from __future__ import annotations
 
@@ -118,10 +123,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr, m_ptr
     b = bg // H_kv
     g = bg % H_kv
     p_b = tl.load(pos_ptr + b)
-    act = tl.load(act_ptr + b)
-    run = (act != 0) & (p_b >= 0) & (p_b < S)
+    act = tl.load(act_ptr + b) != 0
+    ok = (p_b >= 0) & (p_b < S)
     if PAGED:
-        run = run & (tl.load(slot_ptr + b) >= 0)
+        sl_b = tl.load(slot_ptr + b)
+        act = act & (sl_b >= 0)                        # slot -1: the row does not run (out = h)
+        ok = ok & (sl_b < n_pages.to(tl.int64) * page_size)
+    run = act & ok
+    bad = act & (ok == 0)                              # out of range: nothing was written, the output is NaN
     n_pos = tl.where(run, p_b + 1, 0)
     jj = tl.arange(0, G_PAD)
     jmask = jj < G
@@ -139,7 +148,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr, m_ptr
         if PAGED:
             inr = ps < n_pos
             pg = tl.load(bt_ptr + b.to(tl.int64) * max_pages + ps // page_size, mask=inr, other=-1)
-            inr = inr & (pg >= 0) & (pg < n_pages)
+            pg_ok = (pg >= 0) & (pg < n_pages)
+            bad = bad | (tl.sum((inr & (pg_ok == 0)).to(tl.int32), axis=0) > 0)   # a page outside the pool
+            inr = inr & pg_ok
             slot = pg.to(tl.int64) * page_size + ps % page_size
             vld = tl.load(valid_ptr + slot, mask=inr, other=0) != 0
             kv_off = (slot * H_kv + g) * D                                                           # [P]
@@ -157,6 +168,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, valid_ptr, pos_ptr, act_ptr, m_ptr
         acc = acc * alpha[:, None] + mm(pr, v, SPLIT)
         m_i = m_new
     part = heads * NS + sp
+    l_i = tl.where(bad, float("nan"), l_i)
     tl.store(m_ptr + part, m_i, mask=jmask)
     tl.store(l_ptr + part, l_i, mask=jmask)
     tl.store(o_ptr + part[:, None] * D + dd[None, :], acc, mask=jmask[:, None])
@@ -175,6 +187,7 @@ def _attn_combine_kernel(m_ptr, l_ptr, op_ptr, o_ptr, NS, D: tl.constexpr, NS_PA
     part = tl.load(op_ptr + (bh * NS + ss)[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
     o = tl.sum(part * w[:, None], axis=0)
     o = tl.where(total > 0, o / tl.where(total > 0, total, 1.0), 0.0)
+    o = tl.where(total != total, float("nan"), o)       # an out-of-range row (l = NaN): NaN, then out = NaN
     tl.store(o_ptr + bh * D + dd, o)
 
 

@@ -91,32 +91,37 @@ class D3Runtime:
         h = inputs_embeds if inputs_embeds is not None else inner.embed_input_ids(input_ids)
         residual = None
         inv_t = torch.from_numpy(inv.reshape(-1)).to(h.device)
+        called = []                     # the decoder layers this forward calls, in call order
         for l in plan.kept:
-            layer = inner.layers[l]
             col = plan.mask[l].bool()
             if bool(col.all()):
-                h, residual = layer(positions, h, residual)
+                h, residual = self._call(inner, l, called, positions, h, residual)
             else:                       # tokens that skip layer l pass (h, residual) through unchanged
                 if residual is None:    # the stream is h + residual; 0 keeps it exact
                     residual = torch.zeros_like(h)
                 keep = col.to(h.device)[inv_t][:, None]
-                h2, r2 = layer(positions, h, residual)
+                h2, r2 = self._call(inner, l, called, positions, h, residual)
                 h, residual = torch.where(keep, h2, h), torch.where(keep, r2, residual)
-            self.stats["layer_calls"] += 1
         h, _ = inner.norm(h, residual)
-        self._count(steps, plan, inv)
+        self._count(steps, plan, inv, called)
         return h
 
-    def _count(self, steps: np.ndarray, plan, inv: np.ndarray) -> None:
-        """Counts of one forward: its tokens, and the layers its tokens keep (the plan's mask column of each
-        token's distinct step index)."""
+    def _call(self, inner, l: int, called: list, *args):
+        """Call decoder layer l of `inner`, counting the call (stats["layer_calls"], the trace's "called")."""
+        called.append(l)
+        self.stats["layer_calls"] += 1
+        return inner.layers[l](*args)
+
+    def _count(self, steps: np.ndarray, plan, inv: np.ndarray, called: list) -> None:
+        """Counts of one forward: its tokens, the layers it called, and the layers its tokens keep (the plan's
+        mask column of each token's distinct step index)."""
         token_layers = int(plan.mask.sum(0).numpy()[inv].sum())
         self.stats["forwards"] += 1
         self.stats["tokens"] += len(steps)
         self.stats["token_layers"] += token_layers
         if self.trace:
             rec = {"tokens": len(steps), "step_min": int(steps.min()), "step_max": int(steps.max()),
-                   "decode_tokens": int((steps > 0).sum()), "layer_calls": len(plan.kept), "kept": list(plan.kept),
+                   "decode_tokens": int((steps > 0).sum()), "layer_calls": len(called), "called": called,
                    "token_layers": token_layers, "pid": os.getpid(),
                    # generated positions fed again in a multi-token chunk: a recompute after preemption
                    "recomputed": 0 if self._last_chunk is None else
