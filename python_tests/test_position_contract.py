@@ -162,11 +162,7 @@ def test_kernels_attn_block_paged_nan_and_nothing_written(name, dtype):
         _check_row0(f"{name} {what} row 0", got[0, 6], want[0, 6], o[i][0, 6], dtype)
 
 
-KNOWN_CPU_GAP = pytest.mark.xfail(strict=True, reason="the cpu backend reads the positions of a page outside the "
-                                                     "pool as masked (docs/design.md section 3.1, known gaps)")
-
-
-@pytest.mark.parametrize("name,dtype", KERNELS[:2] + [pytest.param(*KERNELS[2], marks=KNOWN_CPU_GAP)])
+@pytest.mark.parametrize("name,dtype", KERNELS)
 def test_kernels_page_outside_the_pool_gives_nan(name, dtype):
     """Row 2 runs at position PS + 3, but block_table holds a page outside the pool for its positions
     [0, PS): its out is NaN; its K/V are written at its slot, as the reference writes them."""

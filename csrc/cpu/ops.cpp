@@ -342,8 +342,11 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
     s.o.point(i);
     bool bad = p < 0 || p >= limit;
     if (paged) bad = bad || slots[b] >= kv.entries() || kv.slot(b, p) != slots[b];
-    s.bad[i] = bad;
+    s.bad[i] = bad;   // 1: out of range, writes nothing and reads nothing
     s.slot[i] = bad ? -1 : kv.slot(b, p);   // paged: the slot_mapping entry, checked just above
+    if (paged && !bad)   // 2: a page it reads lies outside the pool: it writes its K/V, its output is NaN
+      for (int64_t pp = 0; pp <= p && !s.bad[i]; pp += a.page_size)
+        if (kv.slot(b, pp) < 0) s.bad[i] = 2;
   }
   t.barrier();
   // 2. qkv [n, R] = wqkv @ x (+ bias); shares of whole heads, so un-permuted rows stay in the thread's share
@@ -358,7 +361,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   const QType kvt = QType((int)a.dtype);
   for (int64_t task = t.id; task < n * a.Hkv; task += t.n) {
     const int64_t i = task / a.Hkv, g = task % a.Hkv, b = s.rows[i];
-    if (s.bad[i]) continue;
+    if (s.bad[i] == 1) continue;
     const int64_t p = pos[b];
     float* k = s.qkv + i * R + HD + g * D;
     const float* v = s.qkv + i * R + HD + a.Hkv * D + g * D;
@@ -377,7 +380,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   for (int64_t task = t.id; task < n * a.H; task += t.n) {
     const int64_t i = task / a.H, hd = task % a.H, g = hd / group, b = s.rows[i];
     float* o = s.o.f + i * HD + hd * D;
-    if (s.bad[i]) {  // the kernels cannot raise: an out-of-range row gets NaN
+    if (s.bad[i]) {  // the kernels cannot raise: an out-of-range row, or one reading outside the pool, gets NaN
       for (int64_t j = 0; j < D; ++j) o[j] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
