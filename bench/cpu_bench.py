@@ -221,26 +221,31 @@ def llama_python(arg):
     return None, "llama_cpp is not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python, or --llama-python)"
 
 
+def storage_types(m) -> list:
+    """The storage types of one loaded matrix: its block types as kept (several for row blocks), or its
+    dtype marked as dequantized. Works with the library's quant.storage where it has one, else .qtype."""
+    from d3kernels import quant
+    if not quant.is_packed(m):
+        return [f"{str(m.dtype).replace('torch.', '')} (dequantized)"]
+    return list(quant.storage(m)) if hasattr(quant, "storage") else [m.qtype]
+
+
 def held_bytes(model) -> tuple:
     """(per-layer bytes of the matrices and norms as the loader holds them, lm_head + final norm, storage
     types of the matrices with counts)."""
     from collections import Counter
-    from d3kernels import quant
     w, cfg = model.weights, model.config
-    mats = ("wqkv", "wo", "w_gate_up", "w_down")
     kinds = Counter()
     layer = []
     for l in range(cfg.num_layers):
         n = w.attn_norm[l].nbytes + w.mlp_norm[l].nbytes
-        for k in mats:
+        for k in ("wqkv", "wo", "w_gate_up", "w_down"):
             m = getattr(w, k)[l]
             n += m.nbytes
-            for t in quant.storage(m) if quant.is_packed(m) else [f"{str(m.dtype).replace('torch.', '')} (dequantized)"]:
-                kinds[t] += 1
+            kinds.update(storage_types(m))
         layer.append(n)
     lm = w.lm_head
-    for t in quant.storage(lm) if quant.is_packed(lm) else [f"{str(lm.dtype).replace('torch.', '')} (dequantized)"]:
-        kinds[t + " lm_head"] += 1
+    kinds.update(t + " lm_head" for t in storage_types(lm))
     return layer, lm.nbytes + w.final_norm.nbytes, ", ".join(f"{k} x{v}" for k, v in kinds.most_common())
 
 
