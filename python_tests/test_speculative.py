@@ -198,9 +198,9 @@ def test_sampling_without_the_correction_is_caught(monkeypatch):
 def test_16bit_speculative_follows_the_float64_oracle(backend, dtype):
     """In 16 bits the verify pass and a decode step may round apart, so each speculative token is compared
     with the float64 full-depth oracle fed the same tokens: it must be the oracle's argmax wherever the
-    oracle's top-2 margin is clear (a closer call may go either way)."""
+    oracle's top-2 margin is clear, above 4 bfloat16 rounding units (2^-8) of the largest logit (a closer
+    call may go either way)."""
     from d3kernels import backends
-    from d3kernels.tolerance import SLACK
     reason = backends.why_not(backend, "cpu", dtype, 64)
     if reason:
         pytest.skip(f"{backend}: {reason}")
@@ -215,7 +215,7 @@ def test_16bit_speculative_follows_the_float64_oracle(backend, dtype):
     clear_steps = 0
     for i in range(n):
         top2 = logits.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 8 * SLACK[dtype] * logits.abs().max()
+        clear = (top2[:, 0] - top2[:, 1]) > 4 * 2 ** -8 * logits.abs().max()
         assert torch.equal(g.tokens[clear, i], logits.argmax(-1)[clear]), (i, g.tokens[:, i], logits.argmax(-1))
         clear_steps += int(clear.sum())
         logits = oracle.step(g.tokens[:, i])
