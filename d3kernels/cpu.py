@@ -5,8 +5,8 @@ Ops take the reference's signatures (attn_block, mlp_block, write_kv, attn_block
 lm_head, sample). Activations and the KV cache are float32, float16 or bfloat16; a weight is a tensor of
 any of those dtypes or a packed weight of d3kernels.quant (PackedWeight, PackedRows, PackedStack: ggml's
 q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K blocks, f16, bf16, f32, each row block in its own type),
-read as stored, through a MatDesc (`weight_desc`). With a block type the activations are rounded to 16-bit
-integer blocks of 32 (two int8 planes) before the integer dot products, so the outputs get
+read as stored, through a MatDesc (`weight_desc`). With a block type the activations are rounded to int16
+per block of 32 before the integer dot products, so the outputs get
 tolerance.PACKED_SLACK (docs/design.md section 6).
 
 A step's launches can be recorded once (`record`) and run as one native call (`Program.run`): the CPU's

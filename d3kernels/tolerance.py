@@ -15,8 +15,8 @@ their mean error at most 1.08x the reference's; the slacks cover outputs the ref
 it for Triton's split products). A 2% scale error in any one weight of attn_block, mlp_block or lm_head
 fails in bf16 (python_tests/test_tolerance.py).
 
-The cpu backend with block-quantized weights rounds its float32 activations to 16-bit integer blocks of 32
-(two int8 planes, d3kernels.cpu) before the dot products: its slack is PACKED_SLACK (1e-4), the rounding's own
+The cpu backend with block-quantized weights rounds its float32 activations to int16 per block of 32
+(d3kernels.cpu) before the dot products: its slack is PACKED_SLACK (1e-4), the rounding's own
 size (1/65024 of a block's largest value per value) with room for the sums over d and F terms. The integer
 math itself is held to a tighter rule: the kernels' dot products equal an exact float64 emulation of the same
 rounding within 1e-5 (python_tests/test_cpu_backend.py, test_block_dot_equals_rounding_emulation).

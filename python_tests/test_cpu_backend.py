@@ -487,8 +487,9 @@ def _random_blocks(rng, qtype, rows, cols):
 @pytest.mark.parametrize("isa", ISAS)
 def test_block_dot_equals_rounding_emulation(isa):
     """The integer kernels compute exactly the specified math: every block type's row decode equals gguf-py's
-    (an independent implementation) bit for bit, and its dot products equal a float64 emulation of the int8
-    activation rounding (dx = amax / 32512 per 32 values, round half to even) within float32 summation error."""
+    (an independent implementation) bit for bit, and its dot products (GEMV and GEMM tiles) equal a float64
+    emulation of the 16-bit activation rounding (dx = amax / 32512 per 32 values, round half to even) within
+    float32 summation error."""
     import numpy as np
     gguf = pytest.importorskip("gguf")
     rng = np.random.default_rng(5)
@@ -501,7 +502,7 @@ def test_block_dot_equals_rounding_emulation(isa):
                 w = quant.PackedWeight(torch.from_numpy(raw), qt, K)
                 ids = torch.arange(R)
                 assert torch.equal(w.rows(ids), torch.from_numpy(np.ascontiguousarray(theirs, dtype=np.float32))), qt
-                for N in (3, 5):        # one weight row decoded per activation row, or once for all (>= 4)
+                for N in (1, 2, 7, 33):   # the GEMV, and the GEMM's tiles of 8, 4, 2, 1 rows with their edges
                     x = torch.randn(N, K, generator=torch.Generator().manual_seed(R))
                     y = cpu.linear(x, w)
                     xb = x.double().reshape(N, K // 32, 32)
@@ -511,3 +512,29 @@ def test_block_dot_equals_rounding_emulation(isa):
                     want = xr @ torch.from_numpy(theirs.astype(np.float64)).t()
                     err = (y.double() - want).abs().max().item()
                     assert err <= 1e-5 * want.abs().max().item(), (qt, R, K, N, err)
+
+
+def test_planted_bug_in_a_gemm_tile_edge_fails(tmp_path):
+    """A GEMM whose last single-row tile reads the previous activation row must fail the rounding emulation
+    check above (7 rows = tiles of 4, 2 and 1), while 8 rows (one whole tile) still pass."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import emu_variants
+    if emu_variants.cpu_build_dir() is None:
+        pytest.skip("no CMake build of d3kernels._C_cpu under build/ (install from source: pip install -e .)")
+    if "avx2" not in cpu.C.build_info()["isas"]:
+        pytest.skip("this CPU lacks the avx2 instructions")
+    mod = emu_variants.build_cpu_variant(tmp_path, {"include/d3k/cpu/kernels_impl.h": [(
+        "    if (b < nx) pass<F, 1>(w, ld, rb, re, xs + b, y + b * ldy, ldy, K, perm_d);",
+        "    if (b < nx) pass<F, 1>(w, ld, rb, re, xs + b - 1, y + b * ldy, ldy, K, perm_d);")]},
+        ["isa_avx2.cpp"])
+    mod.set_isa("avx2")
+    w = quant.quantize(torch.randn(40, 256, generator=torch.Generator().manual_seed(1)), "q4_0")
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ w.dequantize().double().t()
+    for n, bad in ((7, True), (8, False)):
+        y = torch.empty(n, 40)
+        mod.linear(y.data_ptr(), x[:n].contiguous().data_ptr(), w.data.data_ptr(), quant.CODES["q4_0"],
+                   w.data.shape[1], 0, n, 40, 256)
+        err = (y.double() - want[:n]).abs().max().item()
+        assert (err > PACKED_SLACK * want.abs().max().item()) == bad, (n, err)

@@ -117,9 +117,8 @@ char* arena(std::size_t bytes) {
 // The rounded copy of nx activation rows of K values (kernels.h XRow), and their float values.
 struct Rows {
   float* f;
-  int8_t *hi, *lo;
+  int16_t* q;
   float *dx, *xs;
-  int32_t* nz;
   XRow* x;
   int64_t K;
   void make(Bump& m, int64_t nx, int64_t K_, bool quantized) {
@@ -127,30 +126,25 @@ struct Rows {
     f = m.take<float>(nx * K);
     x = m.take<XRow>(nx);
     const int64_t nb = K / kBlock;
-    hi = quantized ? m.take<int8_t>(nx * K) : nullptr;
-    lo = quantized ? m.take<int8_t>(nx * K) : nullptr;
+    q = quantized ? m.take<int16_t>(nx * K) : nullptr;
     dx = quantized ? m.take<float>(nx * nb) : nullptr;
     xs = quantized ? m.take<float>(nx * nb) : nullptr;
-    nz = quantized ? m.take<int32_t>(nx * K / 4) : nullptr;
   }
   // row i: point x[i] at its pieces (one thread per row, before a barrier)
   void point(int64_t i) {
     XRow& r = x[i];
     r.f = f + i * K;
-    if (!hi) return;
+    if (!q) return;
     const int64_t nb = K / kBlock;
-    r.hi = hi + i * K;
-    r.lo = lo + i * K;
+    r.q = q + i * K;
     r.dx = dx + i * nb;
     r.xs = xs + i * nb;
-    r.nz = nz + i * K / 4;
   }
   // round values [v0, v1) of row i to 16-bit blocks (multiples of kBlock; no-op without rounding)
   void round(int64_t i, int64_t v0, int64_t v1) const {
-    if (!hi || v1 <= v0) return;
+    if (!q || v1 <= v0) return;
     const int64_t nb = K / kBlock;
-    g_isa->quantize(f + i * K + v0, v1 - v0, hi + i * K + v0, lo + i * K + v0, dx + i * nb + v0 / kBlock,
-                    nz + (i * K + v0) / 4, xs + i * nb + v0 / kBlock);
+    g_isa->quantize(f + i * K + v0, v1 - v0, q + i * K + v0, dx + i * nb + v0 / kBlock, xs + i * nb + v0 / kBlock);
   }
 };
 

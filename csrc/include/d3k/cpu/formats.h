@@ -2,20 +2,22 @@
 // SIMD dot product. Included by d3k/cpu/kernels_impl.h, which is compiled once per instruction
 // set (csrc/cpu/isa_*.cpp); the SIMD parts exist only in the builds whose flags have AVX2, FMA and F16C.
 //
-// Every format is read in chunks of 64 values (two 32-value groups of the activation rounding; a row of a
-// 32-value block type may end with a half chunk). A chunk decodes to
-//   w[64]  unsigned integers (uint8),
-//   sc[4]  a float scale per 16 values, and an integer zero point kOffset (per format),
-//   mn[2]  a float added per 32 values (the "minimum" types; 0 for the others),
-// so that value k = sc[k / 16] * (w[k] - kOffset) + mn[k / 32]. Against activations rounded to 16-bit integer
-// blocks of 32 (x_k = dx_g * q_k) the chunk's dot product is
-//   sum_q sc[q] dx_g(q) sum_{k in q} (w_k - kOffset) q_k  +  sum_g mn[g] dx_g sum_{k in g} q_k,
+// Every format is read two ways:
+// - decode(row, c, ng, w, sc, mn): the portable path, in chunks of 64 values (two 32-value groups of the activation
+//   rounding; a row of a 32-value block type may end with a half chunk) as
+//     w[64]  unsigned integers (uint8),
+//     sc[4]  a float scale per 16 values, and an integer zero point kOffset (per format),
+//     mn[2]  a float added per 32 values (the "minimum" types; 0 for the others),
+//   so that value k = sc[k / 16] * (w[k] - kOffset) + mn[k / 32];
+// - load(row, g, G) (SIMD builds): group g, the 32 values at 32 g, as int16 w - kOffset in two registers (values
+//   0..15, 16..31), the scale of each half and the group's minimum.
+// Against activations rounded to 16-bit integers per 32 values (x_k = dx_g * q_k) a group's dot product is
+//   sc_0 dx_g sum_{k < 16} (w_k - kOffset) q_k + sc_1 dx_g sum_{k >= 16} (w_k - kOffset) q_k + mn_g dx_g sum_k q_k,
 // integer inside each 16 values, float across them. Layouts are ggml's (ggml-common.h), little-endian.
 //
-// The SIMD path (AVX2 + FMA + F16C; the avx2 and avx512 builds both use it) reads 32 values per 256-bit
-// register: maddubs multiplies the unsigned weights with each int8 plane of the activations into int16 pairs
-// (|pair| <= 2 * 63 * 127 for the unsigned types, no saturation; Q8_0 uses the sign trick), madd widens to
-// 8 int32 lanes of 4 values each and joins the planes (x 255, x 1), the zero point comes off in the lanes.
+// The SIMD path (AVX2 + FMA + F16C; the avx2 and avx512 builds both use it) multiplies int16 weights with the
+// int16 activations by madd (16 products a register, summed in pairs into int32): |w - kOffset| <= 128 and
+// |q| <= 32512 keep each lane's sum of 4 products below 2^24, so the lanes convert to float exactly.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,9 @@
 #endif
 
 #include "d3k/cpu/kernels.h"
+
+// The SIMD loads sit in the innermost loops: inlined always, so that a group stays in registers.
+#define D3K_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace d3k::cpu::fmt {
 
@@ -42,71 +47,37 @@ inline uint32_t u32(const uint8_t* p) {
 }
 inline float h2f(const uint8_t* p) { return kHalfTable[u16(p)]; }
 
-// One activation row rounded for the block types (kernels.h XRow holds the pointers): 16-bit integers
-// q = round(x / dx), dx = amax / kQMax per 32 values, each stored as two int8 planes q = 255 hi + lo with hi,
-// lo in [-127, 127] (so the int8 multiply-adds, sign trick included, read them exactly):
-//   hi, lo int8 [K]
-//   dx    float [K / 32]
-//   nz    int32 [K / 4]    -8 * the sum of each 4 consecutive q (the zero points' correction, in the lanes)
-//   xs    float [K / 32]   dx * the 32 values' sum of q (the minimum types' term)
+// One activation row rounded for the block types (kernels.h XRow holds the pointers): q = round(x / dx) with
+// dx = amax / kQMax per 32 values,
+//   q   int16 [K]
+//   dx  float [K / 32]
+//   xs  float [K / 32]   dx * the 32 values' sum of q (the minimum types' term)
 
 #if defined(D3K_SIMD_BLOCKS)
 // ------------------------------------------------------------------ SIMD helpers
-// (w - kZero) . q over the 32 values at v0 as 8 int32 lanes (lane l: values 4l .. 4l + 3); w unsigned bytes
-// (|pair| <= 2 * 63 * 127 in maddubs's int16), the two planes joined in int32.
-template <int kZero>
-inline __m256i group_dot(__m256i w, const XRow& x, int64_t v0) {
-  const __m256i ph = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(x.hi + v0)));
-  const __m256i pl = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(x.lo + v0)));
-  __m256i p = _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(255)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
-  if constexpr (kZero != 0) {
-    static_assert(kZero == 8 || kZero == 16 || kZero == 32, "zero points are 8, 16 or 32");
-    __m256i z = _mm256_loadu_si256((const __m256i*)(x.nz + v0 / 4));
-    if constexpr (kZero > 8) z = _mm256_slli_epi32(z, kZero == 16 ? 1 : 2);
-    p = _mm256_add_epi32(p, z);
-  }
-  return p;
-}
+// One group of 32 weights as the SIMD path reads it.
+struct Group {
+  __m256i w0, w1;   // int16 w - kOffset of values 0..15 and 16..31
+  float s0, s1;     // the scale of each half (equal unless the format has a scale per 16 values)
+  float mn;         // the minimum (the kMin formats of 32-value blocks; the K-quants' come per super-block)
+};
 
-// signed weights (Q8_0): |w| . sign(q, w), per plane
-inline __m256i group_dot_signed(__m256i w, const XRow& x, int64_t v0) {
-  const __m256i a = _mm256_sign_epi8(w, w);
-  const __m256i ph = _mm256_maddubs_epi16(a, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(x.hi + v0)), w));
-  const __m256i pl = _mm256_maddubs_epi16(a, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(x.lo + v0)), w));
-  return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(255)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+D3K_ALWAYS_INLINE __m256i u8x16(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+D3K_ALWAYS_INLINE __m256i i8x16(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+D3K_ALWAYS_INLINE __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi16(0x0F)); }
+D3K_ALWAYS_INLINE __m256i high4(__m256i v) { return _mm256_srli_epi16(v, 4); }   // of zero-extended bytes
+// bits [from, from + n) of each 16-bit lane moved to [4, 4 + n), the rest cleared (mask: ((1 << n) - 1) << 4)
+D3K_ALWAYS_INLINE __m256i bits_to(__m256i v, int from, short mask) {
+  const __m256i b = from <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - from)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(from - 4));
+  return _mm256_and_si256(b, _mm256_set1_epi16(mask));
 }
-
-// acc += lanes * scale * dx of the group starting at value v0
-inline void add_scaled(__m256& acc, __m256i lanes, __m256 scale, const XRow& x, int64_t v0) {
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_mul_ps(scale, _mm256_broadcast_ss(x.dx + v0 / 32)), acc);
-}
-
-// a 32-value block whose f16 scale is at p: acc += lanes * scale * dx (both broadcast from memory)
-inline void add_block(__m256& acc, __m256i lanes, const uint8_t* p, const XRow& x, int64_t v0) {
-  add_scaled(acc, lanes, _mm256_broadcast_ss(kHalfTable + u16(p)), x, v0);
-}
-
-inline __m256i nibbles_16(const uint8_t* qs) {  // 16 bytes -> [qs & F, qs >> 4]
-  const __m128i lo = _mm_loadu_si128((const __m128i*)qs);
-  return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), _mm_srli_epi16(lo, 4), 1),
-                          _mm256_set1_epi8(0x0F));
-}
-
-// the 32 bits of qh as 32 bytes of 0x10 (bit set) or 0 (ggml's bytes_from_bits_32, shifted to bit 4)
-inline __m256i bits_to_16(uint32_t qh) {
-  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
-  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
-  const __m256i bit = _mm256_set1_epi64x((long long)0x7fbfdfeff7fbfdfeULL);
-  b = _mm256_or_si256(b, bit);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
-}
-
-// bits of each byte moved so that bit `from` lands on bit 4 or 5 (16-bit shifts; the mask keeps only bytes' own bits)
-template <int kFrom, int kTo>
-inline __m256i move_bits(__m256i v) {
-  if constexpr (kFrom > kTo) return _mm256_srli_epi16(v, kFrom - kTo);
-  else if constexpr (kFrom < kTo) return _mm256_slli_epi16(v, kTo - kFrom);
-  else return v;
+// the 32 bits of qh, bit k for value k, as two registers of 16-bit lanes holding 0x10 (bit set) or 0
+D3K_ALWAYS_INLINE void bits_to_16(uint32_t qh, __m256i& h0, __m256i& h1) {
+  const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, -32768);
+  h0 = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(qh & 0xFFFF)), sel), sel),
+                        _mm256_set1_epi16(0x10));
+  h1 = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(qh >> 16)), sel), sel),
+                        _mm256_set1_epi16(0x10));
 }
 
 inline float hsum8(__m256 v) {
@@ -122,6 +93,10 @@ inline float hsum8(__m256 v) {
 struct Q4_0 {
   static constexpr QType kType = QType::kQ4_0;
   static constexpr bool kMin = false;   // a float minimum per 32 values
+  static constexpr bool kHalves = false;   // a scale per 16 values
+  static constexpr int kGroups = 1;   // groups of 32 values per block
+  struct Head {};
+  static void head(const uint8_t*, Head&) {}
   static constexpr int kValues = 32, kBytes = 18, kOffset = 8;
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
@@ -135,8 +110,12 @@ struct Q4_0 {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void group(const uint8_t* b, int64_t v0, const XRow& x, __m256& acc, float&) {
-    add_block(acc, group_dot<kOffset>(nibbles_16(b + 2), x, v0), b, x, v0);
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
+    const __m256i w = u8x16(b + 2), z = _mm256_set1_epi16(kOffset);
+    G.w0 = _mm256_sub_epi16(low4(w), z);
+    G.w1 = _mm256_sub_epi16(high4(w), z);
+    G.s0 = G.s1 = h2f(b);
+    G.mn = 0.f;
   }
 #endif
 };
@@ -145,6 +124,10 @@ struct Q4_0 {
 struct Q4_1 {
   static constexpr QType kType = QType::kQ4_1;
   static constexpr bool kMin = true;   // a float minimum per 32 values
+  static constexpr bool kHalves = false;   // a scale per 16 values
+  static constexpr int kGroups = 1;   // groups of 32 values per block
+  struct Head {};
+  static void head(const uint8_t*, Head&) {}
   static constexpr int kValues = 32, kBytes = 20, kOffset = 0;
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
@@ -158,9 +141,12 @@ struct Q4_1 {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void group(const uint8_t* b, int64_t v0, const XRow& x, __m256& acc, float& extra) {
-    add_block(acc, group_dot<0>(nibbles_16(b + 4), x, v0), b, x, v0);
-    extra += h2f(b + 2) * x.xs[v0 / 32];
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
+    const __m256i w = u8x16(b + 4);
+    G.w0 = low4(w);
+    G.w1 = high4(w);
+    G.s0 = G.s1 = h2f(b);
+    G.mn = h2f(b + 2);
   }
 #endif
 };
@@ -169,6 +155,10 @@ struct Q4_1 {
 struct Q5_0 {
   static constexpr QType kType = QType::kQ5_0;
   static constexpr bool kMin = false;   // a float minimum per 32 values
+  static constexpr bool kHalves = false;   // a scale per 16 values
+  static constexpr int kGroups = 1;   // groups of 32 values per block
+  struct Head {};
+  static void head(const uint8_t*, Head&) {}
   static constexpr int kValues = 32, kBytes = 22, kOffset = 16;
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
@@ -183,9 +173,14 @@ struct Q5_0 {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void group(const uint8_t* b, int64_t v0, const XRow& x, __m256& acc, float&) {
-    const __m256i w = _mm256_or_si256(nibbles_16(b + 6), bits_to_16(u32(b + 2)));
-    add_block(acc, group_dot<kOffset>(w, x, v0), b, x, v0);
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
+    __m256i h0, h1;
+    bits_to_16(u32(b + 2), h0, h1);
+    const __m256i w = u8x16(b + 6), z = _mm256_set1_epi16(kOffset);
+    G.w0 = _mm256_sub_epi16(_mm256_or_si256(low4(w), h0), z);
+    G.w1 = _mm256_sub_epi16(_mm256_or_si256(high4(w), h1), z);
+    G.s0 = G.s1 = h2f(b);
+    G.mn = 0.f;
   }
 #endif
 };
@@ -194,6 +189,10 @@ struct Q5_0 {
 struct Q5_1 {
   static constexpr QType kType = QType::kQ5_1;
   static constexpr bool kMin = true;   // a float minimum per 32 values
+  static constexpr bool kHalves = false;   // a scale per 16 values
+  static constexpr int kGroups = 1;   // groups of 32 values per block
+  struct Head {};
+  static void head(const uint8_t*, Head&) {}
   static constexpr int kValues = 32, kBytes = 24, kOffset = 0;
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
@@ -208,10 +207,14 @@ struct Q5_1 {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void group(const uint8_t* b, int64_t v0, const XRow& x, __m256& acc, float& extra) {
-    const __m256i w = _mm256_or_si256(nibbles_16(b + 8), bits_to_16(u32(b + 4)));
-    add_block(acc, group_dot<0>(w, x, v0), b, x, v0);
-    extra += h2f(b + 2) * x.xs[v0 / 32];
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
+    __m256i h0, h1;
+    bits_to_16(u32(b + 4), h0, h1);
+    const __m256i w = u8x16(b + 8);
+    G.w0 = _mm256_or_si256(low4(w), h0);
+    G.w1 = _mm256_or_si256(high4(w), h1);
+    G.s0 = G.s1 = h2f(b);
+    G.mn = h2f(b + 2);
   }
 #endif
 };
@@ -220,7 +223,11 @@ struct Q5_1 {
 struct Q8_0 {
   static constexpr QType kType = QType::kQ8_0;
   static constexpr bool kMin = false;   // a float minimum per 32 values
-  static constexpr int kValues = 32, kBytes = 34, kOffset = 128;  // the SIMD path reads the signed bytes (sign trick)
+  static constexpr bool kHalves = false;   // a scale per 16 values
+  static constexpr int kGroups = 1;   // groups of 32 values per block
+  struct Head {};
+  static void head(const uint8_t*, Head&) {}
+  static constexpr int kValues = 32, kBytes = 34, kOffset = 128;  // the SIMD path reads the signed bytes
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
       const uint8_t* b = row + (2 * c + g) * kBytes;
@@ -230,15 +237,18 @@ struct Q8_0 {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void group(const uint8_t* b, int64_t v0, const XRow& x, __m256& acc, float&) {
-    add_block(acc, group_dot_signed(_mm256_loadu_si256((const __m256i*)(b + 2)), x, v0), b, x, v0);
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
+    G.w0 = i8x16(b + 2);
+    G.w1 = i8x16(b + 18);
+    G.s0 = G.s1 = h2f(b);
+    G.mn = 0.f;
   }
 #endif
 };
 
 // ------------------------------------------------------------------ the K-quants: super-blocks of 256
 // The 6-bit scale and minimum of sub-block j (0..7) of Q4_K / Q5_K (ggml's get_scale_min_k4).
-inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
+D3K_ALWAYS_INLINE void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
   if (j < 4) {
     *sc = q[j] & 63;
     *m = q[j + 4] & 63;
@@ -255,7 +265,8 @@ inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
 template <bool kFive>
 struct QxK {
   static constexpr QType kType = kFive ? QType::kQ5_K : QType::kQ4_K;
-  static constexpr bool kMin = true;
+  static constexpr bool kMin = true;   // the minima: Head::m, per super-block
+  static constexpr bool kHalves = false;
   static constexpr int kValues = 256, kBytes = kFive ? 176 : 144, kOffset = 0;
   static constexpr int kQs = kFive ? 48 : 16;
   static void decode(const uint8_t* row, int64_t c, int, uint8_t* w, float* sc, float* mn) {
@@ -276,34 +287,39 @@ struct QxK {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  // one whole super-block (8 groups of 32); sb: its index in the row
-  static void super(const uint8_t* row, int64_t sb, const XRow& x, __m256& acc0, __m256& acc1, __m256& mins) {
-    const uint8_t* b = row + sb * kBytes;
-    alignas(32) float s8[8], m8[8];
-    const float d = h2f(b), dmin = h2f(b + 2);
-    for (int j = 0; j < 8; ++j) {
-      int sc, m;
-      scale_min_k4(j, b + 4, &sc, &m);
-      s8[j] = d * (float)sc;
-      m8[j] = dmin * (float)m;
+  // the super-block's scales and minima (floats), computed once for its 8 groups: the 12 bytes of 6-bit values
+  // rearranged into 8 scale bytes and 8 minimum bytes (ggml's utmp shuffle), then widened together
+  static constexpr int kGroups = 8;
+  struct Head {
+    alignas(32) float s[8];
+    __m256 m;   // -dmin * m_j
+  };
+  static D3K_ALWAYS_INLINE void head(const uint8_t* b, Head& h) {
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3f3f3f3f;
+    const __m128i v = _mm_loadu_si128((const __m128i*)u);
+    _mm256_store_ps(h.s, _mm256_mul_ps(_mm256_set1_ps(h2f(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
+    h.m = _mm256_mul_ps(_mm256_set1_ps(-h2f(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+  }
+  // group j: sub-block j of super-block b
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int j, const Head& h, Group& G) {
+    G.s0 = G.s1 = h.s[j];
+    G.mn = 0.f;   // the minima come per super-block (Head::m)
+    const uint8_t* q = b + kQs + 32 * (j / 2);
+    __m256i w0 = u8x16(q), w1 = u8x16(q + 16);
+    w0 = j % 2 ? high4(w0) : low4(w0);
+    w1 = j % 2 ? high4(w1) : low4(w1);
+    if constexpr (kFive) {   // bit j of qh[l] is value l's 5th bit
+      w0 = _mm256_or_si256(w0, bits_to(u8x16(b + 16), j, 0x10));
+      w1 = _mm256_or_si256(w1, bits_to(u8x16(b + 32), j, 0x10));
     }
-    // the minima: - sum_j dmin m_j dx_j sum(xq of sub-block j)
-    mins = _mm256_fnmadd_ps(_mm256_load_ps(m8), _mm256_loadu_ps(x.xs + 8 * sb), mins);
-    const int64_t v = 256 * sb;
-    const __m256i qh = kFive ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
-    for (int cc = 0; cc < 4; ++cc) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + kQs + 32 * cc));
-      __m256i w0 = _mm256_and_si256(q, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-      if constexpr (kFive) {   // bit 2cc (2cc + 1) of each qh byte to bit 4
-        const __m256i h = _mm256_srli_epi16(qh, 2 * cc);   // bit 2cc -> 0, 2cc + 1 -> 1
-        w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_slli_epi16(h, 4), b4));
-        w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_slli_epi16(h, 3), b4));
-      }
-      add_scaled(acc0, group_dot<0>(w0, x, v + 64 * cc), _mm256_broadcast_ss(s8 + 2 * cc), x, v + 64 * cc);
-      add_scaled(acc1, group_dot<0>(w1, x, v + 64 * cc + 32), _mm256_broadcast_ss(s8 + 2 * cc + 1), x,
-                 v + 64 * cc + 32);
-    }
+    G.w0 = w0;
+    G.w1 = w1;
   }
 #endif
 };
@@ -316,6 +332,7 @@ using Q5_K = QxK<true>;
 struct Q6_K {
   static constexpr QType kType = QType::kQ6_K;
   static constexpr bool kMin = false;   // a float minimum per 32 values
+  static constexpr bool kHalves = true;   // a scale per 16 values
   static constexpr int kValues = 256, kBytes = 210, kOffset = 32;
   static void decode(const uint8_t* row, int64_t c, int, uint8_t* w, float* sc, float* mn) {
     const uint8_t* b = row + (c / 4) * kBytes;
@@ -333,32 +350,31 @@ struct Q6_K {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  static void super(const uint8_t* row, int64_t sb, const XRow& x, __m256& acc0, __m256& acc1, __m256&) {
-    const uint8_t* b = row + sb * kBytes;
+  // d times the 16 int8 scales of super-block b, computed once for its 8 groups
+  static constexpr int kGroups = 8;
+  struct Head {
+    alignas(32) float s[16];
+  };
+  static D3K_ALWAYS_INLINE void head(const uint8_t* b, Head& h) {
     const __m128i sc8 = _mm_loadu_si128((const __m128i*)(b + 192));
     const __m256 d = _mm256_set1_ps(h2f(b + 208));
-    alignas(32) float s16[16];   // d * scales[k]
-    _mm256_store_ps(s16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))));
-    _mm256_store_ps(s16 + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))));
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    const int64_t v = 256 * sb;
-    for (int n = 0; n < 2; ++n) {
-      const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));        // values 0..31 (low), 64..95 (high)
-      const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(b + 64 * n + 32));   // values 32..63, 96..127
-      const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * n));
-      // value group i (32 values at 128 n + 32 i): bits 2i, 2i + 1 of qh to bits 4, 5
-      const __m256i w[4] = {
-          _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(move_bits<0, 4>(qh), m30)),
-          _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(move_bits<2, 4>(qh), m30)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(move_bits<4, 4>(qh), m30)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(move_bits<6, 4>(qh), m30))};
-      for (int i = 0; i < 4; ++i) {
-        const int64_t v0 = v + 128 * n + 32 * i;
-        const float* sc = s16 + 8 * n + 2 * i;
-        const __m256 scale = _mm256_set_m128(_mm_broadcast_ss(sc + 1), _mm_broadcast_ss(sc));
-        add_scaled(i & 1 ? acc1 : acc0, group_dot<kOffset>(w[i], x, v0), scale, x, v0);
-      }
-    }
+    _mm256_store_ps(h.s, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))));
+    _mm256_store_ps(h.s + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))));
+  }
+  // group j: values 32 i .. 32 i + 31 of half n of super-block b (j = 4 n + i)
+  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int j, const Head& h, Group& G) {
+    const int n = j / 4, i = j % 4;
+    const uint8_t* ql = b + 64 * n + 32 * (i & 1);
+    __m256i w0 = u8x16(ql), w1 = u8x16(ql + 16);
+    w0 = i < 2 ? low4(w0) : high4(w0);
+    w1 = i < 2 ? low4(w1) : high4(w1);
+    const uint8_t* qh = b + 128 + 32 * n;
+    const __m256i z = _mm256_set1_epi16(kOffset);
+    G.w0 = _mm256_sub_epi16(_mm256_or_si256(w0, bits_to(u8x16(qh), 2 * i, 0x30)), z);
+    G.w1 = _mm256_sub_epi16(_mm256_or_si256(w1, bits_to(u8x16(qh + 16), 2 * i, 0x30)), z);
+    G.s0 = h.s[2 * j];
+    G.s1 = h.s[2 * j + 1];
+    G.mn = 0.f;
   }
 #endif
 };

@@ -10,22 +10,20 @@
 namespace d3k::cpu {
 
 // One activation row as the dot products read it: its float values, and for block-quantized weights the same
-// values rounded to 16-bit integer blocks of kBlock (dx = amax / kQMax), stored as two int8 planes
-// q = 255 hi + lo (d3k/cpu/formats.h lists each array's shape). kQMax = 127 * 255 + 127 keeps hi in int8.
+// values rounded to 16-bit integers per kBlock values (dx = amax / kQMax; d3k/cpu/formats.h lists each array's
+// shape). kQMax = 32512 keeps a sum of 4 products with |w| <= 128 below 2^24, exact in float.
 constexpr float kQMax = 32512.f;
 struct XRow {
   const float* f = nullptr;
-  const int8_t* hi = nullptr;
-  const int8_t* lo = nullptr;
+  const int16_t* q = nullptr;
   const float* dx = nullptr;
-  const int32_t* nz = nullptr;
   const float* xs = nullptr;
 };
 
 struct IsaKernels {
   const char* name;
   // x [K] (K a multiple of kBlock) -> the rounded row's arrays (formats.h)
-  void (*quantize)(const float* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* nz, float* xs);
+  void (*quantize)(const float* x, int64_t K, int16_t* q, float* dx, float* xs);
   // y[b * ldy + map(r)] = w[r, :] . xs[b] for rows r in [r0, r1), b < nx; w rows of K values of type t, ld bytes
   // apart. map(r) = r, or with perm_d > 0 (rows stored in llama.cpp's interleaved-RoPE order, heads of perm_d
   // rows) the row's Hugging Face index: within each head, row 2 i + j goes to j perm_d / 2 + i.

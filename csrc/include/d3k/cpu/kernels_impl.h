@@ -25,24 +25,17 @@ inline float hsum(__m256 v) {
 #endif
 
 // ------------------------------------------------------------------ activation rounding
-void quantize(const float* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* nz, float* xs) {
+void quantize(const float* x, int64_t K, int16_t* q, float* dx, float* xs) {
   for (int64_t g = 0; g < K / kBlock; ++g) {
     const float* xb = x + g * kBlock;
     float amax = 0.f;
     for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
     const float d = amax / kQMax, id = d > 0.f ? 1.f / d : 0.f;
     int32_t total = 0;
-    for (int j = 0; j < kBlock; j += 4) {
-      int32_t s = 0;
-      for (int k = j; k < j + 4; ++k) {
-        const int q = (int)std::nearbyint(xb[k] * id);   // round half to even; |q| <= 32512
-        const int l = ((q + 127) % 255 + 255) % 255 - 127, h = (q - l) / 255;   // q = 255 h + l, both in [-127, 127]
-        hi[g * kBlock + k] = (int8_t)h;
-        lo[g * kBlock + k] = (int8_t)l;
-        s += q;
-      }
-      nz[(g * kBlock + j) / 4] = -8 * s;
-      total += s;
+    for (int j = 0; j < kBlock; ++j) {
+      const int v = (int)std::nearbyint(xb[j] * id);   // round half to even; |v| <= 32512
+      q[g * kBlock + j] = (int16_t)v;
+      total += v;
     }
     dx[g] = d;
     xs[g] = d * (float)total;
@@ -50,14 +43,13 @@ void quantize(const float* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int3
 }
 
 // ------------------------------------------------------------------ block rows
-// Any block format, through its portable decode (formats.h): the scalar and AVX2 paths, and the AVX-512
-// path's half chunk at the end of a row of 32-value blocks.
+// Any block format through its portable decode (formats.h): the scalar path.
 template <class F>
-float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t c0, int64_t K) {
+float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
   float acc = 0.f;
   alignas(64) uint8_t w[64];
   float sc[4], mn[2];
-  for (int64_t c = c0; c * 64 < K; ++c) {
+  for (int64_t c = 0; c * 64 < K; ++c) {
     const int ng = (int)std::min<int64_t>(2, (K - c * 64) / kBlock);
     F::decode(row, c, ng, w, sc, mn);
     for (int g = 0; g < ng; ++g) {
@@ -65,9 +57,7 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t c0, int64_t
       float part = 0.f;
       for (int h = 0; h < 2; ++h) {
         int32_t s = 0;
-        for (int k = 16 * h; k < 16 * h + 16; ++k) s += (int32_t)w[32 * g + k] * (255 * x.hi[v + k] + x.lo[v + k]);
-        const int32_t* nz = x.nz + (v + 16 * h) / 4;   // -8 sum(q) per 4 values
-        s += F::kOffset / 8 * (nz[0] + nz[1] + nz[2] + nz[3]);
+        for (int k = 16 * h; k < 16 * h + 16; ++k) s += ((int32_t)w[32 * g + k] - F::kOffset) * x.q[v + k];
         part += sc[2 * g + h] * (float)s;
       }
       acc += part * x.dx[2 * c + g] + mn[g] * x.xs[2 * c + g];
@@ -76,27 +66,75 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t c0, int64_t
   return acc;
 }
 
-template <class F>
-float dot_row(const uint8_t* row, const XRow& x, int64_t K) {
+// One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
+// (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
+// Below 4 rows the groups alternate between two accumulator sets, so one chain's FMA latency does not bound
+// the loop.
+template <class F, int RX>
+D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, float* out) {
 #if defined(D3K_SIMD_BLOCKS)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  if constexpr (F::kValues == 256) {
-    __m256 mins = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < K / 256; ++sb) F::super(row, sb, x, a0, a1, mins);
-    return fmt::hsum8(_mm256_add_ps(a0, a1)) + fmt::hsum8(mins);
-  } else {
-    float e0 = 0.f, e1 = 0.f;   // two chains, so the minima's scalar adds do not serialize the loop
-    const int64_t nb = K / 32;
-    int64_t g = 0;
-    for (; g + 1 < nb; g += 2) {
-      F::group(row + g * F::kBytes, 32 * g, x, a0, e0);
-      F::group(row + (g + 1) * F::kBytes, 32 * g + 32, x, a1, e1);
+  constexpr int kSets = RX < 4 ? 2 : 1;
+  constexpr bool kSuperMin = F::kMin && F::kGroups == 8;   // the K-quants' minima, a vector per super-block
+  __m256 acc[kSets][RX], mins[RX];
+  float extra[kSets][RX];
+  for (int b = 0; b < RX; ++b) {
+    mins[b] = _mm256_setzero_ps();
+    for (int s = 0; s < kSets; ++s) {
+      acc[s][b] = _mm256_setzero_ps();
+      extra[s][b] = 0.f;
     }
-    if (g < nb) F::group(row + g * F::kBytes, 32 * g, x, a0, e0);
-    return fmt::hsum8(_mm256_add_ps(a0, a1)) + e0 + e1;
+  }
+  auto step = [&](const fmt::Group& G, int64_t g, __m256* a, float* e) __attribute__((always_inline)) {
+    for (int b = 0; b < RX; ++b) {
+      const int16_t* q = xs[b].q + 32 * g;
+      const __m256 dx = _mm256_broadcast_ss(xs[b].dx + g);
+      const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
+      const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
+      if constexpr (F::kHalves) {
+        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), a[b]);
+        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(_mm256_set1_ps(G.s1), dx), a[b]);
+      } else {
+        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx),
+                               a[b]);
+      }
+      if constexpr (F::kMin && !kSuperMin) e[b] += G.mn * xs[b].xs[g];
+    }
+  };
+  // a block of the format (kGroups groups), its groups alternating between the accumulator sets
+  auto unit = [&](int64_t u, int set0) __attribute__((always_inline)) {
+    const uint8_t* b = row + u * F::kBytes;
+    typename F::Head h;
+    F::head(b, h);
+    if constexpr (kSuperMin)
+      for (int r = 0; r < RX; ++r) mins[r] = _mm256_fmadd_ps(h.m, _mm256_loadu_ps(xs[r].xs + 8 * u), mins[r]);
+#pragma GCC unroll 8
+    for (int j = 0; j < F::kGroups; ++j) {
+      fmt::Group G;
+      F::load(b, j, h, G);
+      const int s = (set0 + j) % kSets;
+      step(G, u * F::kGroups + j, acc[s], extra[s]);
+    }
+  };
+  const int64_t nu = K / F::kValues;
+  int64_t u = 0;
+  if constexpr (kSets == 2 && F::kGroups == 1) {
+    for (; u + 1 < nu; u += 2) {
+      unit(u, 0);
+      unit(u + 1, 1);
+    }
+  }
+  for (; u < nu; ++u) unit(u, 0);
+  for (int b = 0; b < RX; ++b) {
+    __m256 a = _mm256_add_ps(acc[0][b], mins[b]);
+    float e = extra[0][b];
+    if constexpr (kSets == 2) {
+      a = _mm256_add_ps(a, acc[1][b]);
+      e += extra[1][b];
+    }
+    out[b] = fmt::hsum8(a) + e;
   }
 #else
-  return dot_chunks_portable<F>(row, x, 0, K);
+  for (int b = 0; b < RX; ++b) out[b] = dot_chunks_portable<F>(row, xs[b], K);
 #endif
 }
 
@@ -176,105 +214,61 @@ void axpy_float(float a, const uint8_t* v, float* y, int64_t K) {
   for (; j < K; ++j) y[j] += a * load1<T>(v, j);
 }
 
-// ------------------------------------------------------------------ many activation rows (prefill, batches)
-// With several activation rows, a weight row is decoded once (the format's portable decode) into signed int8
-// values w - zero point, a scale per 16 values and a minimum per 32, and then multiplied with every activation
-// row: the decode is paid once per weight row and call instead of once per activation row.
-constexpr int kUnpackRows = 4;   // from this many activation rows on
-
-template <class F>
-void unpack_row(const uint8_t* row, int64_t K, int8_t* q, float* sc, float* mn) {
-  alignas(64) uint8_t w[64];
-  float s4[4], m2[2];
-  for (int64_t c = 0; c * 64 < K; ++c) {
-    const int ng = (int)std::min<int64_t>(2, (K - c * 64) / kBlock);
-    F::decode(row, c, ng, w, s4, m2);
-    for (int k = 0; k < 32 * ng; ++k) q[c * 64 + k] = (int8_t)((int)w[k] - F::kOffset);
-    for (int i = 0; i < 2 * ng; ++i) sc[c * 4 + i] = s4[i];
-    for (int g = 0; g < ng; ++g) mn[c * 2 + g] = m2[g];
-  }
-}
-
-// an unpacked weight row . one rounded activation row
-inline float dot_unpacked(const int8_t* q, const float* sc, const float* mn, bool mins, const XRow& x, int64_t K) {
-  float extra = 0.f;
-  const int64_t ng = K / kBlock;
-#if defined(D3K_SIMD_BLOCKS)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i k255 = _mm256_set1_epi16(255);
-  for (int64_t g = 0; g < ng; ++g) {
-    const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * g)), a = _mm256_sign_epi8(w, w);
-    const __m256i xh = _mm256_loadu_si256((const __m256i*)(x.hi + 32 * g));
-    const __m256i xl = _mm256_loadu_si256((const __m256i*)(x.lo + 32 * g));
-    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(xh, w)), k255),
-                                       _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(xl, w)), ones));
-    const __m256 s = _mm256_mul_ps(_mm256_set_m128(_mm_broadcast_ss(sc + 2 * g + 1), _mm_broadcast_ss(sc + 2 * g)),
-                                   _mm256_broadcast_ss(x.dx + g));
-    if (g & 1) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a1);
-    else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a0);
-    if (mins) extra += mn[g] * x.xs[g];
-  }
-  return fmt::hsum8(_mm256_add_ps(a0, a1)) + extra;
-#else
-  float acc = 0.f;
-  for (int64_t g = 0; g < ng; ++g) {
-    float part = 0.f;
-    for (int h = 0; h < 2; ++h) {
-      int32_t s = 0;
-      for (int k = 32 * g + 16 * h; k < 32 * g + 16 * h + 16; ++k) s += (int32_t)q[k] * (255 * x.hi[k] + x.lo[k]);
-      part += sc[2 * g + h] * (float)s;
-    }
-    acc += part * x.dx[g];
-    if (mins) extra += mn[g] * x.xs[g];
-  }
-  return acc + extra;
-#endif
-}
-
 // the row's output index: its own, or un-permuted from llama.cpp's interleaved-RoPE order (kernels.h)
-inline int64_t out_row(int64_t r, int64_t perm_d) {
+D3K_ALWAYS_INLINE int64_t out_row(int64_t r, int64_t perm_d) {
   if (!perm_d) return r;
   const int64_t head = r / perm_d, i = r % perm_d;
   return head * perm_d + (i & 1) * (perm_d / 2) + (i >> 1);
 }
 
-template <QType T>
-float dot_any(const uint8_t* row, const XRow& x, int64_t K) {
-  if constexpr (T == QType::kF32 || T == QType::kF16 || T == QType::kBF16) return dot_float<T>(row, x.f, K);
-  else return dot_row<fmt::Of<T>>(row, x, K);
+// Rows [r0, r1) of block format F against nx activation rows: the weight rows in blocks of kRowBlock (which stay
+// in L2 while every activation row passes over them), each block against the activation rows kTile at a time
+// (then 4, 2, 1 for the rest). One activation row is the GEMV: each weight row streams through once.
+constexpr int64_t kRowBlock = 32;
+constexpr int kTile = 8;
+
+template <class F, int RX>
+void pass(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, float* y, int64_t ldy, int64_t K,
+          int64_t perm_d) {
+  float out[RX];
+  for (int64_t r = r0; r < r1; ++r) {
+    dot_rows<F, RX>(w + r * ld, xs, K, out);
+    const int64_t o = out_row(r, perm_d);
+    for (int b = 0; b < RX; ++b) y[b * ldy + o] = out[b];
+  }
 }
 
 template <class F>
-void gemm_rows(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy,
-               int64_t K, int64_t perm_d) {
-  thread_local std::vector<char> buf;   // grown once per thread to the largest K, then reused
-  const std::size_t need = K + (K / 16 + K / 32) * sizeof(float) + 128;
-  if (buf.size() < need) buf.resize(need);
-  int8_t* q = reinterpret_cast<int8_t*>(buf.data());
-  float* sc = reinterpret_cast<float*>(buf.data() + ((K + 63) & ~int64_t(63)));
-  float* mn = sc + K / 16;
-  const bool mins = F::kType == QType::kQ4_1 || F::kType == QType::kQ5_1 || F::kType == QType::kQ4_K ||
-                    F::kType == QType::kQ5_K;
-  for (int64_t r = r0; r < r1; ++r) {
-    unpack_row<F>(w + r * ld, K, q, sc, mn);
-    const int64_t o = out_row(r, perm_d);
-    for (int b = 0; b < nx; ++b) y[b * ldy + o] = dot_unpacked(q, sc, mn, mins, xs[b], K);
+void gemm_blocks(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y,
+                 int64_t ldy, int64_t K, int64_t perm_d) {
+  if (nx == 1) return pass<F, 1>(w, ld, r0, r1, xs, y, ldy, K, perm_d);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(rb + kRowBlock, r1);
+    int b = 0;
+    for (; b + kTile <= nx; b += kTile) pass<F, kTile>(w, ld, rb, re, xs + b, y + b * ldy, ldy, K, perm_d);
+    if (b + 4 <= nx) {
+      pass<F, 4>(w, ld, rb, re, xs + b, y + b * ldy, ldy, K, perm_d);
+      b += 4;
+    }
+    if (b + 2 <= nx) {
+      pass<F, 2>(w, ld, rb, re, xs + b, y + b * ldy, ldy, K, perm_d);
+      b += 2;
+    }
+    if (b < nx) pass<F, 1>(w, ld, rb, re, xs + b, y + b * ldy, ldy, K, perm_d);
   }
 }
 
 template <QType T>
 void gemv_t(const uint8_t* w, int64_t ld, int64_t r0, int64_t r1, const XRow* xs, int nx, float* y, int64_t ldy,
             int64_t K, int64_t perm_d) {
-  if constexpr (T != QType::kF32 && T != QType::kF16 && T != QType::kBF16) {
-    if (nx >= kUnpackRows) {
-      return gemm_rows<fmt::Of<T>>(w, ld, r0, r1, xs, nx, y, ldy, K, perm_d);
+  if constexpr (T == QType::kF32 || T == QType::kF16 || T == QType::kBF16) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + r * ld;
+      const int64_t o = out_row(r, perm_d);
+      for (int b = 0; b < nx; ++b) y[b * ldy + o] = dot_float<T>(row, xs[b].f, K);
     }
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w + r * ld;
-    const int64_t o = out_row(r, perm_d);
-    for (int b = 0; b < nx; ++b) y[b * ldy + o] = dot_any<T>(row, xs[b], K);
+  } else {
+    gemm_blocks<fmt::Of<T>>(w, ld, r0, r1, xs, nx, y, ldy, K, perm_d);
   }
 }
 

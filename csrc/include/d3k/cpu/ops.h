@@ -7,7 +7,7 @@
 // as up to three row blocks (Seg), each with its own storage type, so a GGUF file's q / k / v or gate / up
 // tensors are read where they lie, in whatever type each has. Block types are ggml's (d3k/cpu/formats.h):
 // Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32 values), Q4_K, Q5_K, Q6_K (super-blocks of 256). With a block
-// type the activations are rounded to 16-bit integer blocks of 32 (two int8 planes, d3k/cpu/kernels.h) before
+// type the activations are rounded to int16 per block of 32 (d3k/cpu/kernels.h) before
 // the integer dot products; float weights are read as float32 and multiplied in float32.
 //
 // Launchers check sizes and pointers, run on the calling thread's team of worker threads and return ""
