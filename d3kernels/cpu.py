@@ -138,6 +138,7 @@ class CpuKernels:
     (d3kernels.declare) and launches it, or, inside `record(program)`, adds it to the program instead."""
 
     name = "cpu"
+    LM_HEAD_SKIPS_IDLE_ROWS = True   # lm_head takes row_active (StepCore passes it)
 
     def __init__(self, module=None):
         self.C = module if module is not None else C
@@ -211,7 +212,25 @@ class CpuKernels:
     write_kv = _ops.launcher_method("write_kv")
     attn_block_paged = _ops.launcher_method("attn_block_paged")
     write_kv_paged = _ops.launcher_method("write_kv_paged", "rows with slot_mapping < 0 write nothing")
-    lm_head = _ops.launcher_method("lm_head")
+
+    def lm_head(self, logits, h, final_norm, w_lm, eps, row_active=None) -> None:
+        """lm_head (reference signature), plus row_active uint8 [B] (optional): rows with 0 are not computed
+        and their logits keep what they held, so a batch's idle slots cost nothing."""
+        keep = self._keep if self._program is not None else []
+        struct, a = self._args("lm_head", (logits, h, final_norm, w_lm, eps), keep)
+        if row_active is not None:
+            B = h.shape[0]
+            if (not isinstance(row_active, torch.Tensor) or row_active.dtype != torch.uint8
+                    or tuple(row_active.shape) != (B,) or row_active.device.type != "cpu"
+                    or not row_active.is_contiguous()):
+                raise RuntimeError(f"lm_head: row_active must be a contiguous uint8 CPU tensor of shape ({B},), got "
+                                   f"{getattr(row_active, 'dtype', type(row_active).__name__)} "
+                                   f"{tuple(getattr(row_active, 'shape', ()))}")
+            a.row_active = row_active.data_ptr()
+        if self._program is not None:
+            self._program.add_lm_head(a)
+        else:
+            self.C.lm_head(a)
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:

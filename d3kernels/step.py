@@ -272,7 +272,9 @@ class StepCore:
                    self.rope_sin, bufs.active, self.cfg.eps, mask=bufs.mask, project=bufs.project_for(p),
                    copy=bufs.copy if p.copy is not None else None, block_table=c.block_table,
                    slots=bufs.slots, counts=counts)
-        self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps)
+        # backends that can skip idle rows (cpu) compute the active rows' logits only
+        extra = {"row_active": bufs.active} if getattr(self.ops, "LM_HEAD_SKIPS_IDLE_ROWS", False) else {}
+        self.ops.lm_head(self.logits, self._h, w.final_norm, w.lm_head, self.cfg.eps, **extra)
         counts["lm_head"] += 1
 
     def _record(self, p: Plan):

@@ -125,6 +125,27 @@ def test_lm_head_and_sampling(isa, wtype):
     assert tokens[1] == 7
 
 
+def test_lm_head_skips_idle_rows():
+    """row_active: the active rows' logits equal the all-rows launch's, an idle row's stay as they were (no
+    multiply spent on it), and a bad mask is refused before anything is written."""
+    r = _rand(6)
+    B, d, V = 5, 256, 301
+    h, norm = r(B, d), 1 + 0.1 * r(d)
+    w, _ = _pack(r(V, d), "q4_K")
+    full = torch.empty(B, V)
+    cpu.ops.lm_head(full, h, norm, w, EPS)
+    for act in ([1, 0, 1, 1, 0], [0, 0, 0, 0, 1], [1] * 5, [0] * 5):
+        logits = torch.full((B, V), 7.0)
+        cpu.ops.lm_head(logits, h, norm, w, EPS, row_active=torch.tensor(act, dtype=torch.uint8))
+        for b, a in enumerate(act):
+            assert torch.equal(logits[b], full[b] if a else torch.full((V,), 7.0)), (act, b)
+    logits = torch.full((B, V), 7.0)
+    for bad in (torch.ones(B, dtype=torch.int32), torch.ones(B + 1, dtype=torch.uint8)):
+        with pytest.raises(RuntimeError, match="row_active"):
+            cpu.ops.lm_head(logits, h, norm, w, EPS, row_active=bad)
+    assert torch.equal(logits, torch.full((B, V), 7.0))
+
+
 @pytest.mark.parametrize("mode", ("mask", "project", "copy"))
 @pytest.mark.parametrize("wtype", ("bf16", "q4_1", "q8_0"))
 def test_write_kv(mode, wtype):
@@ -512,6 +533,8 @@ def test_block_dot_equals_rounding_emulation(isa):
                     want = xr @ torch.from_numpy(theirs.astype(np.float64)).t()
                     err = (y.double() - want).abs().max().item()
                     assert err <= 1e-5 * want.abs().max().item(), (qt, R, K, N, err)
+                    if N > 1:   # batch invariance: a row's result does not depend on the rows beside it
+                        assert torch.equal(y[-1:], cpu.linear(x[-1:], w)), (qt, R, K, N)
 
 
 def test_planted_bug_in_a_gemm_tile_edge_fails(tmp_path):

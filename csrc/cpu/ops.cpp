@@ -463,26 +463,40 @@ void mlp_body(const MlpArgs& a, const Team& t, char* base) {
 
 struct HeadScratch {
   Rows x;
+  int64_t* rows;   // the rows computed
+  float* y;        // [n, V] when only some rows are computed, else null (written in place)
 };
 
 HeadScratch head_scratch(Bump& m, const LmHeadArgs& a) {
   HeadScratch s;
   s.x.make(m, a.B, a.d, quantized(mat(a.w_lm)));
+  s.rows = m.take<int64_t>(a.B);
+  s.y = a.row_active ? m.take<float>(a.B * a.V) : nullptr;
   return s;
 }
 
+// logits of the active rows only: an idle slot costs no multiply (the GEMM's tiles take the active rows alone)
 void head_body(const LmHeadArgs& a, const Team& t, char* base) {
   Bump m{base};
   HeadScratch s = head_scratch(m, a);
-  for (int64_t b = t.id; b < a.B; b += t.n) {
-    rms_norm(a.dtype, a.h, b, a.final_norm, a.d, a.eps, s.x.f + b * a.d);
-    s.x.point(b);
-    s.x.round(b, 0, a.d);
+  const uint8_t* act = reinterpret_cast<const uint8_t*>(a.row_active);
+  int64_t n = 0;  // every thread computes the same list
+  for (int64_t b = 0; b < a.B; ++b)
+    if (!act || act[b]) s.rows[n++] = b;
+  for (int64_t i = t.id; i < n; i += t.n) {
+    rms_norm(a.dtype, a.h, s.rows[i], a.final_norm, a.d, a.eps, s.x.f + i * a.d);
+    s.x.point(i);
+    s.x.round(i, 0, a.d);
   }
   t.barrier();
   int64_t lo, hi;
   t.share(a.V, 64, &lo, &hi);
-  gemv_mat(mat(a.w_lm), lo, hi, s.x.x, (int)a.B, reinterpret_cast<float*>(a.logits), a.V, a.d);
+  float* logits = reinterpret_cast<float*>(a.logits);
+  const bool direct = n == a.B;   // rows i = b: straight into the logits
+  if (n) gemv_mat(mat(a.w_lm), lo, hi, s.x.x, (int)n, direct ? logits : s.y, a.V, a.d);
+  if (!direct)   // each thread moves the columns it computed
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(logits + s.rows[i] * a.V + lo, s.y + i * a.V + lo, (hi - lo) * sizeof(float));
   t.barrier();
 }
 

@@ -68,71 +68,47 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
 
 // One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
 // (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
-// Below 4 rows the groups alternate between two accumulator sets, so one chain's FMA latency does not bound
-// the loop.
+// Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
+// depend on the batch around it (one accumulator per pair: a group costs more cycles than the FMA's latency).
 template <class F, int RX>
 D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, float* out) {
 #if defined(D3K_SIMD_BLOCKS)
-  constexpr int kSets = RX < 4 ? 2 : 1;
   constexpr bool kSuperMin = F::kMin && F::kGroups == 8;   // the K-quants' minima, a vector per super-block
-  __m256 acc[kSets][RX], mins[RX];
-  float extra[kSets][RX];
+  __m256 acc[RX], mins[RX];
+  float extra[RX];
   for (int b = 0; b < RX; ++b) {
-    mins[b] = _mm256_setzero_ps();
-    for (int s = 0; s < kSets; ++s) {
-      acc[s][b] = _mm256_setzero_ps();
-      extra[s][b] = 0.f;
-    }
+    acc[b] = mins[b] = _mm256_setzero_ps();
+    extra[b] = 0.f;
   }
-  auto step = [&](const fmt::Group& G, int64_t g, __m256* a, float* e) __attribute__((always_inline)) {
-    for (int b = 0; b < RX; ++b) {
-      const int16_t* q = xs[b].q + 32 * g;
-      const __m256 dx = _mm256_broadcast_ss(xs[b].dx + g);
-      const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
-      const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
-      if constexpr (F::kHalves) {
-        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), a[b]);
-        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(_mm256_set1_ps(G.s1), dx), a[b]);
-      } else {
-        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx),
-                               a[b]);
-      }
-      if constexpr (F::kMin && !kSuperMin) e[b] += G.mn * xs[b].xs[g];
-    }
-  };
-  // a block of the format (kGroups groups), its groups alternating between the accumulator sets
-  auto unit = [&](int64_t u, int set0) __attribute__((always_inline)) {
-    const uint8_t* b = row + u * F::kBytes;
+  const int64_t nu = K / F::kValues;
+  for (int64_t u = 0; u < nu; ++u) {
+    const uint8_t* blk = row + u * F::kBytes;
     typename F::Head h;
-    F::head(b, h);
+    F::head(blk, h);
     if constexpr (kSuperMin)
-      for (int r = 0; r < RX; ++r) mins[r] = _mm256_fmadd_ps(h.m, _mm256_loadu_ps(xs[r].xs + 8 * u), mins[r]);
+      for (int b = 0; b < RX; ++b) mins[b] = _mm256_fmadd_ps(h.m, _mm256_loadu_ps(xs[b].xs + 8 * u), mins[b]);
 #pragma GCC unroll 8
     for (int j = 0; j < F::kGroups; ++j) {
       fmt::Group G;
-      F::load(b, j, h, G);
-      const int s = (set0 + j) % kSets;
-      step(G, u * F::kGroups + j, acc[s], extra[s]);
-    }
-  };
-  const int64_t nu = K / F::kValues;
-  int64_t u = 0;
-  if constexpr (kSets == 2 && F::kGroups == 1) {
-    for (; u + 1 < nu; u += 2) {
-      unit(u, 0);
-      unit(u + 1, 1);
+      F::load(blk, j, h, G);
+      const int64_t g = u * F::kGroups + j;
+      for (int b = 0; b < RX; ++b) {
+        const int16_t* q = xs[b].q + 32 * g;
+        const __m256 dx = _mm256_broadcast_ss(xs[b].dx + g);
+        const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
+        const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
+        if constexpr (F::kHalves) {
+          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), acc[b]);
+          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(_mm256_set1_ps(G.s1), dx), acc[b]);
+        } else {
+          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)),
+                                   _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), acc[b]);
+        }
+        if constexpr (F::kMin && !kSuperMin) extra[b] += G.mn * xs[b].xs[g];
+      }
     }
   }
-  for (; u < nu; ++u) unit(u, 0);
-  for (int b = 0; b < RX; ++b) {
-    __m256 a = _mm256_add_ps(acc[0][b], mins[b]);
-    float e = extra[0][b];
-    if constexpr (kSets == 2) {
-      a = _mm256_add_ps(a, acc[1][b]);
-      e += extra[1][b];
-    }
-    out[b] = fmt::hsum8(a) + e;
-  }
+  for (int b = 0; b < RX; ++b) out[b] = fmt::hsum8(_mm256_add_ps(acc[b], mins[b])) + extra[b];
 #else
   for (int b = 0; b < RX; ++b) out[b] = dot_chunks_portable<F>(row, xs[b], K);
 #endif

@@ -87,7 +87,8 @@ struct WriteKvArgs {
 
 #define D3K_CPU_LM_HEAD_FIELDS(X)                                                         \
   X(uintptr_t, logits) X(uintptr_t, h) X(uintptr_t, final_norm) D3K_CPU_WEIGHT(X, w_lm)   \
-  X(int64_t, B) X(int64_t, d) X(int64_t, V) X(double, eps) X(DType, dtype)
+  X(int64_t, B) X(int64_t, d) X(int64_t, V) X(double, eps) X(DType, dtype) X(uintptr_t, row_active)
+// row_active: uint8 [B] or 0 (every row); rows with 0 are not computed and their logits keep what they held
 struct LmHeadArgs {
   D3K_CPU_LM_HEAD_FIELDS(D3K_CPU_DECLARE_FIELD)
 };
