@@ -3,14 +3,15 @@ per output token (TPOT), p50 / p99, at full depth and under D3, with llama-cpp-p
 when one can be started.
 
     python bench/serve_bench.py [--streams 1,8,32] [--alphas 1,0.998] [--requests-per-stream 4]
-                                [--max-tokens 64] [--threads N] [--model PATH] [--json OUT]
+                                [--max-tokens 64] [--threads N] [--model PATH] [--json OUT] [--rate R]
                                 [--llama-python /venv/bin/python] [--smoke]
 
 Each alpha and concurrency c gets its own server process (`d3kernels serve --max-batch c --alpha A`, the
-embedded model unless --model: a step's lm_head computes every slot's row, live or not, so spare slots are
-not free). c asyncio clients (the openai package, streaming chat
+embedded model unless --model; an idle slot costs the cpu backend nothing). c asyncio clients (the openai package, streaming chat
 completions of the built-in prompts, temperature 0, ignore_eos so every request makes --max-tokens tokens)
-run c x --requests-per-stream requests after a warm-up of c short ones. Per request: TTFT = first token's
+run c x --requests-per-stream requests after a warm-up of c short ones: in bursts (each client sends its
+next request when its last one ends), or with --rate R at Poisson arrival times (R requests/s, seeded; the
+server queues what its c slots cannot take, so TTFT includes the wait). Per request: TTFT = first token's
 arrival - send; TPOT = (last token's arrival - first's) / (tokens - 1). Aggregate tokens/s = all tokens / the
 wall time from the first send to the last token. The rows are appended to --json (one object per setting).
 
@@ -95,17 +96,30 @@ async def one(client, model: str, messages: list, max_tokens: int, d3k: bool) ->
 
 
 async def run_level(url: str, model: str, prompts: list, streams: int, requests: int, max_tokens: int,
-                    d3k: bool) -> dict:
+                    d3k: bool, rate: float = 0.0) -> dict:
+    """Bursts (rate 0): `streams` clients, each sending its next request when the last one ends. Poisson
+    arrivals (rate > 0 requests/s, seeded): every request is sent at its arrival time and the server queues
+    what its slots cannot take, so TTFT includes the wait."""
     import openai
+    import random
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     sem = asyncio.Semaphore(streams)
+    rng, t, arrive = random.Random(0), 0.0, []
+    for _ in range(requests):
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+        arrive.append(t)
 
-    async def limited(k, n):
+    async def limited(k, n, at=None):
+        msgs = [{"role": "user", "content": prompts[k % len(prompts)]}]
+        if at is not None:
+            await asyncio.sleep(at)
+            return await one(client, model, msgs, n, d3k)
         async with sem:
-            return await one(client, model, [{"role": "user", "content": prompts[k % len(prompts)]}], n, d3k)
+            return await one(client, model, msgs, n, d3k)
     try:
         await asyncio.gather(*(limited(k, 4) for k in range(streams)))                 # warm-up
-        res = await asyncio.gather(*(limited(k, max_tokens) for k in range(requests)))
+        res = await asyncio.gather(*(limited(k, max_tokens, arrive[k] if rate > 0 else None)
+                                     for k in range(requests)))
     finally:
         await client.close()
     ttft = [r["arrivals"][0] - r["t0"] for r in res if r["arrivals"]]
@@ -141,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-python", default=os.environ.get("D3K_LLAMA_PYTHON"))
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument("--no-d3k", action="store_true", help="only the llama.cpp anchor")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="Poisson arrivals at this many requests/s (default 0: bursts of --streams clients)")
     ap.add_argument("--smoke", action="store_true", help="1 stream, 2 requests of 8 tokens, the default alpha")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -171,8 +187,7 @@ def main(argv=None) -> int:
             json.dump(old + [row], open(a.json, "w"), indent=1)
     for alpha in ([] if a.no_d3k else alphas):
         for c in streams:
-            # one server per level, with as many slots as streams: a step's lm_head runs over every slot
-            # (static buffers), so spare slots are not free
+            # one server per level, with as many slots as streams
             cmd = [sys.executable, "-m", "d3kernels", "serve", "--model", model_path, "--port", "0", "--alpha",
                    str(alpha), "--max-batch", str(c), "--max-seq-len", "512",
                    "--max-queue", str(c * a.requests_per_stream + 8)]
@@ -181,8 +196,8 @@ def main(argv=None) -> int:
             try:
                 model_id = re.search(r"serving (\S+) on", open(srv.log_path).read()).group(1)
                 r = asyncio.run(run_level(f"http://127.0.0.1:{srv.port}", model_id, prompts, c,
-                                          c * a.requests_per_stream, a.max_tokens, True))
-                add({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, **r})
+                                          c * a.requests_per_stream, a.max_tokens, True, a.rate))
+                add({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, "rate": a.rate, **r})
             finally:
                 srv.stop()
     if not a.no_llama:
@@ -205,8 +220,8 @@ def main(argv=None) -> int:
                 try:
                     for c in streams:
                         r = asyncio.run(run_level(f"http://127.0.0.1:{port}", "gguf", prompts, c,
-                                                  c * a.requests_per_stream, a.max_tokens, False))
-                        add({**meta, "server": "llama-cpp-python", "alpha": 1.0, "streams": c, **r})
+                                                  c * a.requests_per_stream, a.max_tokens, False, a.rate))
+                        add({**meta, "server": "llama-cpp-python", "alpha": 1.0, "streams": c, "rate": a.rate, **r})
                 finally:
                     srv.stop()
     print(f"\n{'server':18s} {'alpha':>6s} {'streams':>7s} {'tok/s':>8s} {'TTFT p50':>9s} {'p99':>8s} "
