@@ -28,6 +28,40 @@ inline float hsum(__m256 v) {
 void quantize(const float* x, int64_t K, int16_t* q, float* dx, float* xs) {
   for (int64_t g = 0; g < K / kBlock; ++g) {
     const float* xb = x + g * kBlock;
+#if defined(__AVX2__)
+    // the scalar loop below, 8 values a register: the same amax, 1 / d and round half to even (cvtps_epi32
+    // under the default rounding mode), so both paths give the same integers
+    __m256 v[4];
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(3.4028235e38f);
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      const __m256 a = _mm256_and_ps(v[i], abs_mask);
+      m = _mm256_max_ps(m, a);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));   // inf or NaN
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    if (!_mm256_movemask_ps(bad)) {   // inf and NaN inputs take the scalar path, which defines what they give
+      const float d = _mm_cvtss_f32(m4) / kQMax, id = d > 0.f ? 1.f / d : 0.f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));
+      const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8);
+      const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[2], r[3]), 0xD8);
+      _mm256_storeu_si256((__m256i*)(q + g * kBlock), p01);
+      _mm256_storeu_si256((__m256i*)(q + g * kBlock + 16), p23);
+      __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+      __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+      dx[g] = d;
+      xs[g] = d * (float)_mm_cvtsi128_si32(t4);
+      continue;
+    }
+#endif
     float amax = 0.f;
     for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
     const float d = amax / kQMax, id = d > 0.f ? 1.f / d : 0.f;
