@@ -3,6 +3,9 @@ layer passes per token, and real tokens/s against plain full-depth decoding, in 
 memory-bound cost model's prediction (d3kernels.speed.speculative_speedup) and break-even acceptance.
 
     python bench/speculative_bench.py [--tokens 64] [--prompts 2] [--alphas 0.99,0.97,0.95] [--ks 1,2,4]
+                                      [--backend reference|cpu] [--model PATH] [--threads N]
+
+With --backend cpu the model's weights stay as the file stores them (GGUF blocks, no --dtype).
 """
 from __future__ import annotations
 
@@ -27,11 +30,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: fp32 on a CPU, bf16 on a GPU)")
     ap.add_argument("--backend", default="reference")
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded model)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-    model = load_model(device=args.device, dtype=dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if args.backend == "cpu":
+            from d3kernels import cpu
+            cpu.set_num_threads(args.threads)
+    if args.backend == "cpu" and args.dtype is None:
+        dtype = None     # the weights as stored, read by the cpu backend
+        model = load_model(args.model, device=args.device)
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+        model = load_model(args.model, device=args.device, dtype=dtype)
     cfg, L = model.config, model.config.num_layers
     rows = encode_prompts(model, builtin_prompts()[: args.prompts])
     S = max(len(r) for r in rows) + args.tokens + 1
@@ -55,7 +69,7 @@ def main() -> None:
 
     base, base_tps, _ = run(D3Schedule(L, alpha=1.0))
     out = [{"setting": "full depth", "tokens_per_s": base_tps}]
-    print(f"full depth: {base_tps:.2f} tokens/s ({len(rows)} prompts x {n} tokens, {str(dtype)[6:]} "
+    print(f"full depth: {base_tps:.2f} tokens/s ({len(rows)} prompts x {n} tokens, {str(dtype)[6:] if dtype else 'packed'} "
           f"{args.backend} on {args.device}, {torch.get_num_threads()} threads)")
     print("alpha  k  accept  tok/round  draft/tok  verify/tok  tok/s  vs full  same | model: at accept  at 0.8  "
           "at 0.9  break-even")
