@@ -104,6 +104,12 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
 // (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
 // Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
 // depend on the batch around it (one accumulator per pair: a group costs more cycles than the FMA's latency).
+// The GEMV's software prefetch distance: 4 KB ahead of the block it reads (the rows of a thread's share are
+// contiguous, so that is 2-4 rows ahead). Two threads streaming Q4_0 rows ran at ~12.5 GB/s with it against
+// ~11 without, on a VM where a plain 2-thread read reached 18-25 (the hardware prefetcher alone does not run
+// far enough ahead); 1 KB gained less. A prefetch past the end of the matrix is harmless (it never faults).
+constexpr int64_t kPrefetch = 4096;
+
 template <class F, int RX>
 D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, float* out) {
 #if defined(D3K_SIMD_BLOCKS)
@@ -117,6 +123,8 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
   const int64_t nu = K / F::kValues;
   for (int64_t u = 0; u < nu; ++u) {
     const uint8_t* blk = row + u * F::kBytes;
+    if constexpr (RX == 1)   // the GEMV streams from memory: ask for the bytes kPrefetch ahead now
+      for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
     typename F::Head h;
     F::head(blk, h);
     if constexpr (kSuperMin)
