@@ -89,135 +89,57 @@ inline float hsum8(__m256 v) {
 #endif
 
 // ------------------------------------------------------------------ the 32-value block types
-// Q4_0 {f16 d; u8 qs[16]}: v = d (q - 8); byte j of qs holds value j (low nibble) and j + 16 (high).
-struct Q4_0 {
-  static constexpr QType kType = QType::kQ4_0;
-  static constexpr bool kMin = false;   // a float minimum per 32 values
+// The nibble types, one layout family: a block of 32 values is {f16 d; [f16 m;] [u32 qh;] u8 qs[16]}, byte j of
+// qs holding value j (low nibble) and j + 16 (high), bit k of qh value k's 5th bit (kFive):
+//   Q4_0 {d; qs}: v = d (q - 8)          Q4_1 {d, m; qs}: v = d q + m
+//   Q5_0 {d; qh; qs}: v = d (q - 16)     Q5_1 {d, m; qh; qs}: v = d q + m
+template <QType T, bool kFive, bool kHasMin>
+struct Nibbles32 {
+  static constexpr QType kType = T;
+  static constexpr bool kMin = kHasMin;   // a float minimum per 32 values
   static constexpr bool kHalves = false;   // a scale per 16 values
   static constexpr int kGroups = 1;   // groups of 32 values per block
   struct Head {};
   static void head(const uint8_t*, Head&) {}
-  static constexpr int kValues = 32, kBytes = 18, kOffset = 8;
+  static constexpr int kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0);   // where qh and qs start
+  static constexpr int kValues = 32, kBytes = kQs + 16, kOffset = kHasMin ? 0 : kFive ? 16 : 8;
   static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
     for (int g = 0; g < ng && g < 2; ++g) {
       const uint8_t* b = row + (2 * c + g) * kBytes;
+      const uint32_t qh = kFive ? u32(b + kQh) : 0;
       for (int j = 0; j < 16; ++j) {
-        w[32 * g + j] = b[2 + j] & 0xF;
-        w[32 * g + j + 16] = b[2 + j] >> 4;
+        w[32 * g + j] = (b[kQs + j] & 0xF) | ((qh >> j) & 1) << 4;
+        w[32 * g + j + 16] = (b[kQs + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
       }
       sc[2 * g] = sc[2 * g + 1] = h2f(b);
-      mn[g] = 0.f;
+      mn[g] = kHasMin ? h2f(b + 2) : 0.f;
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
   static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
-    const __m256i w = u8x16(b + 2), z = _mm256_set1_epi16(kOffset);
-    G.w0 = _mm256_sub_epi16(low4(w), z);
-    G.w1 = _mm256_sub_epi16(high4(w), z);
-    G.s0 = G.s1 = h2f(b);
-    G.mn = 0.f;
-  }
-#endif
-};
-
-// Q4_1 {f16 d, m; u8 qs[16]}: v = d q + m.
-struct Q4_1 {
-  static constexpr QType kType = QType::kQ4_1;
-  static constexpr bool kMin = true;   // a float minimum per 32 values
-  static constexpr bool kHalves = false;   // a scale per 16 values
-  static constexpr int kGroups = 1;   // groups of 32 values per block
-  struct Head {};
-  static void head(const uint8_t*, Head&) {}
-  static constexpr int kValues = 32, kBytes = 20, kOffset = 0;
-  static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
-    for (int g = 0; g < ng && g < 2; ++g) {
-      const uint8_t* b = row + (2 * c + g) * kBytes;
-      for (int j = 0; j < 16; ++j) {
-        w[32 * g + j] = b[4 + j] & 0xF;
-        w[32 * g + j + 16] = b[4 + j] >> 4;
-      }
-      sc[2 * g] = sc[2 * g + 1] = h2f(b);
-      mn[g] = h2f(b + 2);
-    }
-  }
-#if defined(D3K_SIMD_BLOCKS)
-  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
-    const __m256i w = u8x16(b + 4);
+    const __m256i w = u8x16(b + kQs);
     G.w0 = low4(w);
     G.w1 = high4(w);
-    G.s0 = G.s1 = h2f(b);
-    G.mn = h2f(b + 2);
-  }
-#endif
-};
-
-// Q5_0 {f16 d; u32 qh; u8 qs[16]}: v = d (q - 16), q = nibble | (bit k of qh) << 4 for value k.
-struct Q5_0 {
-  static constexpr QType kType = QType::kQ5_0;
-  static constexpr bool kMin = false;   // a float minimum per 32 values
-  static constexpr bool kHalves = false;   // a scale per 16 values
-  static constexpr int kGroups = 1;   // groups of 32 values per block
-  struct Head {};
-  static void head(const uint8_t*, Head&) {}
-  static constexpr int kValues = 32, kBytes = 22, kOffset = 16;
-  static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
-    for (int g = 0; g < ng && g < 2; ++g) {
-      const uint8_t* b = row + (2 * c + g) * kBytes;
-      const uint32_t qh = u32(b + 2);
-      for (int j = 0; j < 16; ++j) {
-        w[32 * g + j] = (b[6 + j] & 0xF) | ((qh >> j) & 1) << 4;
-        w[32 * g + j + 16] = (b[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
-      }
-      sc[2 * g] = sc[2 * g + 1] = h2f(b);
-      mn[g] = 0.f;
+    if constexpr (kFive) {
+      __m256i h0, h1;
+      bits_to_16(u32(b + kQh), h0, h1);
+      G.w0 = _mm256_or_si256(G.w0, h0);
+      G.w1 = _mm256_or_si256(G.w1, h1);
     }
-  }
-#if defined(D3K_SIMD_BLOCKS)
-  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
-    __m256i h0, h1;
-    bits_to_16(u32(b + 2), h0, h1);
-    const __m256i w = u8x16(b + 6), z = _mm256_set1_epi16(kOffset);
-    G.w0 = _mm256_sub_epi16(_mm256_or_si256(low4(w), h0), z);
-    G.w1 = _mm256_sub_epi16(_mm256_or_si256(high4(w), h1), z);
-    G.s0 = G.s1 = h2f(b);
-    G.mn = 0.f;
-  }
-#endif
-};
-
-// Q5_1 {f16 d, m; u32 qh; u8 qs[16]}: v = d q + m.
-struct Q5_1 {
-  static constexpr QType kType = QType::kQ5_1;
-  static constexpr bool kMin = true;   // a float minimum per 32 values
-  static constexpr bool kHalves = false;   // a scale per 16 values
-  static constexpr int kGroups = 1;   // groups of 32 values per block
-  struct Head {};
-  static void head(const uint8_t*, Head&) {}
-  static constexpr int kValues = 32, kBytes = 24, kOffset = 0;
-  static void decode(const uint8_t* row, int64_t c, int ng, uint8_t* w, float* sc, float* mn) {
-    for (int g = 0; g < ng && g < 2; ++g) {
-      const uint8_t* b = row + (2 * c + g) * kBytes;
-      const uint32_t qh = u32(b + 4);
-      for (int j = 0; j < 16; ++j) {
-        w[32 * g + j] = (b[8 + j] & 0xF) | ((qh >> j) & 1) << 4;
-        w[32 * g + j + 16] = (b[8 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
-      }
-      sc[2 * g] = sc[2 * g + 1] = h2f(b);
-      mn[g] = h2f(b + 2);
+    if constexpr (kOffset != 0) {
+      const __m256i z = _mm256_set1_epi16(kOffset);
+      G.w0 = _mm256_sub_epi16(G.w0, z);
+      G.w1 = _mm256_sub_epi16(G.w1, z);
     }
-  }
-#if defined(D3K_SIMD_BLOCKS)
-  static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
-    __m256i h0, h1;
-    bits_to_16(u32(b + 4), h0, h1);
-    const __m256i w = u8x16(b + 8);
-    G.w0 = _mm256_or_si256(low4(w), h0);
-    G.w1 = _mm256_or_si256(high4(w), h1);
     G.s0 = G.s1 = h2f(b);
-    G.mn = h2f(b + 2);
+    G.mn = kHasMin ? h2f(b + 2) : 0.f;
   }
 #endif
 };
+using Q4_0 = Nibbles32<QType::kQ4_0, false, false>;
+using Q4_1 = Nibbles32<QType::kQ4_1, false, true>;
+using Q5_0 = Nibbles32<QType::kQ5_0, true, false>;
+using Q5_1 = Nibbles32<QType::kQ5_1, true, true>;
 
 // Q8_0 {f16 d; i8 qs[32]}: v = d q; read as w = q + 128 with zero point 128.
 struct Q8_0 {

@@ -15,15 +15,6 @@ namespace d3k::cpu {
 namespace D3K_ISA_NS {
 namespace {
 
-#if defined(__AVX2__)
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-#endif
-
 // ------------------------------------------------------------------ activation rounding
 void quantize(const float* x, int64_t K, int16_t* q, float* dx, float* xs) {
   for (int64_t g = 0; g < K / kBlock; ++g) {
@@ -100,16 +91,16 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
   return acc;
 }
 
-// One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
-// (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
-// Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
-// depend on the batch around it (one accumulator per pair: a group costs more cycles than the FMA's latency).
 // The GEMV's software prefetch distance: 4 KB ahead of the block it reads (the rows of a thread's share are
 // contiguous, so that is 2-4 rows ahead). Two threads streaming Q4_0 rows ran at ~12.5 GB/s with it against
 // ~11 without, on a VM where a plain 2-thread read reached 18-25 (the hardware prefetcher alone does not run
 // far enough ahead); 1 KB gained less. A prefetch past the end of the matrix is harmless (it never faults).
 constexpr int64_t kPrefetch = 4096;
 
+// One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
+// (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
+// Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
+// depend on the batch around it (one accumulator per pair: a group costs more cycles than the FMA's latency).
 template <class F, int RX>
 D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, float* out) {
 #if defined(D3K_SIMD_BLOCKS)
@@ -201,7 +192,7 @@ inline VecF zero() { return _mm256_setzero_ps(); }
 inline VecF loadf(const float* p) { return _mm256_loadu_ps(p); }
 inline void storef(float* p, VecF v) { _mm256_storeu_ps(p, v); }
 inline VecF bcast(float a) { return _mm256_set1_ps(a); }
-inline float hsumv(VecF v) { return hsum(v); }
+inline float hsumv(VecF v) { return fmt::hsum8(v); }   // the AVX2 builds have FMA and F16C too
 #endif
 
 template <QType T>
