@@ -19,27 +19,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cpu_bench import commit  # noqa: E402  (this directory's side-by-side bench: the same commit label)
 
 PROMPT = "What is the capital of France? Answer in one sentence."
-
-
-def _commit() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        c = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "csrc", "d3kernels"],
-                               capture_output=True, text=True).stdout.strip()
-        return c + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -91,7 +79,7 @@ def main() -> None:
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(tps[a], tps[b]))
 
-    print(f"\n{os.path.basename(path)}: {L} layers; {datetime.date.today()}, commit {_commit()}, "
+    print(f"\n{os.path.basename(path)}: {L} layers; {datetime.date.today()}, commit {commit()}, "
           f"{platform.processor() or platform.machine()}, isa {cpu.isa()}, {args.threads} threads, {n} greedy "
           f"tokens after a {len(ids)}-token prompt, {args.reps} rounds (median, min-max)")
     rows_out = []
@@ -110,7 +98,7 @@ def main() -> None:
         with open(args.json, "a") as f:
             for r in rows_out:
                 f.write(json.dumps({"model": os.path.basename(path), "date": str(datetime.date.today()),
-                                    "commit": _commit(), "threads": args.threads, **r}) + "\n")
+                                    "commit": commit(), "threads": args.threads, **r}) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,20 +46,26 @@ def load(args):
     return m
 
 
-def cmd_generate(args) -> int:
-    from .decoder import Decoder
-    from .generate import encode_prompt
+def _schedule(args, model):
+    """The D3Schedule of the schedule arguments (--alpha, --start, --tail, --order; "calibrated" runs the
+    calibration on the model first)."""
     from .schedule import D3Schedule
-    from .speed import ideal_speedup
-
-    model = load(args)
     order = _order(args.order)
     if order == "calibrated":
         from .calibrate import calibrate_skip_order
         order = calibrate_skip_order(model, start=args.start, tail=args.tail)
         _log(f"calibrated skip order: {order}")
-    sched = D3Schedule(model.config.num_layers, alpha=args.alpha, start=args.start, tail=args.tail,
-                       skip_order=order)
+    return D3Schedule(model.config.num_layers, alpha=args.alpha, start=args.start, tail=args.tail,
+                      skip_order=order)
+
+
+def cmd_generate(args) -> int:
+    from .decoder import Decoder
+    from .generate import encode_prompt
+    from .speed import ideal_speedup
+
+    model = load(args)
+    sched = _schedule(args, model)
     ids = encode_prompt(model, args.prompt, raw=args.raw)
     dec = Decoder(model, sched, max_batch=1, max_seq_len=len(ids) + args.max_new_tokens, backend=args.backend,
                   log=_log)
@@ -306,7 +312,6 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from .openai_api import serve
-    from .schedule import D3Schedule
 
     if args.threads is not None:
         _set_threads(args.threads)
@@ -314,13 +319,7 @@ def cmd_serve(args) -> int:
         if cpu.C is not None:       # the cpu backend took torch's count at import
             cpu.set_num_threads(args.threads)
     model = load(args)
-    order = _order(args.order)
-    if order == "calibrated":
-        from .calibrate import calibrate_skip_order
-        order = calibrate_skip_order(model, start=args.start, tail=args.tail)
-        _log(f"calibrated skip order: {order}")
-    sched = D3Schedule(model.config.num_layers, alpha=args.alpha, start=args.start, tail=args.tail,
-                       skip_order=order)
+    sched = _schedule(args, model)
     return serve(model, sched, host=args.host, port=args.port, model_id=args.served_model_name,
                  max_batch=args.max_batch, max_seq_len=min(args.max_seq_len, model.config.max_position),
                  page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue,

@@ -181,9 +181,12 @@ class CpuKernels:
         a.eps = float(args[-1])
         return struct, a
 
-    def _launch(self, name: str, args: tuple) -> None:
+    def _launch(self, name: str, args: tuple, **fields) -> None:
+        """Launch op `name` (or record it): its reference arguments, plus struct fields beyond them."""
         keep = self._keep if self._program is not None else []
         struct, a = self._args(name, args, keep)
+        for k, v in fields.items():
+            setattr(a, k, v)
         launcher, add = _LAUNCHERS[struct]
         if self._program is not None:
             getattr(self._program, add)(a)
@@ -216,8 +219,7 @@ class CpuKernels:
     def lm_head(self, logits, h, final_norm, w_lm, eps, row_active=None) -> None:
         """lm_head (reference signature), plus row_active uint8 [B] (optional): rows with 0 are not computed
         and their logits keep what they held, so a batch's idle slots cost nothing."""
-        keep = self._keep if self._program is not None else []
-        struct, a = self._args("lm_head", (logits, h, final_norm, w_lm, eps), keep)
+        fields = {}
         if row_active is not None:
             B = h.shape[0]
             if (not isinstance(row_active, torch.Tensor) or row_active.dtype != torch.uint8
@@ -226,11 +228,8 @@ class CpuKernels:
                 raise RuntimeError(f"lm_head: row_active must be a contiguous uint8 CPU tensor of shape ({B},), got "
                                    f"{getattr(row_active, 'dtype', type(row_active).__name__)} "
                                    f"{tuple(getattr(row_active, 'shape', ()))}")
-            a.row_active = row_active.data_ptr()
-        if self._program is not None:
-            self._program.add_lm_head(a)
-        else:
-            self.C.lm_head(a)
+            fields["row_active"] = row_active.data_ptr()
+        self._launch("lm_head", (logits, h, final_norm, w_lm, eps), **fields)
 
     def sample(self, tokens, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                generator=None) -> None:
