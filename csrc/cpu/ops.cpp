@@ -140,7 +140,7 @@ struct Rows {
     r.dx = dx + i * nb;
     r.xs = xs + i * nb;
   }
-  // round values [v0, v1) of row i to 16-bit blocks (multiples of kBlock; no-op without rounding)
+  // round values [v0, v1) of row i to 16-bit spans (v0 a multiple of kSpan, v1 too or K; no-op without rounding)
   void round(int64_t i, int64_t v0, int64_t v1) const {
     if (!q || v1 <= v0) return;
     const int64_t nb = K / kBlock;
@@ -408,7 +408,7 @@ void attn_body(const AttnArgs& a, const Team& t, char* base) {
   }
   t.barrier();
   // 5. round o, then 6. out = h + wo @ o; idle rows: out = h
-  t.share(HD, 64, &lo, &hi);
+  t.share(HD, kSpan, &lo, &hi);   // whole spans of the rounding
   for (int64_t i = 0; i < n; ++i) s.o.round(i, lo, hi);
   t.barrier();
   residual_out(t, mat(a.wo), s.o.x, HD, s.rows, n, s.y, a.dtype, a.h, a.out, a.B, a.d);
@@ -447,7 +447,7 @@ void mlp_body(const MlpArgs& a, const Team& t, char* base) {
   t.barrier();
   // gate row j and up row F + j in the same thread, so silu(g) * u needs no barrier
   int64_t lo, hi;
-  t.share(F, 64, &lo, &hi);   // whole chunks of the rounding, which each thread rounds for its own share
+  t.share(F, kSpan, &lo, &hi);   // whole spans of the rounding, which each thread rounds for its own share
   const MatDesc& wgu = mat(a.w_gate_up);
   if (n) {
     gemv_mat(wgu, lo, hi, s.x.x, (int)n, s.gu, 2 * F, a.d);

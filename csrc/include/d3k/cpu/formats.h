@@ -11,13 +11,20 @@
 //   so that value k = sc[k / 16] * (w[k] - kOffset) + mn[k / 32];
 // - load(row, g, G) (SIMD builds): group g, the 32 values at 32 g, as int16 w - kOffset in two registers (values
 //   0..15, 16..31), the scale of each half and the group's minimum.
-// Against activations rounded to 16-bit integers per 32 values (x_k = dx_g * q_k) a group's dot product is
-//   sc_0 dx_g sum_{k < 16} (w_k - kOffset) q_k + sc_1 dx_g sum_{k >= 16} (w_k - kOffset) q_k + mn_g dx_g sum_k q_k,
-// integer inside each 16 values, float across them. Layouts are ggml's (ggml-common.h), little-endian.
+// Against activations rounded to 16-bit integers with one scale per span of 256 values (x_k = dx q_k; kernels.h)
+// a 32-value block's dot product is
+//   dx (sc_0 sum_{k < 16} (w_k - kOffset) q_k + sc_1 sum_{k >= 16} (w_k - kOffset) q_k) + mn_g dx sum_k q_k,
+// integer inside each 16 values, float across them. The K-quants' sub-block scales are integers (Q4_K / Q5_K
+// 6 bits, Q6_K int8) times one float d per super-block, so their SIMD path multiplies the integer scale into
+// the weights (kIntGroups below) and sums kIntGroups groups in int32 before d dx applies once: one span is one
+// super-block. Layouts are ggml's (ggml-common.h), little-endian.
 //
 // The SIMD path (AVX2 + FMA + F16C; the avx2 and avx512 builds both use it) multiplies int16 weights with the
-// int16 activations by madd (16 products a register, summed in pairs into int32): |w - kOffset| <= 128 and
-// |q| <= 32512 keep each lane's sum of 4 products below 2^24, so the lanes convert to float exactly.
+// int16 activations by madd (16 products a register, summed in pairs into int32). 32-value blocks:
+// |w - kOffset| <= 128 and |q| <= 32512 keep each lane's sum of 4 products below 2^24, so the lanes convert to
+// float exactly. K-quants: |sc (w - kOffset)| <= 945 (Q4_K), 1953 (Q5_K), 4096 (Q6_K) over 8, 8 and 4 groups
+// keep each lane below 2^31 (at most 2.131e9 for Q6_K), and the int32 sum converts to float once (rounded
+// to 24 bits).
 #pragma once
 
 #include <cstdint>
@@ -48,17 +55,17 @@ inline uint32_t u32(const uint8_t* p) {
 inline float h2f(const uint8_t* p) { return kHalfTable[u16(p)]; }
 
 // One activation row rounded for the block types (kernels.h XRow holds the pointers): q = round(x / dx) with
-// dx = amax / kQMax per 32 values,
+// dx = amax / kQMax per span of kSpan = 256 values (the last span of a row may be shorter, a multiple of 32),
 //   q   int16 [K]
-//   dx  float [K / 32]
+//   dx  float [K / 32]   the span's dx, repeated for each 32 values
 //   xs  float [K / 32]   dx * the 32 values' sum of q (the minimum types' term)
 
 #if defined(D3K_SIMD_BLOCKS)
 // ------------------------------------------------------------------ SIMD helpers
 // One group of 32 weights as the SIMD path reads it.
 struct Group {
-  __m256i w0, w1;   // int16 w - kOffset of values 0..15 and 16..31
-  float s0, s1;     // the scale of each half (equal unless the format has a scale per 16 values)
+  __m256i w0, w1;   // int16 w - kOffset of values 0..15 and 16..31 (kIntGroups formats: times their integer scale)
+  float s0, s1;     // the float scales of values 0..15 and 16..31 (equal unless kHalves: Q6_K's scale per 16)
   float mn;         // the minimum (the kMin formats of 32-value blocks; the K-quants' come per super-block)
 };
 
@@ -99,6 +106,7 @@ struct Nibbles32 {
   static constexpr bool kMin = kHasMin;   // a float minimum per 32 values
   static constexpr bool kHalves = false;   // a scale per 16 values
   static constexpr int kGroups = 1;   // groups of 32 values per block
+  static constexpr int kIntGroups = 0;   // a float scale per group (see Q4_K)
   struct Head {};
   static void head(const uint8_t*, Head&) {}
   static constexpr int kQh = kHasMin ? 4 : 2, kQs = kQh + (kFive ? 4 : 0);   // where qh and qs start
@@ -147,6 +155,7 @@ struct Q8_0 {
   static constexpr bool kMin = false;   // a float minimum per 32 values
   static constexpr bool kHalves = false;   // a scale per 16 values
   static constexpr int kGroups = 1;   // groups of 32 values per block
+  static constexpr int kIntGroups = 0;   // a float scale per group (see Q4_K)
   struct Head {};
   static void head(const uint8_t*, Head&) {}
   static constexpr int kValues = 32, kBytes = 34, kOffset = 128;  // the SIMD path reads the signed bytes
@@ -209,12 +218,13 @@ struct QxK {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  // the super-block's scales and minima (floats), computed once for its 8 groups: the 12 bytes of 6-bit values
-  // rearranged into 8 scale bytes and 8 minimum bytes (ggml's utmp shuffle), then widened together
-  static constexpr int kGroups = 8;
+  // the super-block's d, its 8 integer scales and its minima (floats), once for its 8 groups: the 12 bytes of
+  // 6-bit values rearranged into 8 scale bytes and 8 minimum bytes (ggml's utmp shuffle)
+  static constexpr int kGroups = 8, kIntGroups = 8;
   struct Head {
-    alignas(32) float s[8];
-    __m256 m;   // -dmin * m_j
+    float d;
+    int16_t sc[8];   // the scales
+    __m256 m;        // -dmin * m_j
   };
   static D3K_ALWAYS_INLINE void head(const uint8_t* b, Head& h) {
     uint32_t u[4];
@@ -225,13 +235,12 @@ struct QxK {
     u[2] = m03;
     u[0] &= 0x3f3f3f3f;
     const __m128i v = _mm_loadu_si128((const __m128i*)u);
-    _mm256_store_ps(h.s, _mm256_mul_ps(_mm256_set1_ps(h2f(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
+    _mm_storeu_si128((__m128i*)h.sc, _mm_cvtepu8_epi16(v));
+    h.d = h2f(b);
     h.m = _mm256_mul_ps(_mm256_set1_ps(-h2f(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
   }
-  // group j: sub-block j of super-block b
+  // group j: sub-block j of super-block b, times its scale
   static D3K_ALWAYS_INLINE void load(const uint8_t* b, int j, const Head& h, Group& G) {
-    G.s0 = G.s1 = h.s[j];
-    G.mn = 0.f;   // the minima come per super-block (Head::m)
     const uint8_t* q = b + kQs + 32 * (j / 2);
     __m256i w0 = u8x16(q), w1 = u8x16(q + 16);
     w0 = j % 2 ? high4(w0) : low4(w0);
@@ -240,8 +249,9 @@ struct QxK {
       w0 = _mm256_or_si256(w0, bits_to(u8x16(b + 16), j, 0x10));
       w1 = _mm256_or_si256(w1, bits_to(u8x16(b + 32), j, 0x10));
     }
-    G.w0 = w0;
-    G.w1 = w1;
+    const __m256i s = _mm256_set1_epi16(h.sc[j]);
+    G.w0 = _mm256_mullo_epi16(w0, s);
+    G.w1 = _mm256_mullo_epi16(w1, s);
   }
 #endif
 };
@@ -272,8 +282,9 @@ struct Q6_K {
     }
   }
 #if defined(D3K_SIMD_BLOCKS)
-  // d times the 16 int8 scales of super-block b, computed once for its 8 groups
-  static constexpr int kGroups = 8;
+  // d times the 16 int8 scales of super-block b, computed once for its 8 groups. (Multiplying the int8 scales
+  // into the weights as Q4_K does cost the GEMV two mullo and two broadcasts per group: 34% more instructions.)
+  static constexpr int kGroups = 8, kIntGroups = 0;
   struct Head {
     alignas(32) float s[16];
   };

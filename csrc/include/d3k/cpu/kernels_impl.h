@@ -16,19 +16,19 @@ namespace D3K_ISA_NS {
 namespace {
 
 // ------------------------------------------------------------------ activation rounding
+// x [K] -> q, dx, xs (formats.h): one dx = amax / kQMax per span of kSpan values (the last may be shorter).
 void quantize(const float* x, int64_t K, int16_t* q, float* dx, float* xs) {
-  for (int64_t g = 0; g < K / kBlock; ++g) {
-    const float* xb = x + g * kBlock;
+  for (int64_t s0 = 0; s0 < K; s0 += kSpan) {
+    const int64_t n = std::min<int64_t>(kSpan, K - s0), g0 = s0 / kBlock;
+    const float* xb = x + s0;
 #if defined(__AVX2__)
     // the scalar loop below, 8 values a register: the same amax, 1 / d and round half to even (cvtps_epi32
     // under the default rounding mode), so both paths give the same integers
-    __m256 v[4];
     __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(3.4028235e38f);
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(xb + 8 * i);
-      const __m256 a = _mm256_and_ps(v[i], abs_mask);
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask);
       m = _mm256_max_ps(m, a);
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));   // inf or NaN
     }
@@ -38,32 +38,36 @@ void quantize(const float* x, int64_t K, int16_t* q, float* dx, float* xs) {
     if (!_mm256_movemask_ps(bad)) {   // inf and NaN inputs take the scalar path, which defines what they give
       const float d = _mm_cvtss_f32(m4) / kQMax, id = d > 0.f ? 1.f / d : 0.f;
       const __m256 idv = _mm256_set1_ps(id);
-      __m256i r[4];
-      for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));
-      const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8);
-      const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[2], r[3]), 0xD8);
-      _mm256_storeu_si256((__m256i*)(q + g * kBlock), p01);
-      _mm256_storeu_si256((__m256i*)(q + g * kBlock + 16), p23);
-      __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-      __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
-      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-      dx[g] = d;
-      xs[g] = d * (float)_mm_cvtsi128_si32(t4);
+      for (int64_t g = 0; g < n / kBlock; ++g) {
+        __m256i r[4];
+        for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * g + 8 * i), idv));
+        const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8);
+        const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[2], r[3]), 0xD8);
+        _mm256_storeu_si256((__m256i*)(q + s0 + 32 * g), p01);
+        _mm256_storeu_si256((__m256i*)(q + s0 + 32 * g + 16), p23);
+        __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+        dx[g0 + g] = d;
+        xs[g0 + g] = d * (float)_mm_cvtsi128_si32(t4);
+      }
       continue;
     }
 #endif
     float amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    for (int64_t j = 0; j < n; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
     const float d = amax / kQMax, id = d > 0.f ? 1.f / d : 0.f;
-    int32_t total = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      const int v = (int)std::nearbyint(xb[j] * id);   // round half to even; |v| <= 32512
-      q[g * kBlock + j] = (int16_t)v;
-      total += v;
+    for (int64_t g = 0; g < n / kBlock; ++g) {
+      int32_t total = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int v = (int)std::nearbyint(xb[32 * g + j] * id);   // round half to even; |v| <= 32512
+        q[s0 + 32 * g + j] = (int16_t)v;
+        total += v;
+      }
+      dx[g0 + g] = d;
+      xs[g0 + g] = d * (float)total;
     }
-    dx[g] = d;
-    xs[g] = d * (float)total;
   }
 }
 
@@ -100,48 +104,111 @@ constexpr int64_t kPrefetch = 4096;
 // One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
 // (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
 // Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
-// depend on the batch around it (one accumulator per pair: a group costs more cycles than the FMA's latency).
+// depend on the batch around it. Per pair and group of 32: two madd and an add, then
+// - 32-value blocks: a convert and an FMA by the block's float scale into the span's partial sum, which meets
+//   the span's dx once per 8 groups;
+// - K-quants (integer scales inside the weights): an int32 add; convert and FMA by d dx once per kIntGroups.
 template <class F, int RX>
 D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, float* out) {
 #if defined(D3K_SIMD_BLOCKS)
-  constexpr bool kSuperMin = F::kMin && F::kGroups == 8;   // the K-quants' minima, a vector per super-block
-  __m256 acc[RX], mins[RX];
+  __m256 acc[RX];
   float extra[RX];
   for (int b = 0; b < RX; ++b) {
-    acc[b] = mins[b] = _mm256_setzero_ps();
+    acc[b] = _mm256_setzero_ps();
     extra[b] = 0.f;
   }
-  const int64_t nu = K / F::kValues;
-  for (int64_t u = 0; u < nu; ++u) {
-    const uint8_t* blk = row + u * F::kBytes;
-    if constexpr (RX == 1)   // the GEMV streams from memory: ask for the bytes kPrefetch ahead now
-      for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
-    typename F::Head h;
-    F::head(blk, h);
-    if constexpr (kSuperMin)
-      for (int b = 0; b < RX; ++b) mins[b] = _mm256_fmadd_ps(h.m, _mm256_loadu_ps(xs[b].xs + 8 * u), mins[b]);
+  if constexpr (F::kIntGroups > 0) {
+    for (int64_t u = 0; u < K / F::kValues; ++u) {
+      const uint8_t* blk = row + u * F::kBytes;
+      if constexpr (RX == 1)   // the GEMV streams from memory: ask for the bytes kPrefetch ahead now
+        for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+      typename F::Head h;
+      F::head(blk, h);
+      for (int j0 = 0; j0 < F::kGroups; j0 += F::kIntGroups) {
+        __m256i isum[RX];
+        for (int b = 0; b < RX; ++b) isum[b] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-    for (int j = 0; j < F::kGroups; ++j) {
-      fmt::Group G;
-      F::load(blk, j, h, G);
-      const int64_t g = u * F::kGroups + j;
+        for (int j = j0; j < j0 + F::kIntGroups; ++j) {
+          fmt::Group G;
+          F::load(blk, j, h, G);
+          const int64_t v = (u * F::kGroups + j) * 32;
+          for (int b = 0; b < RX; ++b) {
+            const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)(xs[b].q + v)));
+            const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(xs[b].q + v + 16)));
+            isum[b] = _mm256_add_epi32(isum[b], _mm256_add_epi32(l0, l1));
+            // keeps the sum in a register group by group: without it GCC reassociates the unrolled integer
+            // sums of a tile (all madds first) and spills them
+            asm("" : "+x"(isum[b]));
+          }
+        }
+        const int64_t g0 = u * F::kGroups;   // the super-block is one span: one dx
+        for (int b = 0; b < RX; ++b)
+          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[b]), _mm256_set1_ps(h.d * xs[b].dx[g0]), acc[b]);
+      }
+      if constexpr (F::kMin)
+        for (int b = 0; b < RX; ++b) acc[b] = _mm256_fmadd_ps(h.m, _mm256_loadu_ps(xs[b].xs + 8 * u), acc[b]);
+    }
+  } else {   // float scales: a span's partial sum meets its dx once (a span is 8 blocks, or Q6_K's super-block)
+    constexpr int64_t kSpanGroups = kSpan / 32;
+    static_assert(F::kGroups == 1 || F::kGroups == kSpanGroups, "a span holds whole blocks");
+    const int64_t ng = K / 32;
+    __m256 part[RX];
+    alignas(32) float mn[kSpanGroups] = {};   // the minimum types: the span's 8 minima, then 8 FMAs in one
+    const auto group = [&](int64_t g, const fmt::Group& G) __attribute__((always_inline)) {
+      const __m256 s0 = _mm256_set1_ps(G.s0);
       for (int b = 0; b < RX; ++b) {
         const int16_t* q = xs[b].q + 32 * g;
-        const __m256 dx = _mm256_broadcast_ss(xs[b].dx + g);
         const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
         const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
         if constexpr (F::kHalves) {
-          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), acc[b]);
-          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(_mm256_set1_ps(G.s1), dx), acc[b]);
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), s0, part[b]);
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_set1_ps(G.s1), part[b]);
         } else {
-          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)),
-                                   _mm256_mul_ps(_mm256_set1_ps(G.s0), dx), acc[b]);
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), s0, part[b]);
         }
-        if constexpr (F::kMin && !kSuperMin) extra[b] += G.mn * xs[b].xs[g];
+      }
+      if constexpr (F::kMin) mn[g % kSpanGroups] = G.mn;
+    };
+    for (int64_t g0 = 0; g0 < ng; g0 += kSpanGroups) {
+      for (int b = 0; b < RX; ++b) part[b] = _mm256_setzero_ps();
+      typename F::Head h;
+      fmt::Group G;
+      if constexpr (F::kGroups == 1) {
+        const auto block = [&](int64_t g) __attribute__((always_inline)) {
+          const uint8_t* blk = row + g * F::kBytes;
+          if constexpr (RX == 1) _mm_prefetch((const char*)(blk + kPrefetch), _MM_HINT_T0);
+          F::load(blk, 0, h, G);
+          group(g, G);
+        };
+        if (g0 + kSpanGroups <= ng) {   // a whole span, unrolled
+#pragma GCC unroll 8
+          for (int j = 0; j < kSpanGroups; ++j) block(g0 + j);
+        } else {
+          for (int64_t g = g0; g < ng; ++g) block(g);
+        }
+      } else {
+        const uint8_t* blk = row + (g0 / kSpanGroups) * F::kBytes;
+        if constexpr (RX == 1)
+          for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+        F::head(blk, h);
+#pragma GCC unroll 8
+        for (int j = 0; j < F::kGroups; ++j) {
+          F::load(blk, j, h, G);
+          group(g0 + j, G);
+        }
+      }
+      for (int b = 0; b < RX; ++b) acc[b] = _mm256_fmadd_ps(part[b], _mm256_broadcast_ss(xs[b].dx + g0), acc[b]);
+      if constexpr (F::kMin) {
+        if (g0 + kSpanGroups <= ng) {
+          for (int b = 0; b < RX; ++b) acc[b] = _mm256_fmadd_ps(_mm256_load_ps(mn), _mm256_loadu_ps(xs[b].xs + g0), acc[b]);
+        } else {   // a row's last, shorter span
+          for (int b = 0; b < RX; ++b)
+            for (int64_t g = g0; g < ng; ++g) extra[b] += mn[g - g0] * xs[b].xs[g];
+        }
       }
     }
   }
-  for (int b = 0; b < RX; ++b) out[b] = fmt::hsum8(_mm256_add_ps(acc[b], mins[b])) + extra[b];
+  for (int b = 0; b < RX; ++b) out[b] = fmt::hsum8(acc[b]) + extra[b];
 #else
   for (int b = 0; b < RX; ++b) out[b] = dot_chunks_portable<F>(row, xs[b], K);
 #endif

@@ -27,7 +27,8 @@ enum class QType : int {
 };
 constexpr int kNumQTypes = 11;
 enum class Layout : int { kContiguous = 0, kPaged = 1 };
-constexpr int kBlock = 32;  // values per block of the activation rounding
+constexpr int kBlock = 32;   // values per group of the activation rounding (one sum of q each)
+constexpr int kSpan = 256;   // values per scale of the activation rounding (the last span of a row may be shorter)
 
 // Bytes of one row of `cols` values of type q (whole blocks of the type), or -1.
 int64_t row_bytes(QType q, int64_t cols);
