@@ -223,8 +223,8 @@ struct QxK {
   static constexpr int kGroups = 8, kIntGroups = 8;
   struct Head {
     float d;
-    int16_t sc[8];   // the scales
-    __m256 m;        // -dmin * m_j
+    __m256i sc;   // the 8 scales as int16, in both 128-bit halves (one byte shuffle broadcasts scale j)
+    __m256 m;     // -dmin * m_j
   };
   static D3K_ALWAYS_INLINE void head(const uint8_t* b, Head& h) {
     uint32_t u[4];
@@ -235,7 +235,7 @@ struct QxK {
     u[2] = m03;
     u[0] &= 0x3f3f3f3f;
     const __m128i v = _mm_loadu_si128((const __m128i*)u);
-    _mm_storeu_si128((__m128i*)h.sc, _mm_cvtepu8_epi16(v));
+    h.sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
     h.d = h2f(b);
     h.m = _mm256_mul_ps(_mm256_set1_ps(-h2f(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
   }
@@ -249,7 +249,7 @@ struct QxK {
       w0 = _mm256_or_si256(w0, bits_to(u8x16(b + 16), j, 0x10));
       w1 = _mm256_or_si256(w1, bits_to(u8x16(b + 32), j, 0x10));
     }
-    const __m256i s = _mm256_set1_epi16(h.sc[j]);
+    const __m256i s = _mm256_shuffle_epi8(h.sc, _mm256_set1_epi16((short)(2 * j | (2 * j + 1) << 8)));
     G.w0 = _mm256_mullo_epi16(w0, s);
     G.w1 = _mm256_mullo_epi16(w1, s);
   }
