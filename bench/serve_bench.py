@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="the servers' CPU threads (default: torch's choice)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="d3kernels serve --prefill-chunk (default: the server's default)")
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded model)")
     ap.add_argument("--json", default=None, help="append the rows to this JSON file")
     ap.add_argument("--llama-python", default=os.environ.get("D3K_LLAMA_PYTHON"))
@@ -192,12 +194,14 @@ def main(argv=None) -> int:
                    str(alpha), "--max-batch", str(c), "--max-seq-len", "512",
                    "--max-queue", str(c * a.requests_per_stream + 8)]
             cmd += ["--threads", str(a.threads)] if a.threads else []
+            cmd += ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk else []
             srv = Process(cmd, os.path.join(tmp, f"d3k-{alpha}-{c}.log"), r"serving \S+ on http://127\.0\.0\.1:(\d+)")
             try:
                 model_id = re.search(r"serving (\S+) on", open(srv.log_path).read()).group(1)
                 r = asyncio.run(run_level(f"http://127.0.0.1:{srv.port}", model_id, prompts, c,
                                           c * a.requests_per_stream, a.max_tokens, True, a.rate))
-                add({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, "rate": a.rate, **r})
+                add({**meta, "server": "d3kernels", "alpha": alpha, "streams": c, "slots": c, "rate": a.rate,
+                     "prefill_chunk": a.prefill_chunk, **r})
             finally:
                 srv.stop()
     if not a.no_llama:

@@ -324,7 +324,8 @@ def cmd_serve(args) -> int:
                  max_batch=args.max_batch, max_seq_len=min(args.max_seq_len, model.config.max_position),
                  page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue,
                  backend=args.backend, fill=args.fill, temperature=args.temperature, top_p=args.top_p,
-                 top_k=args.top_k, shutdown_grace_s=args.shutdown_grace, log=_log)
+                 top_k=args.top_k, shutdown_grace_s=args.shutdown_grace, log=_log,
+                 prefill_chunk=args.prefill_chunk)
 
 
 def _add_serve_command(sub) -> None:
@@ -348,6 +349,9 @@ def _add_serve_command(sub) -> None:
     s.add_argument("--top-k", type=int, default=0, help="default of requests that set none (0 = off)")
     s.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the decode ops (default: torch's choice; fewer leave cores to the HTTP side)")
+    s.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step, so a long prompt delays the running requests a chunk at "
+                        "a time (default: a prompt whole when it is admitted)")
     s.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds live requests may run on after SIGINT / SIGTERM before they are aborted")
     s.set_defaults(func=cmd_serve)

@@ -571,13 +571,14 @@ def serve(model, schedule, host: str = "127.0.0.1", port: int = 8000, model_id: 
           max_batch: int = 8, max_seq_len: int = 2048, page_size: int = 16, num_pages: Optional[int] = None,
           max_queue: int = 64, backend: str = "auto", fill: str = "mask", temperature: float = 0.0,
           top_p: float = 1.0, top_k: int = 0, shutdown_grace_s: float = 10.0, log=None,
-          log_level: str = "warning") -> int:
+          log_level: str = "warning", prefill_chunk: Optional[int] = None) -> int:
     """Serve `model` under `schedule` until SIGINT / SIGTERM; returns 0 after a clean shutdown.
 
     The Server gets max_batch slots of max_seq_len positions on a paged cache (page_size; num_pages
     default: every slot can reach max_seq_len); at most max_queue requests wait for a slot. port 0 picks a
     free port; the log line "serving ... on http://HOST:PORT" names it. temperature / top_p / top_k: the
-    defaults of requests that do not set them. On a signal: no new requests (503), the queued ones get 503,
+    defaults of requests that do not set them. prefill_chunk: prompt tokens prefilled per step (Server; None:
+    a prompt whole when it is admitted). On a signal: no new requests (503), the queued ones get 503,
     live ones run for up to shutdown_grace_s seconds and are then aborted."""
     import uvicorn
 
@@ -585,7 +586,7 @@ def serve(model, schedule, host: str = "127.0.0.1", port: int = 8000, model_id: 
 
     log = log or (lambda m: None)
     server = Server(model, schedule, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend, fill=fill,
-                    page_size=page_size, num_pages=num_pages, log=log)
+                    page_size=page_size, num_pages=num_pages, log=log, prefill_chunk=prefill_chunk)
     engine = Engine(server, max_queue, log=log).start()
     model_id = model_id or default_model_id(model)
     app = build_app(Context(engine, model, model_id, schedule, temperature, top_p, top_k))

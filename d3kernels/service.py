@@ -230,11 +230,11 @@ class Engine:
                 self._end(h, "error")
                 continue
             r = server.result(h.rid)
-            h.first_token = time.perf_counter()
             with self._cond:
                 self._live[h.rid] = h
                 self._counts["peak_live"] = max(self._counts["peak_live"], len(self._live))
-            self._deliver(h, list(r.tokens), r.layers, r.finished)
+            if r.tokens:   # else its prompt prefills chunk by chunk (Server prefill_chunk), in the steps
+                self._deliver(h, list(r.tokens), r.layers, r.finished)
 
     def _step(self) -> None:
         """One Server step; each live request's new token goes to its sink."""
@@ -257,6 +257,8 @@ class Engine:
                 self._deliver(h, [tok], r.layers[-1:], r.finished)
 
     def _deliver(self, h: Handle, toks: list, layers: list, finished: Optional[str]) -> None:
+        if toks and h.first_token is None:
+            h.first_token = time.perf_counter()
         h.tokens += toks
         h.layers += [len(k) for k in layers]
         with self._cond:

@@ -25,10 +25,12 @@ its own alpha: a schedule that differs from the server's only in alpha (D3Schedu
 in the same order, so its kept sets are among the server's nested sets and the step's plan, masks and
 graphs are the same ones (engine.plan's schedules=); nothing else changes.
 
-A new request is prefilled in its own call, between decode steps, at full depth (the batched prefill;
-it is not where D3 saves time), so a decode step's launches never depend on prompt lengths.
-Chunking prefills into the steps would bound the latency a long prompt adds to the others' steps; it
-needs a prefill kernel first.
+A new request is prefilled at full depth (the batched prefill; it is not where D3 saves time), in its own
+call beside the decode step, so a decode step's launches never depend on prompt lengths. By default add()
+prefills the whole prompt, and every running request waits for it. With prefill_chunk=n, add() prefills the
+first n tokens and each step() one more chunk of n (of the oldest request still prefilling; continued
+prefill into its slot) before the decode step: a long prompt delays the others' steps by one chunk at a
+time instead of all at once, and its own first token comes from the step() that prefills its last chunk.
 
 This module holds the serving state (requests, slots, step indices). The device state and the step are
 d3kernels.step.StepCore's, shared with single-request decoding: a serving step is
@@ -63,6 +65,7 @@ class Request:
     schedule: Optional[D3Schedule] = None   # the schedule it runs (the server's, or the server's at its alpha)
     sampling: Optional[tuple] = None        # its own (temperature, top_k, top_p), or None: the server's
     generator: Optional[torch.Generator] = None   # its own generator (with its own sampling)
+    pending: list = field(default_factory=list)   # prompt ids not prefilled yet (prefill_chunk)
 
 
 class Server:
@@ -70,13 +73,19 @@ class Server:
 
     Args: as Decoder (max_batch is the number of slots; page_size / num_pages: a paged KV cache whose
     pages the requests share). temperature etc.: the sampling of requests that bring none of their own
-    (they share one generator, seeded by seed).
+    (they share one generator, seeded by seed). prefill_chunk: None (default) prefills a prompt whole in
+    add(); n >= 1 prefills it n tokens a step (see the module's docstring).
     """
 
     def __init__(self, model: Model, schedule: Optional[D3Schedule] = None, max_batch: int = 8,
                  max_seq_len: int = 2048, backend: str = "auto", fill: str = "mask", temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, cuda_graphs=None, log=None,
-                 page_size: Optional[int] = None, num_pages: Optional[int] = None):
+                 page_size: Optional[int] = None, num_pages: Optional[int] = None,
+                 prefill_chunk: Optional[int] = None):
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.schedule = schedule if schedule is not None else D3Schedule(model.config.num_layers)
         self.core = StepCore(model, self.schedule, max_batch, max_seq_len, backend, fill, cuda_graphs, log,
                              page_size, num_pages)
@@ -112,7 +121,8 @@ class Server:
             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
             alpha: Optional[float] = None) -> int:
         """Prefill a request into a free slot; returns its id. Its first token is sampled at once
-        (result(rid).tokens[0]). Raises, changing nothing, if no slot is free, it cannot fit max_seq_len,
+        (result(rid).tokens[0]), or with prefill_chunk by the step() that prefills its prompt's last chunk
+        (add() prefills the first chunk). Raises, changing nothing, if no slot is free, it cannot fit max_seq_len,
         or (paged cache) the pool has too few free pages for its prompt (cache.PoolFull).
 
         temperature, top_k, top_p, seed: this request's own sampling (any of them given: the others default
@@ -147,12 +157,13 @@ class Server:
         r = Request(next(self._ids), b, list(ids), max_new_tokens,
                     frozenset() if ignore_eos else frozenset(self.model.config.eos_token_ids),
                     schedule=schedule, sampling=sampling, generator=generator)
-        core.admit(range(b, b + 1), [ids])
-        tok = self._sample(r).tolist()[0]
+        n = len(ids) if self.prefill_chunk is None else self.prefill_chunk
+        core.admit(range(b, b + 1), [ids[:n]])
+        r.pending = list(ids[n:])
         self._slots[b] = r
         self.requests[r.rid] = r
-        r.layers.append(schedule.kept_layers(0))
-        self._emit(r, tok)
+        if not r.pending:
+            self._first_token(r)
         return r.rid
 
     def finish(self, rid: int) -> None:
@@ -168,25 +179,40 @@ class Server:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict:
-        """One decode step of every live request; returns {rid: its new token}. Requests that finish
-        leave their slot. On a paged cache, raises cache.PoolFull, changing nothing, if the rows that
-        cross into a new page cannot all get one (finish a request, then step again)."""
-        live = [r for r in self._slots if r is not None]
+        """One decode step of every live request, after (prefill_chunk) one chunk of the oldest prompt still
+        prefilling; returns {rid: its new token}, the first token of a request whose last chunk ran included.
+        Requests that finish leave their slot. On a paged cache, raises cache.PoolFull if the chunk's or the
+        decode rows' pages cannot be had (finish a request, then step again): changing nothing, or, when only
+        the decode rows' pages are missing, after the chunk ran (it stays done)."""
+        live = [r for r in self._slots if r is not None and not r.pending]
+        out = {}
+        prefilling = [r for r in self._slots if r is not None and r.pending]
+        first = None
+        if prefilling:   # one chunk of the oldest prompt still prefilling (paged: PoolFull, no change)
+            first = min(prefilling, key=lambda r: r.rid)
+            self.core.admit(range(first.slot, first.slot + 1), [first.pending[:self.prefill_chunk]], continued=True)
+            del first.pending[:self.prefill_chunk]
+            if first.pending:
+                first = None
+            else:
+                out[first.rid] = self._first_token(first)
         if not live:
-            return {}
-        p = self.core.plan([None if r is None else r.i for r in self._slots],    # paged: PoolFull, no change
-                           [None if r is None else r.schedule for r in self._slots])
+            return out
+        rows = [r if r is not None and any(r is q for q in live) else None for r in self._slots]
+        p = self.core.plan([None if r is None else r.i for r in rows],    # paged: PoolFull, no decode step
+                           [None if r is None else r.schedule for r in rows])
         self.core.run(p)
         # the rows on the server's sampling in one call (over every slot), then each row on its own
         self.core.sample(range(len(self._slots)), *self.sampling, self.generator)
         for r in live:
             if r.sampling is not None:
                 self._sample(r)
+        if first is not None and first.finished is None:   # the token buffer is the next step's input
+            self.core.tokens[first.slot] = out[first.rid]
         toks = self.core.tokens.tolist()
         kept = [r.schedule.kept_layers(r.i) for r in live]
         self.step_depths.append(len(p.kept))
         self.row_depths.append(sum(len(k) for k in kept) / len(kept))
-        out = {}
         for r, k in zip(live, kept):
             r.layers.append(k)
             r.i += 1
@@ -216,6 +242,13 @@ class Server:
         if r.sampling is None:
             return self.core.sample(rows, *self.sampling, self.generator)
         return self.core.sample(rows, *r.sampling, r.generator)
+
+    def _first_token(self, r: Request) -> int:
+        """Sample request r's first token from the logits of its prompt's last position, and emit it."""
+        tok = self._sample(r).tolist()[0]
+        r.layers.append(r.schedule.kept_layers(0))
+        self._emit(r, tok)
+        return tok
 
     def _emit(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)

@@ -118,3 +118,23 @@ def test_a_failing_request_ends_alone():
         assert engine.stats()["free_pages"] == server.cache.num_pages
     finally:
         assert engine.stop()
+
+
+def test_chunked_prefill_through_the_engine_equals_each_run_alone():
+    """The engine over a Server with prefill_chunk: the first token reaches the sink from a step, and every
+    output equals the request run alone."""
+    model = tiny_model(L=L, d=64, H=4, H_kv=2, D=16, F=96, V=101, seed=7)
+    sched = D3Schedule(L, alpha=0.8, start=0.25, tail=1)
+    server = Server(model, sched, max_batch=2, max_seq_len=40, backend="reference", page_size=4, prefill_chunk=3)
+    engine = Engine(server, max_queue=8, idle_wait_s=0.05)
+    sink = Collector()
+    prompts = [[1 + k, 2, 3, 4 + k, 5, 6, 7 + k][: 3 + 2 * k] for k in range(3)]
+    engine.start()
+    try:
+        hs = [engine.submit(p, 6, sink, ignore_eos=True) for p in prompts]
+        sink.wait(3)
+        for h, p in zip(hs, prompts):
+            assert sink.tokens[h.id] == _alone(model, sched, p, 6) and sink.finished[h.id] == "length"
+            assert h.first_token is not None
+    finally:
+        engine.stop()

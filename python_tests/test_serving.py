@@ -171,3 +171,51 @@ def test_row_schedules_must_share_the_skip_order():
     with pytest.raises(ValueError, match="alpha"):
         Server(tiny_model(L=L, seed=3), sched, max_batch=1, max_seq_len=16, backend="reference").add(
             [1, 2], max_new_tokens=2, alpha=1.5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_prefill_equals_each_run_alone(chunk):
+    """prefill_chunk: add() prefills a prompt's first chunk, each step() one more of the oldest prompt still
+    prefilling, beside the running rows' decode steps; every request's tokens and layers still equal the
+    request run alone, and its first token comes from the step that prefilled its last chunk."""
+    model = tiny_model(L=L, d=64, H=4, H_kv=2, D=16, F=96, V=101, seed=3)
+    sched = D3Schedule(L, alpha=0.8, start=0.2, tail=1)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (2, 11, 7, 3, 9)]
+    lengths = [9, 5, 6, 8, 4]
+    arrive = {0: [0, 1], 1: [2], 4: [3, 4]}
+    server = Server(model, sched, max_batch=3, max_seq_len=64, backend="reference", prefill_chunk=chunk)
+    firsts = {}
+
+    def after(s):   # note the step at which each request got its first token
+        for rid, r in s.requests.items():
+            if r.tokens and rid not in firsts:
+                firsts[rid] = len(s.step_depths)
+    rid_of = serve_staggered(server, prompts, lengths, arrive, after_step=after)
+    assert len(rid_of) == 5 and not server.live
+    for k, rid in rid_of.items():
+        r = server.result(rid)
+        want, layers = _alone(model, sched, "mask", prompts[k], lengths[k])
+        assert r.finished == "length" and r.tokens == want and r.layers == layers, (k, r.tokens, want)
+    assert any(len(p) > chunk for p in prompts) and len(firsts) == 5
+
+
+def test_chunked_prefill_request_is_live_and_can_be_finished():
+    """A request still prefilling holds its slot (live), yields no token until its last chunk, and finish()
+    frees it; a bad prefill_chunk is refused."""
+    model = tiny_model(L=L, d=64, H=4, H_kv=2, D=16, F=96, V=101, seed=3)
+    sched = D3Schedule(L, alpha=0.8, start=0.2, tail=1)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            Server(model, sched, max_batch=2, max_seq_len=32, backend="reference", prefill_chunk=bad)
+    server = Server(model, sched, max_batch=2, max_seq_len=32, backend="reference", prefill_chunk=2)
+    a = server.add([5, 6, 7, 8, 9], max_new_tokens=3, ignore_eos=True)      # chunks 2 + 2 + 1
+    assert server.live == [a] and server.result(a).tokens == []
+    assert server.step() == {}
+    out = server.step()
+    assert list(out) == [a] and server.result(a).tokens == [out[a]]
+    b = server.add([1, 2, 3], max_new_tokens=2, ignore_eos=True)
+    server.finish(b)
+    assert server.live == [a] and server.result(b).finished == "cancelled"
+    server.run()
+    assert server.result(a).tokens == _alone(model, sched, "mask", [5, 6, 7, 8, 9], 3)[0]
