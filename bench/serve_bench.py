@@ -12,7 +12,8 @@ completions of the built-in prompts, temperature 0, ignore_eos so every request 
 run c x --requests-per-stream requests after a warm-up of c short ones: in bursts (each client sends its
 next request when its last one ends), or with --rate R at Poisson arrival times (R requests/s, seeded; the
 server queues what its c slots cannot take, so TTFT includes the wait). Per request: TTFT = first token's
-arrival - send; TPOT = (last token's arrival - first's) / (tokens - 1). Aggregate tokens/s = all tokens / the
+arrival - send; TPOT = (last token's arrival - first's) / (tokens - 1); gap = the longest wait between two of
+its tokens (what a newcomer's prefill adds to the running requests). Aggregate tokens/s = all tokens / the
 wall time from the first send to the last token. The rows are appended to --json (one object per setting).
 
 llama.cpp's anchor is `PYTHON -m llama_cpp.server` on the same GGUF file (PYTHON: --llama-python,
@@ -124,11 +125,13 @@ async def run_level(url: str, model: str, prompts: list, streams: int, requests:
         await client.close()
     ttft = [r["arrivals"][0] - r["t0"] for r in res if r["arrivals"]]
     tpot = [(r["arrivals"][-1] - r["arrivals"][0]) / (len(r["arrivals"]) - 1) for r in res if len(r["arrivals"]) > 1]
+    gap = [max(b - a for a, b in zip(r["arrivals"], r["arrivals"][1:])) for r in res if len(r["arrivals"]) > 1]
     tokens = sum(len(r["arrivals"]) for r in res)
     wall = max(r["arrivals"][-1] for r in res if r["arrivals"]) - min(r["t0"] for r in res)
     return {"requests": requests, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
-            "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99)}
+            "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
+            "max_gap_p50_ms": 1e3 * pct(gap, 0.5), "max_gap_p99_ms": 1e3 * pct(gap, 0.99)}
 
 
 def llama_server_python(arg):
@@ -229,13 +232,14 @@ def main(argv=None) -> int:
                 finally:
                     srv.stop()
     print(f"\n{'server':18s} {'alpha':>6s} {'streams':>7s} {'tok/s':>8s} {'TTFT p50':>9s} {'p99':>8s} "
-          f"{'TPOT p50':>9s} {'p99':>8s}  (ms)")
+          f"{'TPOT p50':>9s} {'p99':>8s} {'gap p50':>8s} {'p99':>8s}  (ms)")
     for r in rows:
         if "skipped" in r:
             print(f"{r['server']:18s} skipped: {r['skipped']}")
             continue
         print(f"{r['server']:18s} {r['alpha']:6g} {r['streams']:7d} {r['tokens_per_s']:8.1f} {r['ttft_p50_ms']:9.1f} "
-              f"{r['ttft_p99_ms']:8.1f} {r['tpot_p50_ms']:9.1f} {r['tpot_p99_ms']:8.1f}")
+              f"{r['ttft_p99_ms']:8.1f} {r['tpot_p50_ms']:9.1f} {r['tpot_p99_ms']:8.1f} {r['max_gap_p50_ms']:8.1f} "
+              f"{r['max_gap_p99_ms']:8.1f}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
