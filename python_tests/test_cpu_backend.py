@@ -528,7 +528,9 @@ def test_block_dot_equals_rounding_emulation(isa):
     rng = np.random.default_rng(5)
     with _isa(isa):
         for qt in BLOCK_TYPES:
-            shapes = [(33, 512), (16, 2048)] + ([(24, 96), (8, 32)] if quant.QTYPES[qt][0] == 32 else [])
+            # spans of 256: whole ones, a row of one short span (96, 32), and whole spans then a short one (576:
+            # the embedded model's width)
+            shapes = [(33, 512), (16, 2048)] + ([(24, 96), (8, 32), (8, 576)] if quant.QTYPES[qt][0] == 32 else [])
             for R, K in shapes:
                 raw = _random_blocks(rng, qt, R, K)
                 theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(_GGML[qt])).reshape(R, K)
