@@ -184,21 +184,19 @@ class Server:
         Requests that finish leave their slot. On a paged cache, raises cache.PoolFull if the chunk's or the
         decode rows' pages cannot be had (finish a request, then step again): changing nothing, or, when only
         the decode rows' pages are missing, after the chunk ran (it stays done)."""
-        live = [r for r in self._slots if r is not None and not r.pending]
-        out = {}
+        rows = [r if r is not None and not r.pending else None for r in self._slots]   # the decode step's
+        live = [r for r in rows if r is not None]
         prefilling = [r for r in self._slots if r is not None and r.pending]
-        first = None
+        out, first = {}, None   # first: the request whose last chunk runs now
         if prefilling:   # one chunk of the oldest prompt still prefilling (paged: PoolFull, no change)
-            first = min(prefilling, key=lambda r: r.rid)
-            self.core.admit(range(first.slot, first.slot + 1), [first.pending[:self.prefill_chunk]], continued=True)
-            del first.pending[:self.prefill_chunk]
-            if first.pending:
-                first = None
-            else:
-                out[first.rid] = self._first_token(first)
+            r = min(prefilling, key=lambda r: r.rid)
+            self.core.admit(range(r.slot, r.slot + 1), [r.pending[:self.prefill_chunk]], continued=True)
+            del r.pending[:self.prefill_chunk]
+            if not r.pending:
+                first = r
+                out[r.rid] = self._first_token(r)
         if not live:
             return out
-        rows = [r if r is not None and any(r is q for q in live) else None for r in self._slots]
         p = self.core.plan([None if r is None else r.i for r in rows],    # paged: PoolFull, no decode step
                            [None if r is None else r.schedule for r in rows])
         self.core.run(p)
