@@ -14,17 +14,16 @@
 // Against activations rounded to 16-bit integers with one scale per span of 256 values (x_k = dx q_k; kernels.h)
 // a 32-value block's dot product is
 //   dx (sc_0 sum_{k < 16} (w_k - kOffset) q_k + sc_1 sum_{k >= 16} (w_k - kOffset) q_k) + mn_g dx sum_k q_k,
-// integer inside each 16 values, float across them. The K-quants' sub-block scales are integers (Q4_K / Q5_K
-// 6 bits, Q6_K int8) times one float d per super-block, so their SIMD path multiplies the integer scale into
-// the weights (kIntGroups below) and sums kIntGroups groups in int32 before d dx applies once: one span is one
-// super-block. Layouts are ggml's (ggml-common.h), little-endian.
+// integer inside each 16 values, float across them. Q4_K's and Q5_K's sub-block scales are 6-bit integers times
+// one float d per super-block, so their SIMD path multiplies the integer scale into the weights (kIntGroups
+// below) and sums the super-block's groups in int32 before d dx applies once: one span is one super-block.
+// (Q6_K's int8 scales per 16 values stay floats: see Q6_K.) Layouts are ggml's (ggml-common.h), little-endian.
 //
 // The SIMD path (AVX2 + FMA + F16C; the avx2 and avx512 builds both use it) multiplies int16 weights with the
 // int16 activations by madd (16 products a register, summed in pairs into int32). 32-value blocks:
 // |w - kOffset| <= 128 and |q| <= 32512 keep each lane's sum of 4 products below 2^24, so the lanes convert to
-// float exactly. K-quants: |sc (w - kOffset)| <= 945 (Q4_K), 1953 (Q5_K), 4096 (Q6_K) over 8, 8 and 4 groups
-// keep each lane below 2^31 (at most 2.131e9 for Q6_K), and the int32 sum converts to float once (rounded
-// to 24 bits).
+// float exactly. Q4_K / Q5_K: |sc w| <= 945 / 1953 over a super-block's 8 groups keep each lane below 2^31
+// (at most 2.031e9 for Q5_K), and the int32 sum converts to float once (rounded to 24 bits).
 #pragma once
 
 #include <cstdint>

@@ -101,6 +101,12 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
 // far enough ahead); 1 KB gained less. A prefetch past the end of the matrix is harmless (it never faults).
 constexpr int64_t kPrefetch = 4096;
 
+// the GEMV streams from memory: ask for block blk's bytes kPrefetch ahead now
+template <class F>
+D3K_ALWAYS_INLINE void prefetch_ahead(const uint8_t* blk) {
+  for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+}
+
 // One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
 // (F::load) and multiplied with every activation row, so RX > 1 is the GEMM's micro-kernel and RX = 1 the GEMV.
 // Every (weight row, activation row) pair sums in the same order whatever RX is, so a row's result does not
@@ -120,8 +126,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
   if constexpr (F::kIntGroups > 0) {
     for (int64_t u = 0; u < K / F::kValues; ++u) {
       const uint8_t* blk = row + u * F::kBytes;
-      if constexpr (RX == 1)   // the GEMV streams from memory: ask for the bytes kPrefetch ahead now
-        for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+      if constexpr (RX == 1) prefetch_ahead<F>(blk);
       typename F::Head h;
       F::head(blk, h);
       for (int j0 = 0; j0 < F::kGroups; j0 += F::kIntGroups) {
@@ -170,17 +175,18 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
       if constexpr (F::kMin) mn[g % kSpanGroups] = G.mn;
     };
     for (int64_t g0 = 0; g0 < ng; g0 += kSpanGroups) {
+      const bool whole = g0 + kSpanGroups <= ng;   // else a row's last, shorter span
       for (int b = 0; b < RX; ++b) part[b] = _mm256_setzero_ps();
       typename F::Head h;
       fmt::Group G;
       if constexpr (F::kGroups == 1) {
         const auto block = [&](int64_t g) __attribute__((always_inline)) {
           const uint8_t* blk = row + g * F::kBytes;
-          if constexpr (RX == 1) _mm_prefetch((const char*)(blk + kPrefetch), _MM_HINT_T0);
+          if constexpr (RX == 1) prefetch_ahead<F>(blk);
           F::load(blk, 0, h, G);
           group(g, G);
         };
-        if (g0 + kSpanGroups <= ng) {   // a whole span, unrolled
+        if (whole) {   // unrolled
 #pragma GCC unroll 8
           for (int j = 0; j < kSpanGroups; ++j) block(g0 + j);
         } else {
@@ -188,8 +194,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
         }
       } else {
         const uint8_t* blk = row + (g0 / kSpanGroups) * F::kBytes;
-        if constexpr (RX == 1)
-          for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+        if constexpr (RX == 1) prefetch_ahead<F>(blk);
         F::head(blk, h);
 #pragma GCC unroll 8
         for (int j = 0; j < F::kGroups; ++j) {
@@ -199,9 +204,9 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
       }
       for (int b = 0; b < RX; ++b) acc[b] = _mm256_fmadd_ps(part[b], _mm256_broadcast_ss(xs[b].dx + g0), acc[b]);
       if constexpr (F::kMin) {
-        if (g0 + kSpanGroups <= ng) {
+        if (whole) {
           for (int b = 0; b < RX; ++b) acc[b] = _mm256_fmadd_ps(_mm256_load_ps(mn), _mm256_loadu_ps(xs[b].xs + g0), acc[b]);
-        } else {   // a row's last, shorter span
+        } else {
           for (int b = 0; b < RX; ++b)
             for (int64_t g = g0; g < ng; ++g) extra[b] += mn[g - g0] * xs[b].xs[g];
         }
