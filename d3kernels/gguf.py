@@ -21,6 +21,7 @@ and d3kernels.quant; gguf-py only to dequantize a type that quant does not keep 
 """
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -458,7 +459,7 @@ def tokenizer(path: str, cache_dir: str):
     key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"tokenizer-{key}")
     if os.path.exists(os.path.join(cached, "tokenizer_config.json")):
-        tok = _auto_tokenizer(cached)
+        tok = _saved_tokenizer(cached)
         if tok is not None:
             return tok
     tok = _auto_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
@@ -468,6 +469,27 @@ def tokenizer(path: str, cache_dir: str):
         except OSError:      # a read-only home is fine: convert again next time
             pass
     return tok
+
+
+# transformers' generic fast tokenizer classes (what a GGUF's tokenizer converts to): loaded by name, since
+# importing AutoTokenizer scans every model package of transformers (~3 s of a 1B file's ~3.4 s load here)
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_tokenizer(path: str):
+    """The tokenizer that tokenizer() saved in `path`: through its own class when that is a generic one, else
+    through AutoTokenizer; None if it cannot be read."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as fh:
+            name = json.load(fh).get("tokenizer_class")
+        if name in _GENERIC_TOKENIZERS:
+            import transformers
+            cls = getattr(transformers, name, None)
+            if cls is not None:
+                return cls.from_pretrained(path)
+    except Exception:      # an unreadable cache entry: AutoTokenizer decides, or the file is converted again
+        pass
+    return _auto_tokenizer(path)
 
 
 def _auto_tokenizer(path: str, **kw):

@@ -31,6 +31,32 @@ def test_config(model):
     assert model.tokenizer is not None and model.tokenizer.chat_template
 
 
+def test_saved_tokenizer_equals_the_converted_one(model, tmp_path):
+    """The tokenizer of a load after the first (read from the cache by its own class, without AutoTokenizer)
+    equals the one transformers converts from the GGUF file: ids, decoding and the chat template."""
+    import json
+    import os
+
+    from d3kernels import gguf
+    from transformers import AutoTokenizer
+    first = gguf.tokenizer(PATH, str(tmp_path))      # converted from the file, then saved
+    again = gguf.tokenizer(PATH, str(tmp_path))      # read back
+    (entry,) = os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, entry, "tokenizer_config.json")) as fh:   # the class read back by name
+        assert json.load(fh)["tokenizer_class"] in gguf._GENERIC_TOKENIZERS
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(PATH), gguf_file=os.path.basename(PATH))
+    texts = ["Hello world", "  The capital of France is Paris.\n\nÉtoile 123 4567 <|im_end|> ", "def f(x):\n\treturn x**2"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]
+    for tok in (first, again, model.tokenizer):
+        for t in texts:
+            assert tok(t)["input_ids"] == ref(t)["input_ids"], t
+            ids = ref(t)["input_ids"]
+            assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+        assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
+            ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert (tok.eos_token_id, tok.bos_token_id) == (ref.eos_token_id, ref.bos_token_id)
+
+
 def test_matches_transformers_gguf_loader(model):
     """Our dequantization and Q/K un-permutation against transformers' own GGUF loader."""
     pytest.importorskip("accelerate")

@@ -101,10 +101,11 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
 // far enough ahead); 1 KB gained less. A prefetch past the end of the matrix is harmless (it never faults).
 constexpr int64_t kPrefetch = 4096;
 
-// the GEMV streams from memory: ask for block blk's bytes kPrefetch ahead now
-template <class F>
-D3K_ALWAYS_INLINE void prefetch_ahead(const uint8_t* blk) {
-  for (int off = 0; off < F::kBytes; off += 64) _mm_prefetch((const char*)(blk + kPrefetch + off), _MM_HINT_T0);
+// the GEMV streams from memory: ask for the kBytes at p, kPrefetch ahead, now (one prefetch a 64-byte line: the
+// calls cover a row's bytes in order, so a line that one call leaves out the next one asks for)
+template <int kBytes>
+D3K_ALWAYS_INLINE void prefetch_ahead(const uint8_t* p) {
+  for (int off = 0; off < kBytes; off += 64) _mm_prefetch((const char*)(p + kPrefetch + off), _MM_HINT_T0);
 }
 
 // One weight row against RX activation rows: out[b] = row . xs[b]. Each group of 32 weights is decoded once
@@ -126,7 +127,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
   if constexpr (F::kIntGroups > 0) {
     for (int64_t u = 0; u < K / F::kValues; ++u) {
       const uint8_t* blk = row + u * F::kBytes;
-      if constexpr (RX == 1) prefetch_ahead<F>(blk);
+      if constexpr (RX == 1) prefetch_ahead<F::kBytes>(blk);
       typename F::Head h;
       F::head(blk, h);
       for (int j0 = 0; j0 < F::kGroups; j0 += F::kIntGroups) {
@@ -180,9 +181,9 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
       typename F::Head h;
       fmt::Group G;
       if constexpr (F::kGroups == 1) {
+        if constexpr (RX == 1) prefetch_ahead<kSpanGroups * F::kBytes>(row + g0 * F::kBytes);   // the span's blocks
         const auto block = [&](int64_t g) __attribute__((always_inline)) {
           const uint8_t* blk = row + g * F::kBytes;
-          if constexpr (RX == 1) prefetch_ahead<F>(blk);
           F::load(blk, 0, h, G);
           group(g, G);
         };
@@ -194,7 +195,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
         }
       } else {
         const uint8_t* blk = row + (g0 / kSpanGroups) * F::kBytes;
-        if constexpr (RX == 1) prefetch_ahead<F>(blk);
+        if constexpr (RX == 1) prefetch_ahead<F::kBytes>(blk);
         F::head(blk, h);
 #pragma GCC unroll 8
         for (int j = 0; j < F::kGroups; ++j) {
