@@ -22,8 +22,9 @@
 // The SIMD path (AVX2 + FMA + F16C; the avx2 and avx512 builds both use it) multiplies int16 weights with the
 // int16 activations by madd (16 products a register, summed in pairs into int32). 32-value blocks:
 // |w - kOffset| <= 128 and |q| <= 32512 keep each lane's sum of 4 products below 2^24, so the lanes convert to
-// float exactly. Q4_K / Q5_K: |sc w| <= 945 / 1953 over a super-block's 8 groups keep each lane below 2^31
-// (at most 2.031e9 for Q5_K), and the int32 sum converts to float once (rounded to 24 bits).
+// float exactly (Q6_K, |w - 32| <= 32, also adds the lanes of its two halves in pairs before converting).
+// Q4_K / Q5_K: |sc w| <= 945 / 1953 over a super-block's 8 groups keep each lane below 2^31 (at most 2.031e9
+// for Q5_K), and the int32 sum converts to float once (rounded to 24 bits).
 #pragma once
 
 #include <cstdint>
@@ -65,6 +66,7 @@ inline float h2f(const uint8_t* p) { return kHalfTable[u16(p)]; }
 struct Group {
   __m256i w0, w1;   // int16 w - kOffset of values 0..15 and 16..31 (kIntGroups formats: times their integer scale)
   float s0, s1;     // the float scales of values 0..15 and 16..31 (equal unless kHalves: Q6_K's scale per 16)
+  __m256 s01;       // kHalves: s0, s1, s0, s1, ..., the scales of a tile's lanes after interleaving the halves
   float mn;         // the minimum (the kMin formats of 32-value blocks; the K-quants' come per super-block)
 };
 
@@ -306,6 +308,7 @@ struct Q6_K {
     G.w1 = _mm256_sub_epi16(_mm256_or_si256(w1, bits_to(u8x16(qh + 16), 2 * i, 0x30)), z);
     G.s0 = h.s[2 * j];
     G.s1 = h.s[2 * j + 1];
+    G.s01 = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(h.s + 2 * j)));
     G.mn = 0.f;
   }
 #endif

@@ -167,8 +167,10 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
         const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
         const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
         if constexpr (F::kHalves) {
-          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), s0, part[b]);
-          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_set1_ps(G.s1), part[b]);
+          // the halves' lane sums interleaved (lane pairs summed in int32, exactly), so that one convert and one
+          // FMA by (s0, s1, s0, s1, ...) serve both: Q6_K's GEMV 6-17% faster than two of each, its tile ~5% slower
+          const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi32(l0, l1), _mm256_unpackhi_epi32(l0, l1));
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), G.s01, part[b]);
         } else {
           part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), s0, part[b]);
         }
