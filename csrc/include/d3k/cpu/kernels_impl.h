@@ -101,8 +101,8 @@ float dot_chunks_portable(const uint8_t* row, const XRow& x, int64_t K) {
 // far enough ahead); 1 KB gained less. A prefetch past the end of the matrix is harmless (it never faults).
 constexpr int64_t kPrefetch = 4096;
 
-// the GEMV streams from memory: ask for the kBytes at p, kPrefetch ahead, now (one prefetch a 64-byte line: the
-// calls cover a row's bytes in order, so a line that one call leaves out the next one asks for)
+// the GEMV streams from memory: ask for the kBytes at p, kPrefetch ahead, now (one prefetch a 64-byte line; the
+// calls cover a row's bytes in order)
 template <int kBytes>
 D3K_ALWAYS_INLINE void prefetch_ahead(const uint8_t* p) {
   for (int off = 0; off < kBytes; off += 64) _mm_prefetch((const char*)(p + kPrefetch + off), _MM_HINT_T0);
@@ -168,7 +168,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
         const __m256i l1 = _mm256_madd_epi16(G.w1, _mm256_loadu_si256((const __m256i*)(q + 16)));
         if constexpr (F::kHalves) {
           // the halves' lane sums interleaved (lane pairs summed in int32, exactly), so that one convert and one
-          // FMA by (s0, s1, s0, s1, ...) serve both: Q6_K's GEMV 6-17% faster than two of each, its tile ~5% slower
+          // FMA by (s0, s1, s0, s1, ...) serve both: Q6_K's GEMV 5-17% faster than two of each, its tile 9-12% slower
           const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi32(l0, l1), _mm256_unpackhi_epi32(l0, l1));
           part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), G.s01, part[b]);
         } else {
@@ -183,9 +183,10 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
       typename F::Head h;
       fmt::Group G;
       if constexpr (F::kGroups == 1) {
-        if constexpr (RX == 1) prefetch_ahead<kSpanGroups * F::kBytes>(row + g0 * F::kBytes);   // the span's blocks
         const auto block = [&](int64_t g) __attribute__((always_inline)) {
           const uint8_t* blk = row + g * F::kBytes;
+          // one prefetch a block, though several share a line: one a line (a span's 3-5) read Q8_0 7% slower
+          if constexpr (RX == 1) prefetch_ahead<F::kBytes>(blk);
           F::load(blk, 0, h, G);
           group(g, G);
         };
