@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python_tests"))
-import emu_variants as ev  # noqa: E402  (the variant builder the planted-bug tests use)
+import emu_variants  # noqa: E402  (the variant builder the planted-bug tests use)
 from d3kernels import cpu, quant  # noqa: E402
 
 HEADERS = ("formats.h", "kernels.h", "kernels_impl.h", "ops.h")
@@ -35,28 +34,17 @@ HEADERS = ("formats.h", "kernels.h", "kernels_impl.h", "ops.h")
 
 def build_at(rev: str, tmp: Path):
     """The _C_cpu module with csrc/include/d3k/cpu/ as of git revision `rev` (the rest as installed)."""
-    build = ev.cpu_build_dir()
-    if build is None:
+    if emu_variants.cpu_build_dir() is None:
         raise SystemExit("no CMake build of d3kernels._C_cpu under build/ (pip install -e .)")
-    src = ev._edited_copy(tmp / "v" / "csrc", {})
+    edits = {}
     for f in HEADERS:
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:csrc/include/d3k/cpu/{f}"],
-                              capture_output=True, text=True, check=True).stdout
-        (src / "include" / "d3k" / "cpu" / f).write_text(text)
-    entries = [e for e in ev._commands(build / "compile_commands.json") if "/_C_cpu.dir/" in e["output"]]
-    link = []
-    for e in entries:
-        name = Path(e["file"]).name
-        if name != "isa_avx2.cpp":
-            link.append(e["output"])
-            continue
-        cmd = [a.replace(str(ev.CSRC / "include"), str(src / "include")) for a in shlex.split(e["command"])]
-        obj = src.parent / f"{name}.o"
-        cmd[cmd.index("-o") + 1] = str(obj)
-        cmd[cmd.index("-c") + 1] = str(src / "cpu" / name)
-        ev._run(cmd, e["directory"])
-        link.append(str(obj))
-    return ev._link_and_import(shlex.split(entries[0]["command"])[0], link, src.parent, "_C_cpu", ["-fopenmp"])
+        path = f"include/d3k/cpu/{f}"
+        ours = (ROOT / "csrc" / path).read_text()
+        theirs = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:csrc/{path}"],
+                                capture_output=True, text=True, check=True).stdout
+        if theirs != ours:
+            edits[path] = [(ours, theirs)]     # the whole file, replaced
+    return emu_variants.build_cpu_variant(tmp, edits, ["isa_avx2.cpp"], name="cpu_ab")
 
 
 def linear(mod, x: torch.Tensor, w, y: torch.Tensor) -> None:
