@@ -13,7 +13,6 @@ Needs the CMake build of d3kernels._C_cpu (pip install -e .): only isa_avx2.cpp 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess

@@ -65,8 +65,9 @@ inline float h2f(const uint8_t* p) { return kHalfTable[u16(p)]; }
 // One group of 32 weights as the SIMD path reads it.
 struct Group {
   __m256i w0, w1;   // int16 w - kOffset of values 0..15 and 16..31 (kIntGroups formats: times their integer scale)
-  float s0, s1;     // the float scales of values 0..15 and 16..31 (equal unless kHalves: Q6_K's scale per 16)
-  __m256 s01;       // kHalves: s0, s1, s0, s1, ..., the scales of a tile's lanes after interleaving the halves
+  float s;          // the group's float scale (not kHalves)
+  __m256 s01;       // kHalves (Q6_K's scale per 16): the scales of values 0..15 and 16..31 alternating, s0, s1, s0,
+                    // s1, ...: the lanes of the two halves' madd sums interleaved
   float mn;         // the minimum (the kMin formats of 32-value blocks; the K-quants' come per super-block)
 };
 
@@ -140,7 +141,7 @@ struct Nibbles32 {
       G.w0 = _mm256_sub_epi16(G.w0, z);
       G.w1 = _mm256_sub_epi16(G.w1, z);
     }
-    G.s0 = G.s1 = h2f(b);
+    G.s = h2f(b);
     G.mn = kHasMin ? h2f(b + 2) : 0.f;
   }
 #endif
@@ -172,7 +173,7 @@ struct Q8_0 {
   static D3K_ALWAYS_INLINE void load(const uint8_t* b, int, const Head&, Group& G) {
     G.w0 = i8x16(b + 2);
     G.w1 = i8x16(b + 18);
-    G.s0 = G.s1 = h2f(b);
+    G.s = h2f(b);
     G.mn = 0.f;
   }
 #endif
@@ -306,8 +307,6 @@ struct Q6_K {
     const __m256i z = _mm256_set1_epi16(kOffset);
     G.w0 = _mm256_sub_epi16(_mm256_or_si256(w0, bits_to(u8x16(qh), 2 * i, 0x30)), z);
     G.w1 = _mm256_sub_epi16(_mm256_or_si256(w1, bits_to(u8x16(qh + 16), 2 * i, 0x30)), z);
-    G.s0 = h.s[2 * j];
-    G.s1 = h.s[2 * j + 1];
     G.s01 = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(h.s + 2 * j)));
     G.mn = 0.f;
   }

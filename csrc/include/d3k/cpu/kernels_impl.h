@@ -161,7 +161,6 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
     __m256 part[RX];
     alignas(32) float mn[kSpanGroups] = {};   // the minimum types: the span's 8 minima, then 8 FMAs in one
     const auto group = [&](int64_t g, const fmt::Group& G) __attribute__((always_inline)) {
-      const __m256 s0 = _mm256_set1_ps(G.s0);
       for (int b = 0; b < RX; ++b) {
         const int16_t* q = xs[b].q + 32 * g;
         const __m256i l0 = _mm256_madd_epi16(G.w0, _mm256_loadu_si256((const __m256i*)q));
@@ -172,7 +171,7 @@ D3K_ALWAYS_INLINE void dot_rows(const uint8_t* row, const XRow* xs, int64_t K, f
           const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi32(l0, l1), _mm256_unpackhi_epi32(l0, l1));
           part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), G.s01, part[b]);
         } else {
-          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), s0, part[b]);
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l0, l1)), _mm256_set1_ps(G.s), part[b]);
         }
       }
       if constexpr (F::kMin) mn[g % kSpanGroups] = G.mn;
